@@ -243,14 +243,12 @@ class Tokenizer:
     def render_for_completion(self, conversation) -> list[int]:
         """Prompt ids that ask the model for the next assistant turn.
 
-        A trailing assistant message (the reference answer in an eval set) is dropped; the conversation must
-        then end with a user message.
+        A trailing assistant message (the reference answer in an eval set) is dropped, which leaves the
+        conversation ending with a user message (alternation guarantees it).
         """
         messages = _validated_messages(conversation)
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
-        if not messages or messages[-1]["role"] != "user":
-            raise ValueError("render_for_completion needs a conversation that ends with a user message")
         ids, _ = self.render_conversation(messages, max_tokens=1 << 62)
         return ids + [self.encode_special("<|assistant_start|>")]
 

@@ -83,7 +83,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     tokenizer_dir = args.tokenizer_dir or os.path.join(get_base_dir(), "tokenizer")
-    ours = Tokenizer.load(tokenizer_dir)
+    try:
+        ours = Tokenizer.load(tokenizer_dir)
+    except (FileNotFoundError, ValueError) as e:
+        parser.exit(1, f"tok_eval: {e}\n")
     texts = dict(SAMPLES)
     data = args.data or [os.path.join(get_base_dir(), "base_data")]
     try:

@@ -16,7 +16,7 @@ import os
 import time
 
 from nanochat.common import get_base_dir
-from nanochat.dataset import iter_documents
+from nanochat.dataset import expand_paths, iter_documents
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # Text that must survive encode -> decode unchanged: mixed scripts, emoji with joiners, odd whitespace,
@@ -69,6 +69,14 @@ def main(argv=None):
     out_dir = args.out or os.path.join(get_base_dir(), "tokenizer")
     if args.max_chars <= 0 or args.doc_cap <= 0:
         parser.error("--max-chars and --doc-cap must be positive")
+    try:
+        expand_paths(data)
+    except (FileNotFoundError, ValueError) as e:
+        parser.exit(
+            1,
+            f"tok_train: {e}\nPass --data with parquet shards, .jsonl[.gz] or .txt files "
+            f"(for example ../shared/data/pretrain/enwiki-sample.jsonl.gz), or put shards in {data[0]}.\n",
+        )
     print(f"tok_train: vocab {args.vocab_size:,}, max {args.max_chars:,} chars, doc cap {args.doc_cap:,}, data {data}")
 
     # ---------------------------------------------------------------- train
@@ -81,7 +89,10 @@ def main(argv=None):
             yield text
 
     start = time.time()
-    tokenizer = Tokenizer.train_from_iterator(texts(), args.vocab_size, verbose=True)
+    try:
+        tokenizer = Tokenizer.train_from_iterator(texts(), args.vocab_size, verbose=True)
+    except (FileNotFoundError, ValueError) as e:  # unreadable data, bad vocab size
+        parser.exit(1, f"tok_train: {e}\n")
     train_seconds = time.time() - start
     print(f"trained on {stats['documents']:,} documents, {stats['chars']:,} chars in {train_seconds:.1f}s")
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 import regex
-from bpe_reference import Replay, bytes_to_unicode, naive_bpe, word_counts
 
 import rustbpe
+from bpe_reference import Replay, bytes_to_unicode, naive_bpe, word_counts
 
 PATTERN = rustbpe.DEFAULT_PATTERN
 
