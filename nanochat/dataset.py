@@ -6,7 +6,9 @@ Contract: `iter_documents(paths, split)` yields documents (str) in a determinist
   last file on disk");
 - `.jsonl` / `.jsonl.gz` files (one JSON object with a "text" field a line) and `.txt` files (documents
   separated by blank lines) are split by document: every `VAL_EVERY`-th document is validation.
-Directories expand to the supported files they contain, sorted by name.
+Directories expand to the supported files they contain, sorted by name. `default_pretrain_paths()` is where
+stages look when given no --data: the shards in <base dir>/base_data, or else, offline, the `pretrain/`
+folder of $NANOCHAT_DATA_DIR (a local directory laid out like shared/data).
 
 Not here (yet): downloading shards and building them from your own files.
 """
@@ -38,6 +40,18 @@ def expand_paths(paths: list[str]) -> list[str]:
         else:
             raise FileNotFoundError(f"{path} does not exist")
     return files
+
+
+def default_pretrain_paths() -> list[str]:
+    """<base dir>/base_data when it holds data, else $NANOCHAT_DATA_DIR/pretrain when that is set."""
+    from nanochat.common import get_base_dir
+
+    shards = os.path.join(get_base_dir(), "base_data")
+    data_dir = os.environ.get("NANOCHAT_DATA_DIR")
+    has_shards = os.path.isdir(shards) and any(name.endswith(SUFFIXES) for name in os.listdir(shards))
+    if not has_shards and data_dir:
+        return [os.path.join(data_dir, "pretrain")]
+    return [shards]
 
 
 def is_val_shard(path: str) -> bool:

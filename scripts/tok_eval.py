@@ -17,7 +17,7 @@ import os
 from itertools import islice
 
 from nanochat.common import get_base_dir
-from nanochat.dataset import iter_documents
+from nanochat.dataset import default_pretrain_paths, iter_documents
 from nanochat.tokenizer import Tokenizer
 
 # Written for this evaluation; each is a few hundred bytes of one kind of text.
@@ -76,7 +76,7 @@ def main(argv=None):
         nargs="+",
         default=None,
         help="pretraining files or directories whose validation split is the held-out text "
-        "(default: <base dir>/base_data; skipped if absent)",
+        "(default: <base dir>/base_data, else $NANOCHAT_DATA_DIR/pretrain; skipped if absent)",
     )
     parser.add_argument("--heldout-chars", type=int, default=5_000_000, help="characters of held-out text to encode")
     parser.add_argument("--tokenizer-dir", default=None, help="default: <base dir>/tokenizer")
@@ -88,7 +88,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         parser.exit(1, f"tok_eval: {e}\n")
     texts = dict(SAMPLES)
-    data = args.data or [os.path.join(get_base_dir(), "base_data")]
+    data = args.data or default_pretrain_paths()
     try:
         heldout, total = [], 0
         for doc in islice(iter_documents(data, "val"), 100_000):

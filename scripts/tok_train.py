@@ -5,6 +5,7 @@ nanochat/dataset.py), caps each document, stops after --max-chars characters, tr
 checks that the result round-trips text. Writes tokenizer.json and train_stats.json (for the report).
 
     python -m scripts.tok_train                                   # shards in <base dir>/base_data
+    NANOCHAT_DATA_DIR=../shared/data python -m scripts.tok_train  # offline: <data dir>/pretrain
     python -m scripts.tok_train --data ../shared/data/pretrain/enwiki-sample.jsonl.gz --vocab-size 4096  # tiny, CPU
 
 Does not download data (nanochat.dataset) or evaluate compression (scripts.tok_eval).
@@ -16,7 +17,7 @@ import os
 import time
 
 from nanochat.common import get_base_dir
-from nanochat.dataset import expand_paths, iter_documents
+from nanochat.dataset import default_pretrain_paths, expand_paths, iter_documents
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # Text that must survive encode -> decode unchanged: mixed scripts, emoji with joiners, odd whitespace,
@@ -46,7 +47,8 @@ def main(argv=None):
         "--data",
         nargs="+",
         default=None,
-        help="parquet shards, .jsonl[.gz] or .txt files, or directories of them (default: <base dir>/base_data)",
+        help="parquet shards, .jsonl[.gz] or .txt files, or directories of them "
+        "(default: <base dir>/base_data, else $NANOCHAT_DATA_DIR/pretrain)",
     )
     parser.add_argument(
         "--max-chars",
@@ -65,7 +67,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="output directory (default: <base dir>/tokenizer)")
     args = parser.parse_args(argv)
 
-    data = args.data or [os.path.join(get_base_dir(), "base_data")]
+    data = args.data or default_pretrain_paths()
     out_dir = args.out or os.path.join(get_base_dir(), "tokenizer")
     if args.max_chars <= 0 or args.doc_cap <= 0:
         parser.error("--max-chars and --doc-cap must be positive")
@@ -74,8 +76,8 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         parser.exit(
             1,
-            f"tok_train: {e}\nPass --data with parquet shards, .jsonl[.gz] or .txt files "
-            f"(for example ../shared/data/pretrain/enwiki-sample.jsonl.gz), or put shards in {data[0]}.\n",
+            f"tok_train: {e}\nPass --data with parquet shards, .jsonl[.gz] or .txt files, put shards in {data[0]}, "
+            "or set NANOCHAT_DATA_DIR to a local data directory with a pretrain/ folder.\n",
         )
     print(f"tok_train: vocab {args.vocab_size:,}, max {args.max_chars:,} chars, doc cap {args.doc_cap:,}, data {data}")
 

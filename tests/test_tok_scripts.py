@@ -60,8 +60,17 @@ def test_tok_train_reads_parquet_shards_and_caps_documents(tmp_path, wiki_docs):
     assert stats["train_chars"] == sum(min(len(doc), 1000) for doc in wiki_docs[:300])
 
 
+def test_tok_train_finds_offline_data_through_nanochat_data_dir(tmp_path, wiki_path, monkeypatch):
+    data_dir = os.path.dirname(os.path.dirname(wiki_path))  # the folder laid out like shared/data
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", data_dir)
+    out = run_script("scripts.tok_train", "--max-chars", "200000", "--vocab-size", "512", base_dir=tmp_path)
+    assert os.path.join(data_dir, "pretrain") in out
+    assert json.loads((tmp_path / "tokenizer" / "train_stats.json").read_text())["train_chars"] == 200_000
+
+
 def test_tok_train_without_data_says_where_it_looked(tmp_path):
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)}
+    env.pop("NANOCHAT_DATA_DIR", None)
     result = subprocess.run(
         [sys.executable, "-m", "scripts.tok_train"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
