@@ -9,7 +9,7 @@ use crate::split::{Splitter, DEFAULT_PATTERN};
 use crate::train;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyString};
+use pyo3::types::{PyBytes, PyIterator, PyString};
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
@@ -22,19 +22,15 @@ pub struct Tokenizer {
 }
 
 /// Pulls up to `size` strings from the iterator; an empty batch means it is exhausted.
-fn pull_batch(iter: &Bound<'_, PyAny>, size: usize, seen: &mut u64) -> PyResult<Vec<String>> {
+fn pull_batch(
+    iter: &mut Bound<'_, PyIterator>,
+    size: usize,
+    seen: &mut u64,
+) -> PyResult<Vec<String>> {
     let mut batch = Vec::with_capacity(size);
     while batch.len() < size {
-        let Some(item) = iter.call_method0("__next__").map(Some).or_else(|e| {
-            if e.is_instance_of::<pyo3::exceptions::PyStopIteration>(iter.py()) {
-                Ok(None)
-            } else {
-                Err(e)
-            }
-        })?
-        else {
-            break;
-        };
+        let Some(item) = iter.next() else { break };
+        let item = item?;
         let text = item.cast::<PyString>().map_err(|_| {
             let type_name = item.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
             PyTypeError::new_err(format!(
@@ -93,7 +89,7 @@ impl Tokenizer {
         }
         let pattern = pattern.unwrap_or_else(|| DEFAULT_PATTERN.to_string());
         let splitter = Splitter::new(&pattern, false).map_err(PyValueError::new_err)?;
-        let iter = iterator.try_iter().map_err(|_| {
+        let mut iter = iterator.try_iter().map_err(|_| {
             PyTypeError::new_err(format!(
                 "train_from_iterator expects an iterable of str, got {}",
                 iterator
@@ -103,7 +99,6 @@ impl Tokenizer {
                     .unwrap_or_else(|_| "?".into())
             ))
         })?;
-        let iter = iter.as_any();
         let started = Instant::now();
 
         // Count chunks on a worker thread while this thread pulls the next batch from Python.
@@ -118,7 +113,7 @@ impl Tokenizer {
             });
             let mut seen = 0u64;
             let pulled: PyResult<()> = (|| loop {
-                let batch = pull_batch(iter, buffer_size, &mut seen)?;
+                let batch = pull_batch(&mut iter, buffer_size, &mut seen)?;
                 if batch.is_empty() {
                     return Ok(());
                 }
