@@ -1,10 +1,25 @@
-"""Shared helpers for every stage: where artifacts live.
+"""Shared plumbing for every stage: artifacts directory, device and dtype, torchrun processes, logging, hardware peaks.
 
-Contract: no side effects at import. `get_base_dir()` is the one place that decides the artifacts
-directory (`$NANOCHAT_BASE_DIR`, default `~/.cache/nanochat`); every script writes under it.
+Contract:
+- No side effects at import: nothing touches devices, process groups or the filesystem until called.
+- `get_base_dir()` is the one place that decides the artifacts directory (`$NANOCHAT_BASE_DIR`, default
+  `~/.cache/nanochat`).
+- `compute_init()` is the one place that reads torchrun's environment, picks the device and the compute
+  dtype, seeds, and joins the process group (NCCL on CUDA, gloo on CPU). The model never sees any of it.
+- One explicit compute dtype, no autocast: bf16 on CUDA with compute capability >= 8.0, fp16 (with a grad
+  scaler, see `needs_grad_scaler`) on older CUDA GPUs, fp32 on CPU and MPS; `NANOCHAT_DTYPE` overrides.
+
+Not here: model code, optimizers, data.
 """
 
+import logging
 import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def get_base_dir() -> str:
@@ -12,3 +27,162 @@ def get_base_dir() -> str:
     base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     os.makedirs(base_dir, exist_ok=True)
     return base_dir
+
+
+# ---------------------------------------------------------------------------- device and dtype
+
+
+def autodetect_device_type() -> str:
+    """cuda > mps > cpu, unless NANOCHAT_DEVICE names one."""
+    forced = os.environ.get("NANOCHAT_DEVICE")
+    if forced:
+        if forced not in ("cuda", "mps", "cpu"):
+            raise ValueError(f"NANOCHAT_DEVICE must be cuda, mps or cpu, got {forced!r}")
+        return forced
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def autodetect_dtype(device_type: str) -> torch.dtype:
+    """The compute dtype for a device type; NANOCHAT_DTYPE (bfloat16 | float16 | float32) overrides."""
+    forced = os.environ.get("NANOCHAT_DTYPE")
+    if forced:
+        if forced not in DTYPES:
+            raise ValueError(f"NANOCHAT_DTYPE must be one of {', '.join(DTYPES)}, got {forced!r}")
+        return DTYPES[forced]
+    if device_type == "cuda":
+        # bf16 needs Ampere (SM 8.0) or newer; older GPUs get fp16 with loss scaling.
+        return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+    return torch.float32
+
+
+def needs_grad_scaler(dtype: torch.dtype) -> bool:
+    """fp16 gradients underflow without loss scaling; bf16 and fp32 have fp32's exponent range."""
+    return dtype == torch.float16
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a process knows about where it runs: returned by compute_init, passed to whoever needs it."""
+
+    device: torch.device
+    dtype: torch.dtype
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+
+def get_dist_info() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) for a plain process."""
+    if all(key in os.environ for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return 0, 0, 1
+
+
+def compute_init(device_type: str | None = None, seed: int = 42) -> Runtime:
+    """Pick device and dtype, seed, and join the process group when launched by torchrun."""
+    device_type = device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU (check drivers, or pick cpu)")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("device 'mps' was asked for but is not available on this machine")
+    rank, local_rank, world_size = get_dist_info()
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.cuda.manual_seed(seed)
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls (if any) may use TF32 tensor cores
+    else:
+        device = torch.device(device_type)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device_type == "cuda" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+        dist.barrier()
+    return Runtime(device, autodetect_dtype(device_type), rank, local_rank, world_size)
+
+
+def compute_cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only."""
+    if get_dist_info()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def get_logger(name: str = "nanochat") -> logging.Logger:
+    """A logger that prints `time [rank] message` on every rank (INFO; NANOCHAT_LOG_LEVEL overrides)."""
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        rank = get_dist_info()[0]
+        handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(os.environ.get("NANOCHAT_LOG_LEVEL", "INFO"))
+        logger.propagate = False
+    return logger
+
+
+# ---------------------------------------------------------------------------- hardware peaks (for MFU and MBU)
+
+# Dense (not 2:4 sparse) bf16 tensor-core peak FLOP/s and memory bandwidth in bytes/s, from the vendors'
+# datasheets. Matched against torch.cuda.get_device_name() by substring, in order: a name that contains another
+# (GH200 / H200, L40S / L40 / L4) must come first.
+GPU_PEAKS = [
+    # name substring, bf16 dense FLOP/s, bytes/s
+    ("GB200", 2.5e15, 8.0e12),
+    ("B200", 2.25e15, 8.0e12),
+    ("GH200", 989e12, 4.0e12),
+    ("H200", 989e12, 4.8e12),
+    ("H100 NVL", 835e12, 3.9e12),
+    ("H100 PCIe", 756e12, 2.0e12),
+    ("H100", 989e12, 3.35e12),  # SXM
+    ("H800", 989e12, 3.35e12),
+    ("A100-SXM4-40GB", 312e12, 1.555e12),
+    ("A100", 312e12, 2.039e12),  # 80 GB SXM
+    ("A800", 312e12, 2.039e12),
+    ("L40S", 362e12, 864e9),
+    ("L40", 181e12, 864e9),
+    ("L4", 121e12, 300e9),
+    ("A10G", 70e12, 600e9),
+    ("A10", 125e12, 600e9),
+    ("RTX 5090", 209.5e12, 1.792e12),
+    ("RTX 4090", 165.2e12, 1.008e12),
+    ("RTX 3090", 71e12, 936e9),
+    ("V100", 125e12, 900e9),  # fp16 (no bf16)
+    ("T4", 65e12, 320e9),  # fp16 (no bf16)
+    ("MI355X", 2.5e15, 8.0e12),
+    ("MI325X", 1.307e15, 6.0e12),
+    ("MI300X", 1.307e15, 5.3e12),
+    ("MI250X", 383e12, 3.2e12),
+]
+
+
+def gpu_peaks(device_name: str) -> tuple[float, float] | None:
+    """(peak bf16 FLOP/s, peak bytes/s) for a GPU name, or None when the table does not know it."""
+    for key, flops, bandwidth in GPU_PEAKS:
+        if key.lower() in device_name.lower():
+            return flops, bandwidth
+    return None

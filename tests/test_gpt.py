@@ -1,0 +1,251 @@
+"""nanochat.gpt on CPU: shapes, causality, GQA, the KV-cache interface, FLOPs, init and the config dial."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.gpt import GPT, GPTConfig, apply_rotary, rms_norm
+
+
+def randomized(config: GPTConfig, seed: int = 0) -> GPT:
+    """A model whose zero-initialised projections are filled too, so every path affects the logits."""
+    torch.manual_seed(seed)
+    model = GPT.build(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 1.0 if name == "wte.weight" else 0.05)
+    return model
+
+
+def small(**kwargs) -> GPTConfig:
+    return GPTConfig(
+        **{"sequence_len": 32, "vocab_size": 100, "n_layer": 2, "n_head": 4, "n_kv_head": 4, "n_embd": 64, **kwargs}
+    )
+
+
+class ListCache:
+    """The minimal KV cache the engine will implement properly: one growing tensor pair per layer."""
+
+    def __init__(self, n_layer):
+        self.kv = [None] * n_layer
+        self.pos = 0
+
+    def get_pos(self):
+        return self.pos
+
+    def insert_kv(self, layer_idx, k, v):
+        if self.kv[layer_idx] is not None:
+            k = torch.cat([self.kv[layer_idx][0], k], dim=2)
+            v = torch.cat([self.kv[layer_idx][1], v], dim=2)
+        self.kv[layer_idx] = (k, v)
+        if layer_idx == len(self.kv) - 1:
+            self.pos = k.size(2)
+        return k, v
+
+
+def test_shapes_dtypes_and_padded_vocab():
+    model = randomized(small())
+    idx = torch.randint(0, 100, (3, 17))
+    logits = model(idx)
+    assert logits.shape == (3, 17, 100) and logits.dtype == torch.float32
+    assert model.wte.weight.shape[0] == model.lm_head.weight.shape[0] == 128  # padded to a multiple of 64
+    assert logits.abs().max() <= 15.0  # soft-capped
+    loss = model(idx, idx)
+    assert loss.ndim == 0
+    per_token = model(idx, idx, loss_reduction="none")
+    assert per_token.shape == (3 * 17,) and torch.allclose(per_token.mean(), loss)
+
+
+def test_ignore_index_is_minus_one():
+    model = randomized(small())
+    idx = torch.randint(0, 100, (2, 8))
+    targets = idx.clone()
+    targets[:, :4] = -1
+    per_token = model(idx, targets, loss_reduction="none").view(2, 8)
+    assert (per_token[:, :4] == 0).all() and (per_token[:, 4:] > 0).all()
+    assert torch.allclose(model(idx, targets), per_token[:, 4:].mean())
+
+
+def test_fresh_model_predicts_uniformly():
+    model = GPT.build(small())
+    idx = torch.randint(0, 100, (2, 10))
+    assert math.isclose(model(idx, idx).item(), math.log(100), rel_tol=1e-6)  # zero lm_head
+
+
+def test_causal_future_tokens_never_change_past_logits():
+    model = randomized(small())
+    idx = torch.randint(0, 100, (1, 20))
+    changed = idx.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % 100
+    a, b = model(idx), model(changed)
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-5)
+    assert not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-3)
+
+
+@pytest.mark.parametrize("n_kv_head", [2, 1])
+def test_gqa_equals_mha_with_repeated_kv_heads(n_kv_head):
+    gqa = randomized(small(n_kv_head=n_kv_head))
+    mha = GPT.build(small(n_kv_head=4))
+    repeat = 4 // n_kv_head
+    with torch.no_grad():
+        state = {}
+        for name, p in gqa.state_dict().items():
+            if name.endswith(("attn.c_k.weight", "attn.c_v.weight")):
+                # (n_kv_head * head_dim, n_embd) -> each KV head used by `repeat` consecutive query heads
+                p = p.view(n_kv_head, 16, 64).repeat_interleave(repeat, dim=0).reshape(64, 64)
+            state[name] = p
+        mha.load_state_dict(state)
+    idx = torch.randint(0, 100, (2, 12))
+    assert torch.allclose(gqa(idx), mha(idx), atol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_kv_cache_with_position_offset_equals_uncached(n_kv_head):
+    """Prefill a prefix, then a chunk of several tokens, then single tokens: same logits as one pass."""
+    model = randomized(small(n_kv_head=n_kv_head))
+    idx = torch.randint(0, 100, (2, 16))
+    full = model(idx)
+    cache = ListCache(model.config.n_layer)
+    pieces = [model(idx[:, :7], kv_cache=cache), model(idx[:, 7:12], kv_cache=cache)]
+    pieces += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(12, 16)]
+    assert cache.get_pos() == 16
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+
+
+def test_rope_table_limit_is_a_clear_error():
+    model = randomized(small())
+    cache = ListCache(2)
+    cache.pos = model.cos.size(1)
+    with pytest.raises(ValueError, match="exceeds the RoPE table"):
+        model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
+
+
+def test_rotary_is_a_rotation_and_relative():
+    """Rotation keeps norms, and q·k after RoPE depends only on the distance between positions."""
+    model = GPT.build(small())
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def at(x, pos):
+        return apply_rotary(x, model.cos[:, pos : pos + 1], model.sin[:, pos : pos + 1])
+
+    assert torch.allclose(at(q, 9).norm(), q.norm(), atol=1e-5)
+    dot = lambda i, j: (at(q, i) * at(k, j)).sum()
+    assert torch.allclose(dot(5, 3), dot(12, 10), atol=1e-4)
+    assert not torch.allclose(dot(5, 3), dot(5, 4), atol=1e-3)
+
+
+def test_estimate_flops_by_hand():
+    config = GPTConfig(sequence_len=64, vocab_size=100, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
+    model = GPT.build(config)
+    # Per layer: q 32x32, k 32x16, v 32x16, proj 32x32, mlp 32x128 + 128x32 -> 1024+512+512+1024+4096+4096
+    per_layer = 11264
+    lm_head = 128 * 32  # padded vocab
+    expected = 6 * (2 * per_layer + lm_head) + 12 * 2 * 2 * 16 * 64
+    assert model.estimate_flops() == expected
+    assert model.num_params() == 2 * per_layer + lm_head + 128 * 32
+
+
+def test_init_scales_and_zeros():
+    model = GPT.build(GPTConfig.from_depth(2, vocab_size=512, sequence_len=32))
+    assert torch.count_nonzero(model.lm_head.weight) == 0
+    for block in model.blocks:
+        assert torch.count_nonzero(block.attn.c_proj.weight) == 0
+        assert torch.count_nonzero(block.mlp.c_proj.weight) == 0
+        fan_out, fan_in = block.mlp.c_fc.weight.shape  # 512 x 128: std = 128^-0.5
+        assert abs(block.mlp.c_fc.weight.std().item() - fan_in**-0.5) < 0.01
+        assert abs(block.attn.c_q.weight.std().item() - fan_in**-0.5) < 0.01
+    assert abs(model.wte.weight.std().item() - 1.0) < 0.02
+
+
+def test_build_materialises_on_the_device_from_meta():
+    model = GPT.build(small())
+    assert all(p.device.type == "cpu" and not p.is_meta for p in model.parameters())
+    assert torch.isfinite(model.cos).all() and model.cos.size(1) == 10 * 32
+
+
+def test_depth_dial():
+    for depth, width, heads in [(1, 128, 1), (4, 256, 2), (12, 768, 6), (20, 1280, 10), (26, 1664, 13), (3, 256, 2)]:
+        config = GPTConfig.from_depth(depth, vocab_size=65536)
+        assert (config.n_layer, config.n_embd, config.n_head, config.n_kv_head) == (depth, width, heads, heads)
+    assert GPTConfig.from_depth(20, vocab_size=65536, n_kv_head=5).n_kv_head == 5
+    # The reference's d20 has 560,988,160 parameters (shared/reference/nanochat.md 1.5).
+    with torch.device("meta"):
+        assert GPT(GPTConfig.from_depth(20, vocab_size=65536)).num_params() == 560_988_160
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_kv_head": 3}, "must divide n_head"),
+        ({"n_head": 3}, "divisible by n_head"),
+        ({"mlp": "gelu"}, "mlp must be"),
+    ],
+)
+def test_bad_configs_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        small(**kwargs)
+
+
+def test_config_dict_round_trip_fills_old_keys_and_rejects_unknown():
+    config = small(rope_base=100000.0)
+    assert GPTConfig.from_dict(config.to_dict()) == config
+    old = config.to_dict()
+    del old["mlp"], old["logit_softcap"]
+    assert GPTConfig.from_dict(old).mlp == "relu2"
+    with pytest.raises(ValueError, match="unknown GPTConfig keys"):
+        GPTConfig.from_dict({**config.to_dict(), "n_experts": 8})
+
+
+def test_swiglu_has_nearly_the_same_parameter_count():
+    relu2 = GPT.build(small(n_embd=192, n_head=3, n_kv_head=3))
+    swiglu = GPT.build(small(n_embd=192, n_head=3, n_kv_head=3, mlp="swiglu"))
+    assert abs(swiglu.num_params() / relu2.num_params() - 1) < 0.01
+    idx = torch.randint(0, 100, (1, 8))
+    assert swiglu(idx).shape == relu2(idx).shape
+
+
+def test_compute_dtype_runs_fp32_weights_in_bf16():
+    model = randomized(small())
+    idx = torch.randint(0, 100, (2, 10))
+    reference = model(idx)
+    model.compute_dtype = torch.bfloat16
+    logits = model(idx)
+    assert logits.dtype == torch.float32 and model.lm_head.weight.dtype == torch.float32
+    assert (logits - reference).abs().max() < 0.5 and not torch.equal(logits, reference)
+
+
+def test_tiny_model_overfits_a_fixed_batch():
+    torch.manual_seed(0)
+    model = GPT.build(small())
+    idx = torch.randint(0, 100, (4, 16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss = model(idx[:, :-1], idx[:, 1:])
+        first = first or loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert first > 4.5 and loss.item() < 0.5, (first, loss.item())
+
+
+def test_reference_generate_is_greedy_at_zero_temperature_and_seeded_otherwise():
+    model = randomized(small())
+    prompt = [1, 2, 3]
+    greedy = list(model.generate(prompt, 6, temperature=0))
+    ids = torch.tensor([prompt])
+    for token in greedy:  # each greedy token is the argmax given everything before it
+        assert model(ids)[0, -1].argmax().item() == token
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    sampled = list(model.generate(prompt, 8, temperature=1.0, top_k=5, seed=7))
+    assert sampled == list(model.generate(prompt, 8, temperature=1.0, top_k=5, seed=7))
+    assert sampled != list(model.generate(prompt, 8, temperature=1.0, top_k=5, seed=8))
+
+
+def test_rms_norm_has_no_parameters():
+    x = torch.randn(3, 8) * 5
+    y = rms_norm(x)
+    assert torch.allclose(y.pow(2).mean(-1), torch.ones(3), atol=1e-4)
+    assert torch.allclose(y, F.rms_norm(x, (8,)))
