@@ -14,6 +14,8 @@ Not here: model code, optimizers, data.
 
 import logging
 import os
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +29,44 @@ def get_base_dir() -> str:
     base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     os.makedirs(base_dir, exist_ok=True)
     return base_dir
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def fsync_directory(directory: str) -> None:
+    """Make a rename durable: the new directory entry reaches the disk only when the directory is synced."""
+    if not hasattr(os, "O_DIRECTORY"):  # not on Windows, where directories cannot be opened this way
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write: Callable) -> None:
+    """Call write(binary file) on a temp file beside `path`, fsync it, then rename it over `path`.
+
+    The temp name starts with a dot and ends in .tmp, so it never matches a real file's pattern (checkpoints,
+    shards) and a temp file left by a killed process is ignored by the loaders. Every artifact nanochat writes
+    goes through here, so a crash never leaves a truncated file under a final name.
+    """
+    directory, name = os.path.split(path)
+    temp_path = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # Mode 0o666 minus the umask, like an ordinary file (tempfile.mkstemp would make checkpoints owner-only).
+    fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp_path, path)
+    except BaseException:  # also on KeyboardInterrupt: never leave our temp file behind when we can help it
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+        raise
+    fsync_directory(directory)
 
 
 # ---------------------------------------------------------------------------- device and dtype

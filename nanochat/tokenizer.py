@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import tiktoken
 
 import rustbpe
+from nanochat.common import atomic_write
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document and every conversation
@@ -126,12 +127,7 @@ class Tokenizer:
             "special_tokens": SPECIAL_TOKENS,  # ids follow the tokens, in this order
             "tokens": [base64.b64encode(token).decode("ascii") for token in self._mergeable_ranks],
         }
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(json.dumps(data).encode("utf-8")))
         return path
 
     # ------------------------------------------------------------------ vocabulary
