@@ -45,12 +45,13 @@ def fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, write: Callable) -> None:
+def atomic_write(path: str, write: Callable, by_path: bool = False) -> None:
     """Call write(binary file) on a temp file beside `path`, fsync it, then rename it over `path`.
 
-    The temp name starts with a dot and ends in .tmp, so it never matches a real file's pattern (checkpoints,
-    shards) and a temp file left by a killed process is ignored by the loaders. Every artifact nanochat writes
-    goes through here, so a crash never leaves a truncated file under a final name.
+    With `by_path`, write receives the temp file's path instead, for libraries that only write to paths
+    (safetensors, tokenizers). The temp name starts with a dot and ends in .tmp, so it never matches a real
+    file's pattern (checkpoints, shards) and a temp file left by a killed process is ignored by the loaders.
+    Every artifact nanochat writes goes through here: a crash never leaves a truncated file under a final name.
     """
     directory, name = os.path.split(path)
     temp_path = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -58,8 +59,12 @@ def atomic_write(path: str, write: Callable) -> None:
     fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+            if not by_path:
+                write(f)
+                f.flush()
+        if by_path:
+            write(temp_path)
+        with open(temp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(temp_path, path)
     except BaseException:  # also on KeyboardInterrupt: never leave our temp file behind when we can help it

@@ -1,0 +1,371 @@
+"""Conversion of a nanochat GPT and its tokenizer to the Hugging Face transformers `nanochat` format.
+
+Contract:
+- `export(model, tokenizer, out_dir)` writes config.json, model.safetensors, tokenizer.json and
+  tokenizer_config.json (with a chat template) so that `AutoModelForCausalLM.from_pretrained(out_dir)` loads with
+  no custom code and gives our logits (fp32 on CPU: bit-identical in the tests), and
+  `AutoTokenizer.from_pretrained(out_dir)` encodes text to our ids and renders chats to our
+  `render_for_completion` ids.
+- Every GPTConfig field is checked against what NanoChatConfig can carry; anything it cannot (SwiGLU, a field
+  this file does not know) raises `UnsupportedModelError` instead of exporting a model that computes something else.
+- Each file is written under a temporary name and renamed into place; config.json goes last, so a directory
+  with a config.json holds a complete export. A non-empty directory is refused unless `force`.
+- Needs transformers >= 5.0 to load: NanoChat first shipped in v5.0.0rc0 (4.57.6, the last 4.x, lacks it), and
+  the config uses the v5 `rope_parameters` and `dtype` keys. The tests pass on 5.0.0 and 5.23.0. Writing needs
+  only safetensors and tokenizers.
+
+How our model maps onto transformers' NanoChat (modeling_nanochat.py, read in 5.23):
+- names: wte -> model.embed_tokens, blocks.i.attn.c_{q,k,v,proj} -> model.layers.i.self_attn.{q,k,v,o}_proj,
+  blocks.i.mlp.c_fc/c_proj -> model.layers.i.mlp.fc1/fc2, lm_head -> lm_head. No norm has a weight on either side.
+- RoPE: both rotate the pairs (i, i + D/2), but transformers turns them by -angle (its rotate_half is
+  cat(x2, -x1), as Karpathy's nanochat) where ours turns them by +angle. Negating the second half of every
+  q and k head fixes it exactly: with S = diag(1, -1) per pair, R(-a) S = S R(a), the per-head RMSNorm commutes
+  with S, and q·k is unchanged because both sides carry S. Values are untouched, so the output is identical.
+- RMSNorm eps: ours is F.rms_norm's default, float32 machine epsilon (also for bf16 inputs, which PyTorch
+  normalises in fp32); NanoChat's default is 1e-6, so the config carries ours.
+- Vocabulary: exported at our real size, without the padding rows (see hf_state_dict).
+- The rest already agrees: RoPE then QK-norm, the norm right after the embedding, softmax scale head_dim^-0.5,
+  GQA with kv head h // (n_head / n_kv_head) for query head h, ReLU² ("relu2"), cap·tanh(logits / cap).
+
+The tokenizer: byte-level BPE over our ranks plus a Split pre-tokenizer with our pattern, so text encodes as
+with tiktoken (see bpe_merges for why every split of a token is a merge rule). Two behaviours are transformers'
+own: `tokenizer(text)` prepends <|bos|>, as our documents start (add_special_tokens=False gives our
+`encode(text)`); and a special token's literal text inside a string, chat messages included, becomes that
+special token unless split_special_tokens=True, where ours always keeps it as plain text. There is no pad token.
+
+Not here: loading checkpoints (scripts/export_hf.py does, through nanochat.checkpoint), uploading to the Hub,
+the reverse conversion, or an assistant-token mask for training with transformers (`{% generation %}`).
+"""
+
+import json
+import os
+from dataclasses import fields
+
+import torch
+
+from nanochat.common import atomic_write
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# What F.rms_norm uses when eps is None, for fp32 and (computed in fp32) for bf16/fp16 inputs alike.
+RMS_NORM_EPS = torch.finfo(torch.float32).eps
+
+WEIGHTS_FILE = "model.safetensors"
+
+# Files a previous export into the same directory may have left that transformers would read instead of, or on
+# top of, ours (sharded or .bin weights, a separate chat template, another model's generation settings).
+# `force` deletes them.
+SHADOWING_FILES = (
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+)
+
+# Our chat protocol (nanochat.tokenizer.Tokenizer.render_conversation) in Jinja: a leading system message is
+# merged into the first user turn, turns must alternate user/assistant, and assistant content is a string or a
+# list of {"type": "text" | "python" | "python_output", "text": ...} parts.
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages | length < 2 or messages[1]['role'] != 'user' -%}"
+    "{{- raise_exception('a system message must be followed by a user message') -}}"
+    "{%- endif -%}"
+    "{%- set turns = [{'role': 'user', 'content': messages[0]['content'] + '\\n\\n' + messages[1]['content']}]"
+    " + messages[2:] -%}"
+    "{%- else -%}"
+    "{%- set turns = messages -%}"
+    "{%- endif -%}"
+    "<|bos|>"
+    "{%- for message in turns -%}"
+    "{%- if message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}"
+    "{{- raise_exception('turns must alternate user/assistant, starting with user (a system message may come"
+    " first)') -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- '<|user_start|>' + message['content'] + '<|user_end|>' -}}"
+    "{%- else -%}"
+    "{{- '<|assistant_start|>' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}"
+    "{{- part['text'] -}}"
+    "{%- elif part['type'] == 'python' -%}"
+    "{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}"
+    "{%- elif part['type'] == 'python_output' -%}"
+    "{{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}"
+    "{%- else -%}"
+    "{{- raise_exception('assistant parts have type text, python or python_output') -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|assistant_end|>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{%- if turns[-1]['role'] != 'user' -%}"
+    "{{- raise_exception('add_generation_prompt needs the conversation to end with a user message') -}}"
+    "{%- endif -%}"
+    "{{- '<|assistant_start|>' -}}"
+    "{%- endif -%}"
+)
+
+
+class UnsupportedModelError(ValueError):
+    """The model uses something the transformers NanoChat format cannot express."""
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: torch.dtype = torch.float32) -> dict:
+    """The config.json of NanoChatForCausalLM, after checking every GPTConfig field can be carried over."""
+    handled = {
+        "sequence_len",
+        "vocab_size",
+        "n_layer",
+        "n_head",
+        "n_kv_head",
+        "n_embd",
+        "rope_base",
+        "mlp",
+        "logit_softcap",
+    }
+    unknown = [f.name for f in fields(config) if f.name not in handled]
+    if unknown:
+        raise UnsupportedModelError(
+            f"GPTConfig fields {unknown} are not mapped by nanochat/hf_export.py: teach it what they mean in "
+            "transformers' NanoChat (or that they cannot be exported) before exporting"
+        )
+    if config.mlp != "relu2":
+        raise UnsupportedModelError(
+            f"mlp={config.mlp!r} cannot be exported: transformers' NanoChat MLP is fc1 -> activation -> fc2 with no "
+            "gate matrix, so only mlp='relu2' has an equivalent"
+        )
+    if not config.logit_softcap > 0:
+        raise UnsupportedModelError(f"logit_softcap must be positive to export, got {config.logit_softcap}")
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise UnsupportedModelError(
+            f"the model has vocab_size {config.vocab_size} but the tokenizer has {tokenizer.get_vocab_size()} tokens: "
+            "export the tokenizer the model was trained with"
+        )
+    bos_id = tokenizer.get_bos_token_id()
+    return {
+        "architectures": ["NanoChatForCausalLM"],
+        "model_type": "nanochat",
+        # The real vocabulary, not our padded one: see hf_state_dict.
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": 4 * config.n_embd,  # ReLU² MLP width (nanochat/gpt.py MLP)
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        # NanoChat derives head_dim = hidden_size / num_attention_heads, which is how GPTConfig defines it too.
+        "max_position_embeddings": config.sequence_len,
+        "hidden_act": "relu2",
+        "rms_norm_eps": RMS_NORM_EPS,
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(config.rope_base)},
+        "final_logit_softcapping": float(config.logit_softcap),
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": bos_id,
+        # A chat turn ends at <|assistant_end|>; a base model ends a document by starting the next with <|bos|>.
+        "eos_token_id": [tokenizer.encode_special("<|assistant_end|>"), bos_id],
+        # No pad token: NanoChat passes pad_token_id to nn.Embedding as padding_idx, which would freeze that
+        # token's embedding in any fine-tuning done with transformers (its default, 1, is an ordinary token).
+        "pad_token_id": None,
+        "use_cache": True,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Our weights under NanoChatForCausalLM's names, as new contiguous tensors of `dtype` on the CPU."""
+    config = model.config
+    ours = dict(model.state_dict())
+    vocab_size, head_dim = config.vocab_size, config.head_dim
+
+    def take(name: str) -> torch.Tensor:
+        return ours.pop(name).detach()
+
+    def rope_sign_flipped(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """Negates output rows head_dim/2..head_dim-1 of every head: transformers rotates by -angle (see top)."""
+        weight = weight.clone().view(num_heads, head_dim, -1)  # (heads, head_dim, n_embd)
+        weight[:, head_dim // 2 :] *= -1
+        return weight.view(num_heads * head_dim, -1)
+
+    # The padded rows (vocab_size..padded_vocab_size) are cut: ids never reach them and our forward slices their
+    # logits off, so dropping them gives the same logits over the real vocabulary, logits of the same width as
+    # ours, and a model that cannot sample an id the tokenizer does not have.
+    converted = {
+        "model.embed_tokens.weight": take("wte.weight")[:vocab_size],
+        "lm_head.weight": take("lm_head.weight")[:vocab_size],
+    }
+    for i in range(config.n_layer):
+        ours_prefix, hf_prefix = f"blocks.{i}.", f"model.layers.{i}."
+        converted[hf_prefix + "self_attn.q_proj.weight"] = rope_sign_flipped(
+            take(ours_prefix + "attn.c_q.weight"), config.n_head
+        )
+        converted[hf_prefix + "self_attn.k_proj.weight"] = rope_sign_flipped(
+            take(ours_prefix + "attn.c_k.weight"), config.n_kv_head
+        )
+        converted[hf_prefix + "self_attn.v_proj.weight"] = take(ours_prefix + "attn.c_v.weight")
+        converted[hf_prefix + "self_attn.o_proj.weight"] = take(ours_prefix + "attn.c_proj.weight")
+        converted[hf_prefix + "mlp.fc1.weight"] = take(ours_prefix + "mlp.c_fc.weight")
+        converted[hf_prefix + "mlp.fc2.weight"] = take(ours_prefix + "mlp.c_proj.weight")
+    if ours:  # a tensor we did not place would silently vanish from the export
+        raise UnsupportedModelError(f"no transformers NanoChat equivalent for {sorted(ours)}")
+    return {name: tensor.to(device="cpu", dtype=dtype, copy=True).contiguous() for name, tensor in converted.items()}
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, which the tokenizers ByteLevel steps assume: printable
+    Latin-1 bytes stand for themselves, the other 68 bytes take the code points from 256 up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {byte: chr(byte) for byte in printable}
+    next_code_point = 256
+    for byte in range(256):
+        if byte not in mapping:
+            mapping[byte] = chr(next_code_point)
+            next_code_point += 1
+    return mapping
+
+
+def bpe_merges(ranks: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """Merge rules that make a rank-ordered BPE merge like tiktoken.
+
+    tiktoken merges any adjacent pair whose concatenation is a token, lowest token rank first, so every split of
+    every token into two tokens is a rule, ordered by the rank of the token it makes (then by the ranks of its
+    halves, to be deterministic).
+    """
+    rank_of = {token: rank for rank, token in enumerate(ranks)}
+    rules = []
+    for rank, token in enumerate(ranks):
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in rank_of and right in rank_of:
+                rules.append((rank, rank_of[left], rank_of[right], left, right))
+    rules.sort()
+    return [(left, right) for _, _, _, left, right in rules]
+
+
+def hf_tokenizer(tokenizer: Tokenizer):
+    """A `tokenizers.Tokenizer` that encodes exactly as ours: the same split pattern, byte-level BPE over our
+    ranks, and the special tokens at our ids. `add_special_tokens=True` prepends <|bos|>, as our documents begin."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as FastTokenizer
+
+    ranks = tokenizer._mergeable_ranks
+    if ranks is None:
+        raise UnsupportedModelError("only a tokenizer trained by nanochat (with its merge ranks) can be exported")
+    as_chars = byte_to_unicode()
+
+    def to_text(token: bytes) -> str:
+        return "".join(as_chars[byte] for byte in token)
+
+    known = set(ranks)
+    missing_bytes = [byte for byte in range(256) if bytes([byte]) not in known]
+    if missing_bytes:
+        raise UnsupportedModelError(f"byte-level BPE needs all 256 byte tokens; missing {missing_bytes[:8]}...")
+    vocab = {to_text(token): rank for rank, token in enumerate(ranks)}
+    merges = [(to_text(left), to_text(right)) for left, right in bpe_merges(ranks)]
+    # ignore_merges: a piece that is itself a token is emitted whole, as tiktoken does, before any merging.
+    fast = FastTokenizer(
+        models.BPE(vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False, byte_fallback=False)
+    )
+    fast.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(tokenizer.get_pattern()), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # bytes -> characters only
+        ]
+    )
+    fast.decoder = decoders.ByteLevel()
+    fast.add_special_tokens(
+        [AddedToken(name, special=True, normalized=False, lstrip=False, rstrip=False) for name in SPECIAL_TOKENS]
+    )
+    for name in SPECIAL_TOKENS:
+        if fast.token_to_id(name) != tokenizer.encode_special(name):
+            raise UnsupportedModelError(
+                f"special token {name} would get id {fast.token_to_id(name)}, ours is {tokenizer.encode_special(name)}"
+            )
+    bos_id = tokenizer.get_bos_token_id()
+    fast.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A:0", pair="<|bos|> $A:0 <|bos|>:1 $B:1", special_tokens=[("<|bos|>", bos_id)]
+    )
+    return fast
+
+
+def hf_tokenizer_config(config: GPTConfig) -> dict:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|bos|>",
+        "eos_token": "<|assistant_end|>",
+        "model_max_length": config.sequence_len,
+        "clean_up_tokenization_spaces": False,  # decoding must give back the exact text
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _write_json(path: str, data: dict) -> None:
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def check_out_dir(out_dir: str, force: bool) -> None:
+    """Raises FileExistsError if `out_dir` is a file, or a non-empty directory and not `force`."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        raise FileExistsError(f"{out_dir} is not empty; pass --force to overwrite the export files in it")
+
+
+def export(
+    model: GPT, tokenizer: Tokenizer, out_dir: str, dtype: torch.dtype = torch.float32, force: bool = False
+) -> list[str]:
+    """Writes the transformers NanoChat files for `model` and `tokenizer` into `out_dir`; returns their paths.
+
+    Everything is converted (and every check run) before the first file is written. Refuses a non-empty
+    `out_dir` unless `force`, which replaces our files and deletes SHADOWING_FILES; other files are left alone.
+    """
+    from safetensors.torch import save_file
+
+    if dtype not in EXPORT_DTYPES.values():
+        raise ValueError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype}")
+    config_json = hf_config(model.config, tokenizer, dtype)
+    tensors = hf_state_dict(model, dtype)
+    fast_tokenizer = hf_tokenizer(tokenizer)
+    tokenizer_config_json = hf_tokenizer_config(model.config)
+
+    check_out_dir(out_dir, force)
+    os.makedirs(out_dir, exist_ok=True)
+    for name in SHADOWING_FILES:
+        stale = os.path.join(out_dir, name)
+        if os.path.exists(stale):
+            os.remove(stale)
+
+    paths = {
+        name: os.path.join(out_dir, name)
+        for name in (WEIGHTS_FILE, "tokenizer.json", "tokenizer_config.json", "config.json")
+    }
+    atomic_write(paths[WEIGHTS_FILE], lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}), by_path=True)
+    atomic_write(paths["tokenizer.json"], lambda tmp: fast_tokenizer.save(tmp), by_path=True)
+    _write_json(paths["tokenizer_config.json"], tokenizer_config_json)
+    _write_json(paths["config.json"], config_json)  # last: its presence marks a complete export
+    return list(paths.values())

@@ -1,0 +1,76 @@
+"""Export a trained checkpoint to the Hugging Face transformers format (model type "nanochat").
+
+Loads a stage's checkpoint and the tokenizer from the base dir and writes config.json, model.safetensors,
+tokenizer.json and tokenizer_config.json (with our chat template) to --out. The result loads with plain
+transformers (>= 5.0, no trust_remote_code) and gives our logits; see nanochat/hf_export.py for the mapping and
+for what cannot be exported (an mlp="swiglu" model fails with a message instead of exporting something else).
+
+    python -m scripts.export_hf --source sft --out hf/d20                      # latest sft checkpoint, largest depth
+    python -m scripts.export_hf --source base --model-tag d12 --step 5000 --out hf/d12-base --dtype bfloat16
+    NANOCHAT_BASE_DIR=/tmp/nanochat-tiny python -m scripts.export_hf --source base --out /tmp/hf-tiny  # tiny, CPU
+
+Then:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tokenizer = AutoModelForCausalLM.from_pretrained("hf/d20"), AutoTokenizer.from_pretrained("hf/d20")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi!"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+
+Runs on the CPU (the weights are only copied). Does not upload to the Hub or write a model card.
+"""
+
+import argparse
+import os
+
+from nanochat.hf_export import EXPORT_DTYPES, UnsupportedModelError, check_out_dir, export
+
+
+def main(argv=None):
+    # Imported here so that nothing but running the script needs the checkpoint code (or touches the base dir).
+    from nanochat.checkpoint import STAGES, CheckpointError, checkpoint_dir, load_model
+    from nanochat.tokenizer import get_tokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Checkpoint
+    parser.add_argument("--source", required=True, choices=sorted(STAGES), help="which stage's checkpoints to export")
+    parser.add_argument(
+        "--model-tag", default=None, help="model directory under the stage, e.g. d20 (default: the largest depth)"
+    )
+    parser.add_argument(
+        "--step", type=int, default=None, help="training step to export (default: the last complete one)"
+    )
+    # Output
+    parser.add_argument("--out", required=True, help="output directory (refused if not empty, unless --force)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(EXPORT_DTYPES),
+        help="dtype of the saved weights; float32 (default) reproduces our fp32 logits exactly",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="write into a non-empty --out, replacing an earlier export there"
+    )
+    args = parser.parse_args(argv)
+
+    try:  # before loading anything: a refused --out should not cost a checkpoint load
+        check_out_dir(args.out, args.force)
+    except FileExistsError as e:
+        parser.exit(1, f"export_hf: {e}\n")
+    try:
+        source_dir = checkpoint_dir(args.source, args.model_tag)
+        model, meta = load_model(args.source, "cpu", "eval", model_tag=args.model_tag, step=args.step)
+        tokenizer = get_tokenizer()
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        parser.exit(1, f"export_hf: {e}\n")
+    print(f"export_hf: {source_dir} step {meta['step']}: {model.config}")
+
+    try:
+        paths = export(model, tokenizer, args.out, dtype=EXPORT_DTYPES[args.dtype], force=args.force)
+    except (UnsupportedModelError, FileExistsError) as e:
+        parser.exit(1, f"export_hf: {e}\n")
+    for path in paths:
+        print(f"wrote {path} ({os.path.getsize(path):,} bytes)")
+    print(f"load with transformers.AutoModelForCausalLM.from_pretrained({args.out!r})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""The Hugging Face export: plain transformers loads our model and tokenizer and computes exactly what we do.
+
+Tiny models (2 layers, 128 wide) and a tokenizer trained here on a few Wikipedia articles; CPU only.
+transformers' own NanoChat code is the reference: logits, greedy generation (its KV cache), tokenization and
+the chat template are compared against ours.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import REPO
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.hf_export import UnsupportedModelError, bpe_merges, export, hf_config
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+# 1000 is not a multiple of 64, so the model pads its vocab to 1024 and the export has to cut the padding.
+VOCAB_SIZE = 1000
+
+TEXTS = [
+    "Hello, world! It's 2026; we've got 12345 tokens and 3.14159 more.",
+    "  leading spaces,   runs   of spaces,\ttabs\t\t, trailing   ",
+    "\n\nnewlines\r\nWindows\rold Mac\n\n\n",
+    "日本語のテキスト, 한국어 문장, Ελληνικά, العربية, हिन्दी 🙂👨‍👩‍👧 e\u0301 ﬁ",
+    "numbers: 1 22 333 4444 55555 1,000,000 0.001 -42 1e10",
+    "lookalikes: <|bos |> <| bos|> <|user_start <|assistant_end| |> <|> <||> |bos| <|unknown|>",
+    "DON'T 'll 'VE it's y'all",
+    "x" * 300,
+    " " * 40 + "y",
+    "",
+]
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour.\n"}],
+    [
+        {"role": "user", "content": "Compute 12*34, please."},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Let me compute. "},
+                {"type": "python", "text": "12*34"},
+                {"type": "python_output", "text": "408"},
+                {"type": "text", "text": " It is 408."},
+            ],
+        },
+        {"role": "user", "content": "  And in Japanese?  日本語 "},
+    ],
+    [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello  there"},
+        {"role": "user", "content": "<|bos lookalike|> 🙂"},
+    ],
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(wiki_docs) -> Tokenizer:
+    tok = Tokenizer.train_from_iterator(wiki_docs[:200], VOCAB_SIZE)
+    assert tok.get_vocab_size() == VOCAB_SIZE
+    return tok
+
+
+def randomized_model(n_kv_head: int, seed: int = 0, **kwargs) -> GPT:
+    """A GPT with every weight random (init zeroes lm_head and the output projections), large enough that the
+    logits reach the curved part of the softcap."""
+    shape = {"sequence_len": 64, "vocab_size": VOCAB_SIZE, "n_layer": 2, "n_head": 4, "n_embd": 128}
+    config = GPTConfig(**shape, n_kv_head=n_kv_head, **kwargs)
+    torch.manual_seed(seed)
+    model = GPT.build(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.normal_(0.0, 1.0 if name == "wte.weight" else 0.2)
+    return model.eval()
+
+
+def load_hf(directory):
+    model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+    # Every HF weight must come from our file: a missing one would be silently random-initialised.
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+def chat_ids(hf_tokenizer, conversation, **kwargs) -> list[int]:
+    return hf_tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True, **kwargs)["input_ids"]
+
+
+# ---------------------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["MHA", "GQA", "MQA"])
+def test_logits_match(tmp_path, tokenizer, n_kv_head):
+    model = randomized_model(n_kv_head)
+    export(model, tokenizer, str(tmp_path))
+    hf_model = load_hf(tmp_path)
+    generator = torch.Generator().manual_seed(n_kv_head)
+    with torch.no_grad():
+        for batch_size, length in [(1, 1), (2, 7), (3, 64)]:
+            ids = torch.randint(0, VOCAB_SIZE, (batch_size, length), generator=generator)
+            ours = model(ids)
+            theirs = hf_model(ids).logits
+            assert theirs.shape == ours.shape == (batch_size, length, VOCAB_SIZE)
+            assert theirs.dtype == torch.float32
+            assert ours.abs().max() > 5  # the comparison means something: logits are far from 0
+            assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_greedy_generation_matches_through_the_kv_cache(tmp_path, tokenizer):
+    """transformers generates with its KV cache (RoPE at offsets, one token at a time); ours recomputes."""
+    model = randomized_model(n_kv_head=2, seed=1)
+    export(model, tokenizer, str(tmp_path))
+    hf_model = load_hf(tmp_path)
+    prompt = tokenizer.render_for_completion(CONVERSATIONS[0])
+    ours = list(model.generate(prompt, max_tokens=12, temperature=0))
+    with torch.no_grad():
+        output = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+    theirs = output[0, len(prompt) :].tolist()
+    assert len(theirs) >= 1 and theirs == ours[: len(theirs)]  # transformers may stop early at an eos token
+
+
+def test_config_and_weights_on_disk(tmp_path, tokenizer):
+    model = randomized_model(n_kv_head=2)
+    export(model, tokenizer, str(tmp_path), dtype=torch.bfloat16)
+    with open(tmp_path / "config.json") as f:
+        config = json.load(f)
+    assert config["model_type"] == "nanochat" and config["architectures"] == ["NanoChatForCausalLM"]
+    assert config["rms_norm_eps"] == torch.finfo(torch.float32).eps  # F.rms_norm's default, not NanoChat's 1e-6
+    assert config["vocab_size"] == VOCAB_SIZE and config["dtype"] == "bfloat16"
+    assert config["pad_token_id"] is None and config["tie_word_embeddings"] is False
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        embedding = f.get_tensor("model.embed_tokens.weight")
+        assert embedding.dtype == torch.bfloat16 and embedding.shape == (VOCAB_SIZE, 128)
+        assert torch.equal(embedding, model.wte.weight[:VOCAB_SIZE].bfloat16())
+    assert not [name for name in os.listdir(tmp_path) if ".tmp." in name]  # no temp files left behind
+    hf_model = load_hf(tmp_path)
+    assert hf_model.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def test_merges_include_every_split_into_two_tokens():
+    ranks = [bytes([b]) for b in range(256)] + [b"ab", b"bc", b"abc"]
+    # "abc" arises from ab+c and from a+bc; tiktoken would merge either pair, so both are rules, after ab and bc.
+    assert bpe_merges(ranks) == [(b"a", b"b"), (b"b", b"c"), (b"a", b"bc"), (b"ab", b"c")]
+
+
+def test_tokenizer_encodes_like_ours(tmp_path, tokenizer, wiki_docs):
+    export(randomized_model(n_kv_head=4), tokenizer, str(tmp_path))
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    bos = tokenizer.get_bos_token_id()
+    for text in TEXTS + wiki_docs[200:230]:  # articles the tokenizer was not trained on
+        ours = tokenizer.encode(text)
+        assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == ours, text[:80]
+        assert hf_tokenizer(text)["input_ids"] == [bos] + ours  # documents start with <|bos|>, as in training
+        assert hf_tokenizer.decode(ours) == text
+    assert [hf_tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS] == [
+        tokenizer.encode_special(name) for name in SPECIAL_TOKENS
+    ]
+    assert hf_tokenizer.eos_token == "<|assistant_end|>" and hf_tokenizer.bos_token == "<|bos|>"
+
+
+def test_special_token_text_needs_split_special_tokens(tmp_path, tokenizer):
+    """Ours never reads a special token out of text; transformers does unless split_special_tokens=True (its
+    usual behaviour, also inside chat messages, which are rendered to text before tokenizing)."""
+    export(randomized_model(n_kv_head=4), tokenizer, str(tmp_path))
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    text = "a <|bos|> b <|assistant_end|> c"
+    ours = tokenizer.encode(text)
+    assert hf_tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == ours
+    assert tokenizer.get_bos_token_id() in hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_chat_template_renders_our_protocol(tmp_path, tokenizer):
+    export(randomized_model(n_kv_head=4), tokenizer, str(tmp_path))
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    for conversation in CONVERSATIONS:
+        assert chat_ids(hf_tokenizer, conversation, add_generation_prompt=True) == tokenizer.render_for_completion(
+            conversation
+        )
+        finished = conversation + [{"role": "assistant", "content": "Done."}]
+        assert chat_ids(hf_tokenizer, finished) == tokenizer.render_conversation(finished)[0]
+    for bad in (
+        [{"role": "assistant", "content": "I speak first"}],
+        [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+        [{"role": "system", "content": "alone"}],
+    ):
+        with pytest.raises(ValueError):  # ours
+            tokenizer.render_conversation(bad)
+        with pytest.raises(Exception, match="message"):  # jinja2 TemplateError, from our template
+            chat_ids(hf_tokenizer, bad, add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+def test_unsupported_choices_fail_clearly(tmp_path, tokenizer):
+    with pytest.raises(UnsupportedModelError, match="swiglu"):
+        export(randomized_model(n_kv_head=4, mlp="swiglu"), tokenizer, str(tmp_path))
+    with pytest.raises(UnsupportedModelError, match="vocab_size"):
+        hf_config(GPTConfig(vocab_size=VOCAB_SIZE + 1), tokenizer)
+    assert not os.listdir(tmp_path)  # checks run before anything is written
+
+
+def test_non_empty_directory_needs_force(tmp_path, tokenizer):
+    model = randomized_model(n_kv_head=4)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--force"):
+        export(model, tokenizer, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+    (tmp_path / "chat_template.jinja").write_text("stale: transformers would prefer it to ours")
+    export(model, tokenizer, str(tmp_path), force=True)
+    assert not (tmp_path / "chat_template.jinja").exists() and (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "config.json").exists()
+
+
+# ---------------------------------------------------------------------------- the script
+
+
+@pytest.mark.slow  # ~10 s: a subprocess that imports torch, then two in-process runs
+def test_script_end_to_end(tmp_path, tokenizer, monkeypatch):
+    """A saved sft checkpoint and tokenizer in a base dir -> `python -m scripts.export_hf` -> transformers."""
+    from nanochat.checkpoint import save_checkpoint
+    from scripts.export_hf import main
+
+    base_dir, out_dir = tmp_path / "base", tmp_path / "hf"
+    model = randomized_model(n_kv_head=2, seed=3)
+    save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d2"), 7, model)
+    tokenizer.save(str(base_dir / "tokenizer"))
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir)}
+    command = [sys.executable, "-m", "scripts.export_hf", "--source", "sft", "--out", str(out_dir)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "step 7" in result.stdout
+
+    hf_model = load_hf(out_dir)
+    ids = torch.tensor([tokenizer.render_for_completion(CONVERSATIONS[2])])
+    with torch.no_grad():
+        assert (model(ids) - hf_model(ids).logits).abs().max().item() <= 1e-4
+
+    # A second export into the same directory is refused before any loading, unless --force.
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    with pytest.raises(SystemExit) as refused:
+        main(["--source", "sft", "--out", str(out_dir)])
+    assert refused.value.code == 1
+    main(["--source", "sft", "--model-tag", "d2", "--step", "7", "--out", str(out_dir), "--force"])
