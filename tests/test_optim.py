@@ -1,0 +1,372 @@
+"""nanochat.optim on CPU: AdamW against torch's, Muon's orthogonalization and step size, a tiny model that
+overfits, checkpoint round trips, and two gloo processes against one process on the same global batch."""
+
+import copy
+import io
+import math
+import os
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import MuonAdamW, build_optimizer, orthogonalize
+
+VOCAB, SEQ_LEN = 256, 32  # depth 1 -> width 128: six block matrices of three shapes, ~0.2M parameters
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT.build(GPTConfig.from_depth(1, vocab_size=VOCAB, sequence_len=SEQ_LEN))
+
+
+def fixed_batch(batch_size: int = 4, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, VOCAB, (batch_size, SEQ_LEN + 1), generator=torch.Generator().manual_seed(seed))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def train_steps(model, optimizer, inputs, targets, steps: int) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        loss = model(inputs, targets)
+        loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AdamW
+
+
+def test_adamw_groups_match_torch_adamw():
+    shapes = [(8, 5), (7,), (3, 4, 2)]
+    generator = torch.Generator().manual_seed(0)
+    ours = [torch.randn(shape, generator=generator, requires_grad=True) for shape in shapes]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    hyper = {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.1}
+    optimizer = MuonAdamW([{"kind": "adamw", "params": ours, **hyper}])
+    reference = torch.optim.AdamW(theirs, **hyper, foreach=False)
+    for step in range(6):
+        if step == 3:  # a schedule changes lr from outside, in both
+            optimizer.param_groups[0]["lr"] = reference.param_groups[0]["lr"] = 0.003
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        optimizer.step()
+        reference.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)  # same ops in the same order: bitwise equal
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Muon
+
+
+@pytest.mark.parametrize(
+    "method, steps, low, high",
+    [
+        # Polar Express's 5-step composition maps singular values in [1e-3, 1] into [0.84, 1.124] (computed in
+        # fp64 from the coefficients); bf16 adds about +-0.005.
+        ("polar_express", 5, 0.83, 1.135),
+        # Past its table it repeats the converged quintic (15/8, -10/8, 3/8): all singular values reach 1.
+        ("polar_express", 8, 0.985, 1.015),
+        # Jordan's quintic never converges: it settles in about [0.68, 1.14] whatever the number of steps.
+        ("quintic", 5, 0.65, 1.15),
+    ],
+)
+def test_orthogonalize_gives_singular_values_near_one(method, steps, low, high):
+    wide = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    for matrix in (wide, wide.T.contiguous()):
+        ortho = orthogonalize(matrix, steps, method)
+        assert ortho.dtype == torch.bfloat16 and ortho.shape == matrix.shape
+        singular_values = torch.linalg.svdvals(ortho.float())
+        assert low <= singular_values.min() and singular_values.max() <= high, singular_values
+    # Tall matrices are orthogonalized in the wide orientation, so the two agree exactly.
+    assert torch.equal(orthogonalize(wide.T, steps, method), orthogonalize(wide, steps, method).T)
+
+
+def test_orthogonalize_approaches_the_polar_factor():
+    u, _, vh = torch.linalg.svd(torch.randn(48, 96, generator=torch.Generator().manual_seed(3)), full_matrices=False)
+    polar = u @ vh  # the exact answer for u diag(s) vh, whatever the singular values s
+    matrix = u @ torch.diag(torch.logspace(0, -2, 48)) @ vh  # condition number 100
+
+    def relative_error(steps, method):
+        return ((orthogonalize(matrix, steps, method).float() - polar).norm() / polar.norm()).item()
+
+    # Measured over 5 seeds: Polar Express 5 steps 0.093-0.098, 8 steps 0.038-0.040; quintic 5 steps 0.193-0.196.
+    assert relative_error(5, "polar_express") < 0.11
+    assert relative_error(8, "polar_express") < 0.05
+    assert relative_error(5, "quintic") > 1.5 * relative_error(5, "polar_express")
+
+
+def test_muon_step_is_lr_times_shape_scale_times_orthogonalized_grad():
+    generator = torch.Generator().manual_seed(0)
+    tall = torch.randn(64, 16, generator=generator, requires_grad=True)
+    wide = torch.randn(16, 64, generator=generator, requires_grad=True)
+    lr, weight_decay = 0.05, 0.1
+    before = [tall.detach().clone(), wide.detach().clone()]
+    # momentum 0: the buffer is the gradient and Nesterov's lerp returns it, so the step is O(grad) alone.
+    optimizer = MuonAdamW([{"kind": "muon", "params": [tall, wide], "lr": lr, "momentum": 0.0, "weight_decay": 0.1}])
+    for p in (tall, wide):
+        p.grad = torch.randn(p.shape, generator=generator)
+    optimizer.step()
+    for p, start in zip((tall, wide), before):
+        rows, cols = p.shape
+        scale = max(1.0, rows / cols) ** 0.5  # 2 for the tall one, 1 for the wide one
+        expected = start * (1 - lr * weight_decay) - lr * scale * orthogonalize(p.grad).float()
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
+        # The point of the scale: the step's RMS entry is lr / sqrt(fan_in) for both orientations (within
+        # Polar Express's 5-step singular-value band).
+        step_rms = (p.detach() - start * (1 - lr * weight_decay)).pow(2).mean().sqrt()
+        assert step_rms == pytest.approx(lr / math.sqrt(cols), rel=0.15)
+
+
+def test_muon_momentum_and_nesterov_follow_the_formula():
+    generator = torch.Generator().manual_seed(1)
+    matrix = torch.randn(12, 20, generator=generator, requires_grad=True)
+    optimizer = MuonAdamW([{"kind": "muon", "params": [matrix], "lr": 0.1, "momentum": 0.9}])
+    buffer = torch.zeros(12, 20)
+    for _ in range(3):
+        matrix.grad = torch.randn(12, 20, generator=generator)
+        buffer = 0.9 * buffer + 0.1 * matrix.grad
+        nesterov = 0.1 * matrix.grad + 0.9 * buffer
+        expected = matrix.detach() - 0.1 * orthogonalize(nesterov).float()
+        optimizer.step()
+        torch.testing.assert_close(matrix.detach(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(optimizer.state[matrix]["momentum_buffer"], buffer, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The optimizer on the model
+
+
+def test_build_optimizer_groups_and_width_scaled_lrs():
+    model = tiny_model()
+    optimizer = build_optimizer(model)
+    roles = model.parameter_roles()
+    scale = (128 / 768) ** -0.5  # width 128 at depth 1: the AdamW LRs grow by sqrt(6)
+    expected = [("adamw", roles["unembedding"], 0.004 * scale), ("adamw", roles["embedding"], 0.2 * scale)]
+    expected.append(("muon", roles["matrix"], 0.02))
+    for group, (kind, params, lr) in zip(optimizer.param_groups, expected, strict=True):
+        assert group["kind"] == kind and group["params"] == params
+        assert group["lr"] == group["initial_lr"] == pytest.approx(lr)
+    covered = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(covered) == len(list(model.parameters())) == len({id(p) for p in covered})
+
+
+def test_tiny_model_overfits_a_fixed_batch():
+    model = tiny_model()
+    optimizer = build_optimizer(model)  # nanochat's default LRs work as they are
+    losses = train_steps(model, optimizer, *fixed_batch(), steps=40)
+    assert losses[0] == pytest.approx(math.log(VOCAB), abs=0.01)  # zero lm_head: uniform predictions
+    assert losses[-1] < 0.1, losses[::5]  # measured: 0.67 after 5 steps, 0.056 after 20, 0.005 after 40
+
+
+def test_params_without_grad_are_skipped():
+    model = tiny_model()
+    optimizer = build_optimizer(model)
+    inputs, targets = fixed_batch()
+    model(inputs, targets).backward()
+    frozen = [model.wte.weight, model.blocks[0].attn.c_q.weight]
+    before = [p.detach().clone() for p in frozen]
+    for p in frozen:
+        p.grad = None
+    optimizer.step()
+    for p, start in zip(frozen, before):
+        assert torch.equal(p, start) and p not in optimizer.state
+    assert model.lm_head.weight in optimizer.state
+
+
+def test_state_dict_round_trip_continues_identically():
+    inputs, targets = fixed_batch()
+    model = tiny_model()
+    optimizer = build_optimizer(model)
+    train_steps(model, optimizer, inputs, targets, steps=3)
+    for group in optimizer.param_groups:  # a schedule's multiplier must survive the checkpoint too
+        group["lr"] = group["initial_lr"] * 0.5
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    train_steps(model, optimizer, inputs, targets, steps=1)
+
+    resumed = tiny_model(seed=123)  # different weights until loaded
+    resumed_optimizer = build_optimizer(resumed)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    assert resumed_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    train_steps(resumed, resumed_optimizer, inputs, targets, steps=1)
+    for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize(
+    "group, message",
+    [
+        ({"kind": "sgd", "lr": 0.1}, "kind"),
+        ({"lr": 0.1}, "kind"),
+        ({"kind": "adamw"}, "'lr'"),
+        ({"kind": "muon", "lr": 0.1, "betas": (0.9, 0.99)}, "unknown keys"),
+        ({"kind": "muon", "lr": 0.1, "orthogonalizer": "svd"}, "orthogonalizer"),
+    ],
+)
+def test_bad_param_groups_are_rejected(group, message):
+    with pytest.raises(ValueError, match=message):
+        MuonAdamW([{"params": [torch.zeros(4, 4, requires_grad=True)], **group}])
+
+
+def test_muon_rejects_non_matrices():
+    with pytest.raises(ValueError, match=r"2-D matrices; got shape \(8,\)"):
+        MuonAdamW([{"kind": "muon", "lr": 0.02, "params": [torch.zeros(8, requires_grad=True)]}])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two gloo processes against one
+
+
+def odd_params() -> list[torch.Tensor]:
+    """Shapes the GPT lacks: dim 0 not divisible by 2 (AdamW's all-reduce fallback) and three same-shape Muon
+    matrices (one full chunk, one padded)."""
+    generator = torch.Generator().manual_seed(7)
+    shapes = [(5, 3), (6, 4), (6, 4), (6, 4)]
+    return [torch.randn(shape, generator=generator, requires_grad=True) for shape in shapes]
+
+
+def odd_optimizer(params) -> MuonAdamW:
+    return MuonAdamW(
+        [{"kind": "adamw", "params": params[:1], "lr": 0.01}, {"kind": "muon", "params": params[1:], "lr": 0.02}]
+    )
+
+
+def odd_grad(p_index: int, step: int, rank: int) -> torch.Tensor:
+    """The gradient rank `rank` contributes; the single-process run is given the mean over ranks."""
+    shape = odd_params()[p_index].shape
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1000 * step + 10 * p_index + rank))
+
+
+DIST_STEPS = 3  # steps before the checkpoint; one more after it
+
+
+def halves(world_size: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each rank's equal share of the global batch: the mean of their mean losses is the full batch's mean loss."""
+    inputs, targets = fixed_batch()
+    return list(zip(inputs.chunk(world_size), targets.chunk(world_size)))
+
+
+def single_process_reference() -> dict:
+    """What two ranks must reproduce, computed in this process with one thread (as each worker runs; thread count
+    can change a CPU matmul's summation order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = tiny_model()
+        train_steps(model, build_optimizer(model), *fixed_batch(), steps=1)
+        full_batch_one_step = [p.detach() for p in model.parameters()]
+
+        # The gradients the two ranks average: each half's, summed and halved as the SUM collective does.
+        model = tiny_model()
+        optimizer = build_optimizer(model)
+        for _ in range(DIST_STEPS + 1):
+            grads = []
+            for inputs, targets in halves():
+                model(inputs, targets).backward()
+                grads.append([p.grad for p in model.parameters()])
+                model.zero_grad(set_to_none=True)
+            for p, *rank_grads in zip(model.parameters(), *grads):
+                p.grad = sum(rank_grads) / len(rank_grads)
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+
+        params = odd_params()
+        odd = odd_optimizer(params)
+        for step in range(DIST_STEPS):
+            for i, p in enumerate(params):
+                p.grad = (odd_grad(i, step, 0) + odd_grad(i, step, 1)) / 2
+            odd.step()
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "full_batch_one_step": full_batch_one_step,
+        "model": [p.detach() for p in model.parameters()],
+        "odd": [p.detach() for p in params],
+    }
+
+
+def distributed_worker(rank: int, world_size: int, workdir: str) -> None:
+    # One thread each: two processes on a 2-core machine, and a forked child must not reuse the parent's OpenMP
+    # pool. A timeout turns a mismatched collective into an error instead of a hung test.
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{workdir}/rendezvous",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        inputs, targets = halves(world_size)[rank]
+        model = tiny_model()
+        optimizer = build_optimizer(model)
+        train_steps(model, optimizer, inputs, targets, steps=1)
+        after_one_step = [p.detach().clone() for p in model.parameters()]
+        train_steps(model, optimizer, inputs, targets, steps=DIST_STEPS - 1)
+
+        # Each rank checkpoints its own shard, keeps going, then a fresh model + optimizer resumes from it.
+        snapshot = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+        train_steps(model, optimizer, inputs, targets, steps=1)
+        resumed = tiny_model(seed=123)
+        resumed_optimizer = build_optimizer(resumed)
+        resumed.load_state_dict(snapshot["model"])
+        resumed_optimizer.load_state_dict(snapshot["optimizer"])
+        train_steps(resumed, resumed_optimizer, inputs, targets, steps=1)
+        for p, q in zip(model.parameters(), resumed.parameters()):
+            assert torch.equal(p, q)
+
+        params = odd_params()
+        odd = odd_optimizer(params)
+        for step in range(DIST_STEPS):
+            for i, p in enumerate(params):
+                p.grad = odd_grad(i, step, rank)
+            odd.step()
+        torch.save(
+            {
+                "after_one_step": after_one_step,
+                "model": [p.detach() for p in model.parameters()],
+                "odd": [p.detach() for p in params],
+                # Sharding: AdamW state for this rank's rows only; Muon momentum only for the matrices it owns.
+                "wte_state_rows": optimizer.state[model.wte.weight]["exp_avg"].shape[0],
+                "owned_matrices": sum(p in optimizer.state for p in model.parameter_roles()["matrix"]),
+                "odd_adamw_state_rows": odd.state[params[0]]["exp_avg"].shape[0],
+            },
+            os.path.join(workdir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    # fork, not spawn: a spawned child re-imports torch and torch._dynamo (which every Optimizer imports), 15-30 s
+    # on this 2-core machine; forked children start at once. No CUDA here, so forking is safe.
+    mp.start_processes(distributed_worker, args=(2, str(tmp_path)), nprocs=2, start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    reference = single_process_reference()
+    for name in ("model", "odd"):
+        for p0, p1, expected in zip(ranks[0][name], ranks[1][name], reference[name], strict=True):
+            assert torch.equal(p0, p1)  # the all-gathers leave every rank with bitwise the same parameters
+            # Same averaged gradients, same update: the sharded algorithm is the single-process one exactly.
+            assert torch.equal(p0, expected)
+    # Against one process on the full batch the gradients differ by summation order (~1e-8). One step keeps
+    # that small; later steps amplify it chaotically at these LRs on a 0.2M-parameter model (measured max |diff|
+    # in one process, full batch vs averaged halves: 3e-9 after 1 step, 2e-6 after 2, 5e-4 after 3, 6e-3 after
+    # 4), which is numerics, not sharding, so the multi-step check above uses the averaged-halves reference.
+    for p, expected in zip(ranks[0]["after_one_step"], reference["full_batch_one_step"], strict=True):
+        torch.testing.assert_close(p, expected, rtol=0, atol=1e-6)
+    assert ranks[0]["wte_state_rows"] == ranks[1]["wte_state_rows"] == VOCAB // 2
+    assert ranks[0]["owned_matrices"] + ranks[1]["owned_matrices"] == 6  # each block matrix owned exactly once
+    assert ranks[0]["owned_matrices"] == 4  # chunks by shape: [q, k] [v, attn proj] [fc, pad] [mlp proj, pad]
+    assert ranks[0]["odd_adamw_state_rows"] == 5  # 5 rows do not split in two: full state on every rank
