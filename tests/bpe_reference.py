@@ -79,14 +79,7 @@ class Replay:
             tokens, n = self.words[w], self.weights[w]
             for old in zip(tokens, tokens[1:]):
                 self.pairs[old] -= n
-            out, i = [], 0
-            while i < len(tokens):
-                if i + 1 < len(tokens) and (tokens[i], tokens[i + 1]) == pair:
-                    out.append(merged)
-                    i += 2
-                else:
-                    out.append(tokens[i])
-                    i += 1
+            out = merge_ids(tokens, pair, merged)
             self.words[w] = out
             for new in zip(out, out[1:]):
                 self.pairs[new] += n
