@@ -2,12 +2,13 @@
 
 import gzip
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat.dataset import VAL_EVERY, iter_documents
+from nanochat.dataset import VAL_EVERY, DatasetError, build_shards, iter_documents
 
 
 def write_parquet(path, texts, row_group_size=4):
@@ -65,3 +66,66 @@ def test_bad_inputs_name_the_file_and_the_problem(tmp_path):
         list(iter_documents([str(empty)]))
     with pytest.raises(ValueError, match="split must be"):
         list(iter_documents([str(bad)], "test"))
+
+
+# ---------------------------------------------------------------------------- building shards
+
+
+def test_build_shards_from_the_wikipedia_sample(tmp_path, wiki_path, wiki_docs):
+    out_dir = tmp_path / "built"
+    summary = build_shards([wiki_path], str(out_dir), shard_chars=5_000_000, row_group_docs=64)
+    train_paths, val_paths = summary.train.paths, summary.val.paths
+    assert len(train_paths) > 5 and len(val_paths) == 1  # 56 M characters; validation holds 1% of them
+    assert sorted(os.listdir(out_dir)) == sorted(["SOURCE"] + [os.path.basename(p) for p in train_paths + val_paths])
+    assert os.path.basename(val_paths[0]) == "val_00000.parquet"
+
+    shards = {path: pq.read_table(path)["text"].to_pylist() for path in train_paths + val_paths}
+    train = [doc for path in train_paths for doc in shards[path]]
+    val = shards[val_paths[0]]
+    # Every document exactly once, in order, and validation is exactly documents 99, 199, 299, ...
+    assert train == [doc for i, doc in enumerate(wiki_docs) if i % VAL_EVERY != VAL_EVERY - 1]
+    assert val == wiki_docs[VAL_EVERY - 1 :: VAL_EVERY]
+    assert summary.train.total_docs + summary.val.total_docs == len(wiki_docs) == 28_560
+
+    for path in train_paths + val_paths:
+        meta = pq.ParquetFile(path).metadata
+        assert meta.schema.names == ["text"]
+        assert {meta.row_group(i).column(0).compression for i in range(meta.num_row_groups)} == {"ZSTD"}
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        last_of_set = path in (train_paths[-1], val_paths[-1])
+        assert all(size == 64 for size in (sizes[:-1] if last_of_set else sizes)), (path, sizes)
+    for path in train_paths[:-1]:  # closed once they held 5 M characters, at a row-group boundary
+        assert sum(map(len, shards[path])) >= 5_000_000
+        assert sum(map(len, shards[path][:-64])) < 5_000_000
+
+    # Training on the built directory sees what training on the original file sees.
+    assert list(iter_documents([str(out_dir)], "train")) == list(iter_documents([wiki_path], "train"))
+    assert list(iter_documents([str(out_dir)], "val")) == list(iter_documents([wiki_path], "val"))
+
+
+def test_build_skips_empty_documents_and_keeps_the_split_of_each_file(tmp_path):
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("".join(json.dumps({"text": "" if i == 5 else f"note {i}"}) + "\n" for i in range(250)))
+    essays = tmp_path / "essays.txt"
+    essays.write_text("\n\n".join(f"essay {i}\nsecond line" for i in range(120)))
+    out_dir = tmp_path / "built"
+    summary = build_shards([str(tmp_path)], str(out_dir), shard_chars=1_000, row_group_docs=8)
+    assert summary.skipped_empty == 1
+    inputs = [str(essays), str(notes)]  # the order the directory expands to
+    assert list(iter_documents([str(out_dir)], "val")) == list(iter_documents(inputs, "val"))
+    assert list(iter_documents([str(out_dir)], "train")) == [d for d in iter_documents(inputs, "train") if d]
+    with pytest.raises(DatasetError, match="is not empty .*build into a new directory"):  # a second build there
+        build_shards([str(notes)], str(out_dir))
+
+
+def test_build_errors_name_the_problem(tmp_path):
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(50)))
+    with pytest.raises(DatasetError, match="at least 100 non-empty documents"):
+        build_shards([str(few)], str(tmp_path / "a"))
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress(b'{"text": "fine"}\n' * 10)[:-12])  # truncated gzip stream
+    with pytest.raises(ValueError, match=f"{broken} is not readable as gzip UTF-8 text"):
+        build_shards([str(broken)], str(tmp_path / "b"))
+    with pytest.raises(FileNotFoundError, match="nanochat.dataset download"):
+        list(iter_documents([str(tmp_path / "b")]))  # an empty shard directory says how to fill it
