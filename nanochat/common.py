@@ -231,3 +231,32 @@ def gpu_peaks(device_name: str) -> tuple[float, float] | None:
         if key.lower() in device_name.lower():
             return flops, bandwidth
     return None
+
+
+def describe_environment(runtime: Runtime) -> dict:
+    """Versions, git commit and hardware, printed at the start of every run so its log can reproduce it."""
+    import platform
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args):
+        result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    info = {
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "device": str(runtime.device),
+        "dtype": str(runtime.dtype).removeprefix("torch."),
+        "world_size": runtime.world_size,
+    }
+    if runtime.device_type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(runtime.device)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(runtime.device).total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    return info

@@ -1,0 +1,38 @@
+"""Bits per byte: the model's loss measured in a unit that does not depend on the tokenizer.
+
+bpb = (sum of next-token losses in nats) / (ln 2 x number of UTF-8 bytes those tokens stand for), over every
+target token that stands for text: special tokens (0 bytes) and ignored positions (target -1) count neither
+loss nor bytes. Two tokenizers with different vocabularies can be compared this way; a loss per token cannot.
+
+Contract: `evaluate_bpb` runs under no_grad, sums on the device (no host sync per batch), and when a process
+group is up, sums across ranks before dividing, so every rank returns the same global number.
+Not here: choosing which tokens to evaluate (the caller's batches) or logging.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches, num_steps: int, token_bytes: torch.Tensor) -> float:
+    """Bits per byte over `num_steps` (inputs, targets) batches; `token_bytes[id]` is the UTF-8 length of id."""
+    device = token_bytes.device
+    # fp64 sums where the device has them: 10M+ tokens of ~1-10 nats each exceed fp32's exact range.
+    accum = torch.float32 if device.type == "mps" else torch.float64
+    total_nats = torch.zeros((), dtype=accum, device=device)
+    total_bytes = torch.zeros((), dtype=accum, device=device)
+    for _ in range(num_steps):
+        inputs, targets = next(batches)
+        losses = model(inputs, targets, loss_reduction="none").view(-1)
+        targets = targets.reshape(-1)
+        nbytes = torch.where(targets >= 0, token_bytes[targets.clamp(min=0)], 0)
+        total_nats += (losses * (nbytes > 0)).sum().to(accum)
+        total_bytes += nbytes.sum().to(accum)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total_nats)
+        dist.all_reduce(total_bytes)
+    if total_bytes.item() == 0:
+        raise ValueError("no target tokens with text in the evaluated batches (all special or ignored)")
+    return (total_nats / (math.log(2) * total_bytes)).item()
