@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 import tiktoken
 import torch
 
+from nanochat.common import cpu_model
 from nanochat.dataloader import PretrainLoader
 from nanochat.tokenizer import Tokenizer
 
@@ -57,12 +58,7 @@ H100_STEP_TOKENS_PER_S = 100_000  # one H100 at depth 20, tokens/s
 
 
 def hardware() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    model = cpu_model()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return f"{model}, {os.cpu_count()} logical cores, load average {load} (1/5/15 min) at start"
 

@@ -16,14 +16,13 @@ with --json, writes every figure. Does not train anything meaningful or touch ch
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import time
 
 import torch
 
-from nanochat.common import DTYPES, autodetect_device_type, autodetect_dtype, gpu_peaks
+from nanochat.common import DTYPES, autodetect_device_type, autodetect_dtype, cpu_model, gpu_peaks
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizer
 
@@ -93,12 +92,7 @@ def bench_config(args, depth: int, seq_len: int, compiled: bool, device, dtype) 
 def hardware(device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 

@@ -233,6 +233,17 @@ def gpu_peaks(device_name: str) -> tuple[float, float] | None:
     return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, else platform.processor())."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def describe_environment(runtime: Runtime) -> dict:
     """Versions, git commit and hardware, printed at the start of every run so its log can reproduce it."""
     import platform
@@ -250,6 +261,7 @@ def describe_environment(runtime: Runtime) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "host": platform.node(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "device": str(runtime.device),
         "dtype": str(runtime.dtype).removeprefix("torch."),
