@@ -137,3 +137,14 @@ def test_wandb_offline_run_records_metrics(base_dir, monkeypatch, tmp_path):
     assert files and files[0].stat().st_size > 0
     content = files[0].read_bytes()
     assert b"train/loss" in content and b"val/bpb" in content
+
+
+def test_base_loss_reports_the_checkpoints_validation_bpb(base_dir, monkeypatch):
+    from scripts import base_loss
+
+    summary = run(base_dir, monkeypatch, "--num-iterations", "5", "--eval-every", "-1", tag="d2")
+    results = base_loss.main(["--model-tag", "d2", "--device-batch-size", "4", "--split-tokens", "1024"])
+    # Same val batches (a fresh val loader), same weights -> the number base_train printed at its end.
+    assert results["val_bpb"] == pytest.approx(summary["val_bpb"], rel=1e-6)
+    assert results["train_bpb"] > 0 and len(results["samples"]) == len(base_train.SAMPLE_PROMPTS)
+    assert (base_dir / "base_eval" / "loss_d2_000005.json").exists()
