@@ -1,0 +1,165 @@
+"""What every task shares: the Task base class, mixtures of tasks, multiple-choice rendering, data loading.
+
+Contract:
+- A `Task` is a read-only sequence of conversations, `{"messages": [...], ...task keys}`, sliced once at
+  construction with `start`/`stop`/`step` (like `range`), so `len(task)` and `task[i]` see only the slice.
+- `eval_type` is "categorical" (the completion is one answer letter, scored among `conversation["letters"]`),
+  "generative" (the completion is free text) or None (a training-only task: `evaluate` raises).
+- `TaskMixture` interleaves tasks in one deterministic shuffle (seeded); `TaskSequence` plays them in order.
+  Both are Tasks themselves, so they can be sliced and nested.
+- Datasets load from a local directory laid out like ../shared/data/ when one is given (argument `data_dir`,
+  or the NANOCHAT_DATA_DIR environment variable), otherwise from the Hugging Face hub through `datasets`,
+  imported only then. Either way a task yields the same rows in the same order.
+
+Not here: tokenization (nanochat/tokenizer.py renders the conversations), generation, or the eval loops.
+"""
+
+import abc
+import os
+import random
+
+DATA_DIR_ENV = "NANOCHAT_DATA_DIR"
+
+
+class Task(abc.ABC):
+    """A dataset of conversations, viewed through a `range(start, stop, step)` slice of its rows."""
+
+    eval_type: str | None = None  # "categorical", "generative", or None for training-only tasks
+
+    def __init__(self, start: int = 0, stop: int | None = None, step: int = 1):
+        if start < 0 or (stop is not None and stop < start) or step < 1:
+            raise ValueError(f"need 0 <= start <= stop and step >= 1, got start={start} stop={stop} step={step}")
+        self.start, self.stop, self.step = start, stop, step
+
+    # Subclasses implement these two over their full, unsliced rows.
+    @abc.abstractmethod
+    def num_examples(self) -> int: ...
+
+    @abc.abstractmethod
+    def get_example(self, index: int) -> dict: ...
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        raise TypeError(f"{type(self).__name__} is a training-only task: it has no evaluate()")
+
+    def _rows(self) -> range:
+        total = self.num_examples()
+        stop = total if self.stop is None else min(self.stop, total)
+        return range(min(self.start, stop), stop, self.step)
+
+    def __len__(self) -> int:
+        return len(self._rows())
+
+    def __getitem__(self, index: int | slice) -> dict | list[dict]:
+        rows = self._rows()
+        if isinstance(index, slice):  # a list of conversations; to slice lazily, pass start/stop/step instead
+            return [self.get_example(row) for row in rows[index]]
+        if not -len(rows) <= index < len(rows):
+            raise IndexError(f"{type(self).__name__} index {index} out of range for {len(rows)} examples")
+        return self.get_example(rows[index])
+
+
+class TaskMixture(Task):
+    """All examples of all tasks, shuffled together once by `seed`; a task listed twice is seen twice.
+
+    The shuffle is over (task, example) pairs, so small tasks are spread evenly through a long run instead of
+    arriving in one block (which would swing the training loss).
+    """
+
+    def __init__(self, tasks: list[Task], seed: int = 42, **slice_args):
+        super().__init__(**slice_args)
+        self.tasks = list(tasks)
+        self.pairs = [(t, i) for t, task in enumerate(self.tasks) for i in range(len(task))]
+        random.Random(seed).shuffle(self.pairs)
+
+    def num_examples(self) -> int:
+        return len(self.pairs)
+
+    def get_example(self, index: int) -> dict:
+        task_index, example_index = self.pairs[index]
+        return self.tasks[task_index][example_index]
+
+
+class TaskSequence(Task):
+    """All examples of the first task, then all of the second, and so on (a curriculum)."""
+
+    def __init__(self, tasks: list[Task], **slice_args):
+        super().__init__(**slice_args)
+        self.tasks = list(tasks)
+        self.offsets = [0]  # offsets[t] = index of task t's first example
+        for task in self.tasks:
+            self.offsets.append(self.offsets[-1] + len(task))
+
+    def num_examples(self) -> int:
+        return self.offsets[-1]
+
+    def get_example(self, index: int) -> dict:
+        for task, begin, end in zip(self.tasks, self.offsets, self.offsets[1:]):
+            if begin <= index < end:
+                return task[index - begin]
+        raise IndexError(index)
+
+
+def render_mc(question: str, letters: list[str], choices: list[str]) -> str:
+    """The user prompt of a multiple-choice question.
+
+    Each letter comes right after its choice and an "=" with no space ("- Paris=A"), because " A" and "A" are
+    different tokens: this way the letter in the prompt is the same single token the assistant answers with,
+    which the categorical evaluator compares logits over (reference nanochat tasks/common.py, render_mc).
+    """
+    lines = [f"Multiple Choice question: {question}"]
+    lines += [f"- {choice}={letter}" for letter, choice in zip(letters, choices, strict=True)]
+    lines.append("\nRespond only with the letter of the correct answer.")
+    return "\n".join(lines)
+
+
+def mc_conversation(question: str, letters: list[str], choices: list[str], answer: str, **extra) -> dict:
+    """A one-turn multiple-choice conversation whose assistant answer is the letter `answer`."""
+    if answer not in letters:
+        raise ValueError(f"answer {answer!r} is not one of the letters {letters} (question {question!r:.60})")
+    messages = [
+        {"role": "user", "content": render_mc(question, letters, choices)},
+        {"role": "assistant", "content": answer},
+    ]
+    return {"messages": messages, "letters": list(letters), **extra}
+
+
+def evaluate_letter(conversation: dict, completion: str) -> bool:
+    """Categorical scoring: the predicted letter equals the reference answer letter."""
+    return completion.strip() == conversation["messages"][-1]["content"]
+
+
+def resolve_data_dir(data_dir: str | None) -> str | None:
+    """The local data directory to read from, or None to use the Hugging Face hub."""
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data directory {data_dir!r} does not exist (from data_dir or ${DATA_DIR_ENV})")
+    return data_dir
+
+
+def require_file(path: str, what: str) -> str:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what}: expected {path} (a data directory laid out like ../shared/data/)")
+    return path
+
+
+OFFLINE_HINT = f"Offline, pass data_dir= (or set ${DATA_DIR_ENV}) to a directory laid out like ../shared/data/."
+
+
+def load_hub_rows(path: str, name: str | None, split: str, offline_hint: str = OFFLINE_HINT):
+    """A Hugging Face hub dataset split via `datasets` (imported only here): len() and row dicts by index.
+
+    Kept as the Arrow-backed dataset rather than a list, so a 460K-row split is not all turned into Python
+    objects up front.
+    """
+    try:
+        from datasets import load_dataset
+    except ImportError as e:
+        raise ImportError(f"loading {path} from the hub needs the `datasets` package ({e})") from e
+    try:
+        dataset = load_dataset(path, name, split=split)
+    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, HfHubHTTPError...)
+        raise RuntimeError(
+            f"could not load {path} (config {name!r}, split {split!r}) from the Hugging Face hub: "
+            f"{type(e).__name__}: {e}. {offline_hint}"
+        ) from e
+    return dataset
