@@ -1,0 +1,413 @@
+"""The DCLM CORE metric: in-context-learning accuracy on the eval bundle's tasks, centered and averaged.
+
+CORE (DCLM paper, "DataComp-LM", §3 and appendix) scores a base model on up to 22 tasks defined in the bundle's
+`core.yaml`. Every task is scored by comparing per-token losses, never by generating text:
+- multiple_choice `{"query","choices","gold"}`: one context, one continuation per choice; the model picks the
+  choice with the lowest mean loss over its continuation tokens.
+- schema `{"context_options","continuation","gold"}`: one context per option, one shared continuation; the
+  model picks the option under which the continuation has the lowest mean loss.
+- language_modeling `{"context","continuation"}`: correct iff greedy argmax reproduces every continuation token.
+Per task, centered accuracy = (accuracy - baseline) / (1 - baseline), with the random baseline read from
+`eval_meta_data.csv` (stored there in percent). CORE = mean of the centered accuracies of the tasks evaluated.
+
+Contract:
+- Prompts: few-shot examples, each rendered like the question but completed with its gold answer, joined by
+  a blank line, then the question. Few-shot rule: for the example at index i of the task's file,
+  `random.Random(1234 + i).sample([every index except i], num_fewshot)`; independent of rank, world size,
+  `max_per_task` and evaluation order, so a prompt is the same wherever and whenever it is built.
+- Continuation tokens are found by tokenizing the context alone and context + continuation, and taking the
+  tokens after their common prefix (so a delimiter space that merges into the answer's first token is scored
+  with the answer, as the tokenizer would see it).
+- Every sequence starts with BOS. A sequence longer than the model's context is cropped from the left,
+  keeping the continuation (the BOS and the oldest few-shot text go). Rows of one batch are right-padded
+  with BOS; padding is never scored.
+- `max_per_task` > 0 keeps the first N examples of the file's indices shuffled by `random.Random(1337)`.
+- Distributed: with a torch.distributed process group, rank r scores examples r, r+W, ...; the per-example
+  correctness vector is summed across ranks, so every rank returns the same result.
+- A task whose data file is absent is reported as missing and excluded: the result says how many of the
+  tasks CORE covers (the bundle in ../shared/data lacks hellaswag, squad and coqa: 18 of 22).
+- The model is anything callable as `model(idx) -> logits (B, T, V)`: nanochat's GPT, or a Hugging Face
+  causal LM behind `HuggingFaceModel`. The tokenizer needs `encode(list of str, prepend=id)` and
+  `get_bos_token_id()`.
+
+Not here: the command line, checkpoint loading and result files (scripts/base_eval.py); the chat-model tasks.
+"""
+
+import csv
+import os
+import random
+import zipfile
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+FEWSHOT_SEED = 1234  # example i draws its few-shot examples with random.Random(FEWSHOT_SEED + i)
+SUBSET_SEED = 1337  # max_per_task keeps a prefix of the indices shuffled with this seed
+EXAMPLE_DELIMITER = "\n\n"  # between few-shot examples and before the question
+DEFAULT_CONTINUATION_DELIMITER = " "  # core.yaml's default when a task names none (llm-foundry's default)
+
+
+# ---------------------------------------------------------------------------- the bundle
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One entry of core.yaml, with its random baseline from eval_meta_data.csv (a fraction, not percent)."""
+
+    label: str
+    dataset_uri: str
+    task_type: str
+    num_fewshot: int
+    continuation_delimiter: str
+    baseline: float
+    csv_rows: int | None  # '#datapoints' in the csv, which can disagree with the file (arc_challenge)
+
+
+def ensure_bundle(bundle_dir: str | None = None, base_dir: str | None = None) -> str:
+    """The bundle directory: `bundle_dir` when given, else <base dir>/eval_bundle, downloaded when absent."""
+    if bundle_dir is not None:
+        if not os.path.exists(os.path.join(bundle_dir, "core.yaml")):
+            raise FileNotFoundError(f"{bundle_dir} has no core.yaml: point --bundle at the unzipped eval_bundle/")
+        return bundle_dir
+    from nanochat.common import atomic_write, get_base_dir
+
+    base_dir = base_dir or get_base_dir()
+    target = os.path.join(base_dir, "eval_bundle")
+    if os.path.exists(os.path.join(target, "core.yaml")):
+        return target
+    import requests
+
+    zip_path = os.path.join(base_dir, "eval_bundle.zip")
+    try:
+        with requests.get(BUNDLE_URL, stream=True, timeout=30) as response:
+            response.raise_for_status()
+
+            def write_zip(f):
+                for chunk in response.iter_content(1 << 20):
+                    f.write(chunk)
+
+            atomic_write(zip_path, write_zip)  # ~162 MB; a dropped connection leaves no truncated zip
+    except requests.RequestException as e:
+        raise RuntimeError(
+            f"cannot download the CORE eval bundle from {BUNDLE_URL} ({type(e).__name__}: {e}). Offline? Pass "
+            "--bundle PATH (the unzipped eval_bundle/ directory, e.g. ../shared/data/core/eval_bundle)"
+        ) from e
+    # Unzip beside the target and rename, so an interrupted unzip never looks like a complete bundle.
+    staging = f"{target}.{os.getpid()}.tmp"
+    with zipfile.ZipFile(zip_path) as archive:
+        archive.extractall(staging)
+    inner = os.path.join(staging, "eval_bundle")  # the zip holds one top-level eval_bundle/ folder
+    os.replace(inner if os.path.isdir(inner) else staging, target)
+    if os.path.isdir(staging):
+        os.rmdir(staging)
+    os.remove(zip_path)
+    return target
+
+
+def load_task_specs(bundle_dir: str) -> list[TaskSpec]:
+    """core.yaml's tasks in file order, each joined with its row of eval_meta_data.csv."""
+    import yaml
+
+    with open(os.path.join(bundle_dir, "core.yaml"), encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    with open(os.path.join(bundle_dir, "eval_meta_data.csv"), encoding="utf-8", newline="") as f:
+        meta = {row["Eval Task"].strip(): row for row in csv.DictReader(f)}
+    specs = []
+    for task in config["icl_tasks"]:
+        label = task["label"]
+        if task["icl_task_type"] not in TASK_TYPES:
+            raise ValueError(f"task {label}: icl_task_type {task['icl_task_type']!r} is not one of {TASK_TYPES}")
+        if label not in meta:
+            raise ValueError(f"task {label} has no row in eval_meta_data.csv (needed for its random baseline)")
+        shots = task["num_fewshot"]
+        if isinstance(shots, list):
+            if len(shots) != 1:
+                raise ValueError(f"task {label}: CORE uses one few-shot setting per task, got {shots}")
+            shots = shots[0]
+        rows = meta[label]["#datapoints"].strip()
+        specs.append(
+            TaskSpec(
+                label=label,
+                dataset_uri=task["dataset_uri"],
+                task_type=task["icl_task_type"],
+                num_fewshot=int(shots),
+                continuation_delimiter=task.get("continuation_delimiter", DEFAULT_CONTINUATION_DELIMITER),
+                baseline=float(meta[label]["Random baseline"]) / 100.0,  # the csv stores percent
+                csv_rows=int(rows) if rows else None,
+            )
+        )
+    return specs
+
+
+def task_path(bundle_dir: str, spec: TaskSpec) -> str:
+    return os.path.join(bundle_dir, "eval_data", spec.dataset_uri)
+
+
+def load_examples(path: str) -> list[dict]:
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+def fewshot_indices(index: int, num_examples: int, num_fewshot: int) -> list[int]:
+    """The few-shot examples of example `index`: a seeded sample of the other examples (see module docstring)."""
+    if num_fewshot == 0:
+        return []
+    others = [i for i in range(num_examples) if i != index]
+    return random.Random(FEWSHOT_SEED + index).sample(others, min(num_fewshot, len(others)))
+
+
+def render_example(task_type: str, example: dict, delimiter: str) -> tuple[list[str], list[str]]:
+    """(contexts, full texts), one pair per scored option; full = context + continuation."""
+    if task_type == "multiple_choice":
+        context = example["query"] + delimiter
+        return [context] * len(example["choices"]), [context + choice for choice in example["choices"]]
+    if task_type == "schema":
+        contexts = [option + delimiter for option in example["context_options"]]
+        return contexts, [context + example["continuation"] for context in contexts]
+    context = example["context"] + delimiter
+    return [context], [context + example["continuation"]]
+
+
+def solved_text(task_type: str, example: dict, delimiter: str) -> str:
+    """A few-shot example as the model sees it: the question completed with its gold answer."""
+    if task_type == "multiple_choice":
+        return example["query"] + delimiter + example["choices"][example["gold"]]
+    if task_type == "schema":
+        return example["context_options"][example["gold"]] + delimiter + example["continuation"]
+    return example["context"] + delimiter + example["continuation"]
+
+
+def build_prompts(spec: TaskSpec, examples: list[dict], index: int) -> tuple[list[str], list[str]]:
+    """(contexts, full texts) of example `index`, each prefixed with its few-shot examples."""
+    shots = fewshot_indices(index, len(examples), spec.num_fewshot)
+    prefix = "".join(
+        solved_text(spec.task_type, examples[i], spec.continuation_delimiter) + EXAMPLE_DELIMITER for i in shots
+    )
+    contexts, fulls = render_example(spec.task_type, examples[index], spec.continuation_delimiter)
+    return [prefix + c for c in contexts], [prefix + f for f in fulls]
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def tokenize_options(tokenizer, contexts: list[str], fulls: list[str], max_seq_len: int | None):
+    """[(tokens, start, end)] per option: continuation = tokens[start:end], left-cropped to max_seq_len."""
+    bos = tokenizer.get_bos_token_id()
+    context_tokens = tokenizer.encode(contexts, prepend=bos)
+    full_tokens = tokenizer.encode(fulls, prepend=bos)
+    options = []
+    for context, full in zip(context_tokens, full_tokens):
+        start = min(common_prefix_length(context, full), len(full) - 1)  # at least one token is scored
+        end = len(full)
+        if max_seq_len is not None and end > max_seq_len:
+            crop = end - max_seq_len  # drop the oldest context: the continuation must stay whole
+            full, start, end = full[crop:], max(start - crop, 1), max_seq_len
+        options.append((full, start, end))
+    return options
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+@torch.no_grad()
+def score_options(model, options, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean continuation loss per option, whether argmax reproduces each option's continuation)."""
+    longest = max(len(tokens) for tokens, _, _ in options)
+    idx = torch.full((len(options), longest), pad_id, dtype=torch.long)  # right padding never reaches the scored
+    for row, (tokens, _, _) in enumerate(options):  # positions: attention is causal
+        idx[row, : len(tokens)] = torch.tensor(tokens)
+    idx = idx.to(device)
+    logits = model(idx).float()  # (B, T, V)
+    # Position t predicts token t + 1, so continuation tokens [start, end) are scored at [start - 1, end - 1).
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), idx[:, 1:], reduction="none")  # (B, T - 1)
+    predictions = logits[:, :-1].argmax(dim=-1)  # (B, T - 1)
+    mean_losses, exact = [], []
+    for row, (_, start, end) in enumerate(options):
+        mean_losses.append(losses[row, start - 1 : end - 1].mean())
+        exact.append(torch.equal(predictions[row, start - 1 : end - 1], idx[row, start:end]))
+    return torch.stack(mean_losses).cpu(), torch.tensor(exact)
+
+
+def evaluate_example(model, tokenizer, spec: TaskSpec, examples: list[dict], index: int, device, max_seq_len) -> bool:
+    """Whether the model answers example `index` of a task correctly."""
+    contexts, fulls = build_prompts(spec, examples, index)
+    options = tokenize_options(tokenizer, contexts, fulls, max_seq_len)
+    mean_losses, exact = score_options(model, options, tokenizer.get_bos_token_id(), device)
+    if spec.task_type == "language_modeling":
+        return bool(exact[0])
+    return int(mean_losses.argmin()) == examples[index]["gold"]  # ties go to the first option
+
+
+def centered_accuracy(accuracy: float, baseline: float) -> float:
+    """0 at random guessing, 1 at perfect; `baseline` is a fraction (0.25 for four choices)."""
+    return (accuracy - baseline) / (1.0 - baseline)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@dataclass
+class TaskResult:
+    label: str
+    task_type: str
+    num_fewshot: int
+    baseline: float
+    file_rows: int | None = None  # None = data file missing
+    csv_rows: int | None = None
+    examples: int = 0  # evaluated (after max_per_task)
+    accuracy: float | None = None
+    centered: float | None = None
+
+    @property
+    def missing(self) -> bool:
+        return self.file_rows is None
+
+
+@dataclass
+class CoreResult:
+    tasks: list[TaskResult] = field(default_factory=list)
+
+    @property
+    def evaluated(self) -> list[TaskResult]:
+        return [t for t in self.tasks if not t.missing]
+
+    @property
+    def missing(self) -> list[str]:
+        return [t.label for t in self.tasks if t.missing]
+
+    @property
+    def core(self) -> float | None:
+        evaluated = self.evaluated
+        return sum(t.centered for t in evaluated) / len(evaluated) if evaluated else None
+
+    def summary(self) -> str:
+        core = "n/a" if self.core is None else f"{self.core:.4f}"
+        line = f"CORE {core} over {len(self.evaluated)} of {len(self.tasks)} tasks"
+        return line + (f"; missing: {', '.join(self.missing)}" if self.missing else "")
+
+
+def evaluate_task(model, tokenizer, spec: TaskSpec, examples, device, max_seq_len=None, max_per_task=-1):
+    """TaskResult of one task, its examples split across ranks when a process group is up."""
+    indices = list(range(len(examples)))
+    if max_per_task > 0:
+        random.Random(SUBSET_SEED).shuffle(indices)
+        indices = indices[:max_per_task]
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    correct = torch.zeros(len(indices), dtype=torch.float32, device=device)
+    for position in range(rank, len(indices), world_size):
+        correct[position] = float(
+            evaluate_example(model, tokenizer, spec, examples, indices[position], device, max_seq_len)
+        )
+    if world_size > 1:
+        dist.all_reduce(correct)  # each position was filled by exactly one rank
+    accuracy = correct.mean().item() if len(indices) else 0.0
+    return TaskResult(
+        label=spec.label,
+        task_type=spec.task_type,
+        num_fewshot=spec.num_fewshot,
+        baseline=spec.baseline,
+        file_rows=len(examples),
+        csv_rows=spec.csv_rows,
+        examples=len(indices),
+        accuracy=accuracy,
+        centered=centered_accuracy(accuracy, spec.baseline),
+    )
+
+
+def model_max_seq_len(model) -> int | None:
+    """The longest sequence the model accepts: GPT's sequence_len, an HF config's position count, else None."""
+    config = getattr(model, "config", None)
+    for name in ("sequence_len", "n_positions", "max_position_embeddings"):
+        if config is not None and getattr(config, name, None):
+            return int(getattr(config, name))
+    return None
+
+
+def evaluate_core(
+    model,
+    tokenizer,
+    bundle_dir: str,
+    device="cpu",
+    max_per_task: int = -1,
+    max_seq_len: int | None = None,
+    tasks: list[str] | None = None,
+    log=None,
+) -> CoreResult:
+    """CORE over the bundle's tasks (or the labels in `tasks`); missing data files are reported and skipped.
+
+    max_seq_len None = ask the model (model_max_seq_len). `log`, if given, receives one line per task.
+    """
+    max_seq_len = max_seq_len or model_max_seq_len(model)
+    specs = load_task_specs(bundle_dir)
+    unknown = sorted(set(tasks or []) - {spec.label for spec in specs})
+    if unknown:
+        raise ValueError(f"unknown CORE task labels {unknown}; core.yaml defines {[spec.label for spec in specs]}")
+    result = CoreResult()
+    for spec in specs:
+        if tasks is not None and spec.label not in tasks:
+            continue
+        path = task_path(bundle_dir, spec)
+        if not os.path.exists(path):
+            result.tasks.append(
+                TaskResult(spec.label, spec.task_type, spec.num_fewshot, spec.baseline, csv_rows=spec.csv_rows)
+            )
+            if log:
+                log(f"{spec.label}: missing ({spec.dataset_uri} not in the bundle), excluded from CORE")
+            continue
+        task = evaluate_task(model, tokenizer, spec, load_examples(path), device, max_seq_len, max_per_task)
+        result.tasks.append(task)
+        if log:
+            log(f"{task.label}: accuracy {task.accuracy:.4f} centered {task.centered:.4f} ({task.examples} examples)")
+    return result
+
+
+# ---------------------------------------------------------------------------- Hugging Face models
+
+
+class HuggingFaceModel:
+    """A transformers causal LM called like nanochat's GPT: model(idx) -> fp32 logits (B, T, V)."""
+
+    def __init__(self, name_or_path: str, device, dtype=None):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
+        self.config = self.model.config
+
+    def __call__(self, idx):
+        return self.model(input_ids=idx).logits.float()
+
+
+class HuggingFaceTokenizer:
+    """A transformers tokenizer with the two methods CORE needs; its BOS (or, like GPT-2, its EOS) opens every row."""
+
+    def __init__(self, name_or_path: str):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        bos = self.tokenizer.bos_token_id
+        self.bos_id = bos if bos is not None else self.tokenizer.eos_token_id
+
+    def get_bos_token_id(self) -> int:
+        return self.bos_id
+
+    def encode(self, text, prepend=None):
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids = [([prepend] if prepend is not None else []) + row for row in ids]
+        return ids[0] if isinstance(text, str) else ids

@@ -1,0 +1,142 @@
+"""CORE score of a base checkpoint (or a Hugging Face causal LM), per task and overall.
+
+    python -m scripts.base_eval                                        # largest depth, last step
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_eval --model-tag d20
+    python -m scripts.base_eval --bundle ../shared/data/core/eval_bundle --max-per-task 16   # tiny, CPU, offline
+    python -m scripts.base_eval --hf-path openai-community/gpt2 --bundle PATH                # a reference model
+
+The metric lives in nanochat/core_eval.py. Every rank scores its share of each task's examples and the
+correctness is summed across ranks; rank 0 prints a per-task table and the CORE line, and writes
+<base dir>/base_eval/core_<tag>_<step>.csv and .json atomically. Tasks whose data file is absent from the
+bundle are listed as missing and excluded, and the CORE line says how many tasks it covers.
+Not here: bits per byte (scripts/base_loss.py); chat evaluations.
+"""
+
+import argparse
+import io
+import json
+import os
+import time
+
+import torch.distributed as dist
+
+from nanochat.common import atomic_write, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.core_eval import ensure_bundle, evaluate_core
+
+
+def format_table(result) -> str:
+    lines = [f"{'task':<34} {'type':<18} {'shots':>5} {'examples':>8} {'accuracy':>9} {'centered':>9}"]
+    for task in result.tasks:
+        if task.missing:
+            lines.append(f"{task.label:<34} {task.task_type:<18} {task.num_fewshot:>5} {'missing':>8}")
+            continue
+        lines.append(
+            f"{task.label:<34} {task.task_type:<18} {task.num_fewshot:>5} {task.examples:>8} "
+            f"{task.accuracy:>9.4f} {task.centered:>9.4f}"
+        )
+    return "\n".join(lines)
+
+
+def result_rows(result) -> list[dict]:
+    return [
+        {
+            "task": t.label,
+            "type": t.task_type,
+            "shots": t.num_fewshot,
+            "baseline": t.baseline,
+            "file_rows": t.file_rows,
+            "csv_rows": t.csv_rows,  # eval_meta_data.csv's count; arc_challenge's disagrees with its file
+            "examples": t.examples,
+            "accuracy": t.accuracy,
+            "centered": t.centered,
+            "missing": t.missing,
+        }
+        for t in result.tasks
+    ]
+
+
+def to_csv(rows: list[dict]) -> bytes:
+    import csv
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode("utf-8")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Model
+    parser.add_argument("--model-tag", default=None, help="base checkpoint directory (default: largest depth)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: last)")
+    parser.add_argument("--hf-path", default=None, help="evaluate this Hugging Face model (name or dir) instead")
+    parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None)
+    # Evaluation
+    parser.add_argument(
+        "--bundle", default=None, help="unzipped eval_bundle/ (default: <base dir>/eval_bundle, downloaded)"
+    )
+    parser.add_argument("--max-per-task", type=int, default=-1, help="examples per task (-1 = all)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="only these task labels (default: all)")
+    args = parser.parse_args(argv)
+
+    # ---------------------------------------------------------------- init
+    runtime = compute_init(args.device_type)
+    if runtime.is_master:  # one download; the other ranks wait, then find it on disk
+        bundle_dir = ensure_bundle(args.bundle)
+    if runtime.is_distributed:
+        dist.barrier()
+    bundle_dir = ensure_bundle(args.bundle)
+
+    # ---------------------------------------------------------------- model
+    if args.hf_path:
+        from nanochat.core_eval import HuggingFaceModel, HuggingFaceTokenizer
+
+        model = HuggingFaceModel(args.hf_path, runtime.device, runtime.dtype)
+        tokenizer = HuggingFaceTokenizer(args.hf_path)
+        tag, step = args.hf_path.strip("/").replace("/", "-"), None
+    else:
+        from nanochat.checkpoint import load_model
+        from nanochat.tokenizer import get_tokenizer
+
+        model, meta = load_model("base", runtime.device, "eval", args.model_tag, args.step, dtype=runtime.dtype)
+        tokenizer = get_tokenizer()
+        tag, step = args.model_tag or f"d{meta['model_config']['n_layer']}", meta["step"]
+    print0(f"CORE of {tag}" + (f" step {step}" if step is not None else "") + f" on {bundle_dir}")
+
+    # ---------------------------------------------------------------- evaluate
+    start = time.time()
+    result = evaluate_core(
+        model, tokenizer, bundle_dir, runtime.device, args.max_per_task, tasks=args.tasks, log=print0
+    )
+    seconds = time.time() - start
+    print0(format_table(result))
+    print0(f"{result.summary()} ({seconds:.1f} s)")
+
+    # ---------------------------------------------------------------- save
+    if runtime.is_master:
+        rows = result_rows(result)
+        summary = {
+            "model": tag,
+            "step": step,
+            "core": result.core,
+            "tasks_covered": len(result.evaluated),
+            "tasks_defined": len(result.tasks),
+            "missing": result.missing,
+            "max_per_task": args.max_per_task,
+            "seconds": seconds,
+            "summary": result.summary(),
+            "tasks": rows,
+        }
+        out_dir = os.path.join(get_base_dir(), "base_eval")
+        os.makedirs(out_dir, exist_ok=True)
+        stem = os.path.join(out_dir, f"core_{tag}" + (f"_{step:06d}" if step is not None else ""))
+        atomic_write(stem + ".json", lambda f: f.write(json.dumps(summary, indent=2).encode("utf-8")))
+        atomic_write(stem + ".csv", lambda f: f.write(to_csv(rows)))
+        print0(f"wrote {stem}.json and {stem}.csv")
+    compute_cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    main()
