@@ -13,7 +13,7 @@ Contract:
   their supported files, sorted by name. `default_pretrain_paths()` is where stages look given no --data:
   <base dir>/base_data, or else, offline, the `pretrain/` folder of $NANOCHAT_DATA_DIR.
 - `download_shards(...)` fetches the first n training shards of a published set plus its validation shard
-  (the set's last shard, saved as `val_XXXXX.parquet`; train shards keep their `shard_XXXXX.parquet` names).
+  (the set's last shard, saved as `val_NNNNN.parquet`; train shards keep their `shard_NNNNN.parquet` names).
   Every file lands atomically, is checked (Content-Length, readable parquet footer with a `text` column) and
   retried with exponential backoff; valid shards already present are skipped, corrupt ones fetched again. A
   `SOURCE` file in the directory names the set that filled it, and sets are never mixed.
@@ -233,12 +233,12 @@ def val_shard_index(source: str) -> int:
 
 
 def shard_name(source: str, index: int) -> str:
-    """The local name of shard `index`: the set's last shard is saved as val_XXXXX.parquet (fixed by name)."""
+    """The local name of shard `index`: the set's last shard is saved as val_NNNNN.parquet (fixed by name)."""
     return f"{'val' if index == val_shard_index(source) else 'shard'}_{index:05d}.parquet"
 
 
 def resolve_base_url(source: str, base_url: str | None = None) -> str:
-    """Where shard_XXXXX.parquet files are served: --base-url, else $NANOCHAT_DATA_URL, else the hub."""
+    """Where shard_NNNNN.parquet files are served: --base-url, else $NANOCHAT_DATA_URL, else the hub."""
     hub = f"https://huggingface.co/datasets/{SOURCES[source][0]}/resolve/main"
     return (base_url or os.environ.get("NANOCHAT_DATA_URL") or hub).rstrip("/")
 
@@ -532,7 +532,7 @@ def build_shards(
     row_group_docs: int = 1024,
     out: TextIO | None = None,
 ) -> BuildSummary:
-    """Shards of your own text in `out_dir`: train `shard_XXXXX.parquet`, validation `val_XXXXX.parquet`.
+    """Shards of your own text in `out_dir`: train `shard_NNNNN.parquet`, validation `val_NNNNN.parquet`.
 
     Document i of each input file goes to validation iff is_val_document(i), counted before empty documents
     are dropped, so the split is the one `iter_documents` makes of .jsonl/.txt inputs. Parquet inputs are
@@ -588,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     download.add_argument(
         "--base-url",
         default=None,
-        help="URL of a folder serving shard_XXXXX.parquet, e.g. a mirror "
+        help="URL of a folder serving shard_NNNNN.parquet, e.g. a mirror "
         "(default: $NANOCHAT_DATA_URL, else the Hugging Face hub)",
     )
     download.add_argument("--attempts", type=int, default=5, help="tries per shard before giving up")
