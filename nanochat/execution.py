@@ -23,7 +23,7 @@ What the sandbox enforces, and where (Linux)
   cannot read or write files that `nobody` cannot (e.g. anything under a 0700 root directory such as
   pytest's `tmp_path`), cannot signal root processes, and RLIMIT_NPROC (which the kernel ignores for root)
   caps its process count; that budget is shared by all executions running at once, as all are `nobody`.
-  When the interpreter lives where `nobody` cannot read (here `/root/.pyenv`), the bootstrap first
+  When the interpreter lives where `nobody` cannot read (e.g. a pyenv install under root's home), the bootstrap first
   pre-imports the stdlib modules in `PRELOADED_MODULES` (~50 ms); other imports then fail with
   PermissionError.
 - Not root: the program runs as the caller's user, so it can read and write whatever that user can, and
