@@ -14,10 +14,14 @@ device types or precision policy. `compute_dtype` (None = the parameters' dtype)
 activations; Linear layers cast their weights to it, so fp32 master weights can train in bf16 when a caller
 sets it. Distribution, torch.compile and quantization are applied from outside.
 
-KV cache (implemented by the engine): any object with `get_pos()` -> number of tokens already cached (the
-RoPE offset of the new tokens) and `insert_kv(layer_idx, k, v)` -> (k, v) views of everything cached for that
-layer including the new tokens, shapes (B, n_kv_head, T_total, head_dim). The cache advances its position
-after the last layer has inserted.
+KV cache (implemented by nanochat/engine.py; rows may sit at different positions, which continuous batching
+needs): any object with
+- `max_len`: the cache's capacity in positions (checked against the RoPE table);
+- `prepare(T)` -> (positions, attn_mask), called once per forward: positions (B, T) int64 of the new tokens,
+  and a bool mask broadcastable to (B, n_head, T, S) saying which of the S returned keys each new token sees,
+  or None when every returned key is visible (one new token per row, rows aligned);
+- `insert_kv(layer_idx, k, v)` -> (k, v) of shape (B, n_kv_head, S, head_dim): everything the new tokens may
+  attend to for that layer, the new tokens included. The cache advances after the last layer has inserted.
 
 Not here: optimizers (nanochat/optim.py), checkpoints (nanochat/checkpoint.py), fast generation
 (nanochat/engine.py). `generate` below is the slow uncached reference the engine is tested against.
@@ -120,7 +124,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = Linear(config.n_embd, config.n_kv_head * config.head_dim)
         self.c_proj = Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x, cos, sin, kv_cache=None):
+    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -131,13 +135,8 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # everything cached, new tokens last
-            prefix = k.size(2) - T
-            if T == 1:  # one new token sees the whole cache
-                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-            else:  # new token i sees the prefix and new tokens 0..i
-                mask = torch.ones(T, k.size(2), dtype=torch.bool, device=q.device).tril(diagonal=prefix)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, n_kv_head, S, head_dim), new tokens included
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
 
@@ -169,8 +168,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache=None):
-        x = x + self.attn(rms_norm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
+        x = x + self.attn(rms_norm(x), cos, sin, kv_cache, attn_mask)
         return x + self.mlp(rms_norm(x))
 
 
@@ -241,19 +240,31 @@ class GPT(nn.Module):
         matmul_params = self.num_params() - self.wte.weight.numel()
         return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_to_keep: int = 0):
         """idx (B, T) token ids. Returns the loss when `targets` (B, T; -1 = ignore) is given, else fp32
-        logits (B, T, vocab_size)."""
+        logits (B, T, vocab_size), or (B, logits_to_keep, vocab_size) for the last positions only when
+        logits_to_keep > 0 (prefill needs one row of logits, not T)."""
         B, T = idx.shape
-        start = kv_cache.get_pos() if kv_cache is not None else 0
-        if start + T > self.cos.size(1):
-            raise ValueError(f"position {start + T} exceeds the RoPE table ({self.cos.size(1)} positions)")
         dtype = self.compute_dtype or self.wte.weight.dtype
-        cos, sin = self.cos[:, start : start + T].to(dtype), self.sin[:, start : start + T].to(dtype)
+        attn_mask = None
+        if kv_cache is None:
+            if T > self.cos.size(1):
+                raise ValueError(f"sequence of {T} exceeds the RoPE table ({self.cos.size(1)} positions)")
+            cos, sin = self.cos[:, :T], self.sin[:, :T]  # (1, T, 1, head_dim/2)
+        else:
+            if kv_cache.max_len > self.cos.size(1):
+                raise ValueError(
+                    f"a KV cache of {kv_cache.max_len} positions exceeds the RoPE table ({self.cos.size(1)} positions)"
+                )
+            positions, attn_mask = kv_cache.prepare(T)  # (B, T): each row continues from its own length
+            cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, head_dim/2)
+        cos, sin = cos.to(dtype), sin.to(dtype)
         x = rms_norm(self.wte(idx).to(dtype))
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache)
+            x = block(x, cos, sin, kv_cache, attn_mask)
         x = rms_norm(x)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()
         cap = self.config.logit_softcap
         logits = cap * torch.tanh(logits / cap)  # softcap (Gemma 2): bounded logits, smoother early training

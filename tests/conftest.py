@@ -1,4 +1,5 @@
-"""Shared fixtures: the real datasets in ../shared/data, resolved relative to the repository."""
+"""Shared fixtures: the real datasets in ../shared/data, resolved relative to the repository, and a small
+tokenizer trained on them."""
 
 import gzip
 import json
@@ -27,3 +28,11 @@ def wiki_docs(wiki_path) -> list[str]:
     """All 28,560 Wikipedia articles of the sample, in file order."""
     with gzip.open(wiki_path, "rt", encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in f]
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(wiki_docs):
+    """A 512-token tokenizer (256 bytes, 247 merges, 9 specials) trained on the first 300 articles."""
+    from nanochat.tokenizer import Tokenizer
+
+    return Tokenizer.train_from_iterator(wiki_docs[:300], 512)

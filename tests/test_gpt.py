@@ -26,14 +26,18 @@ def small(**kwargs) -> GPTConfig:
 
 
 class ListCache:
-    """The minimal KV cache the engine will implement properly: one growing tensor pair per layer."""
+    """The simplest cache the model's protocol allows: one growing tensor pair per layer, rows aligned. Kept
+    independent of nanochat/engine.py so the protocol itself is tested here."""
 
-    def __init__(self, n_layer):
+    def __init__(self, n_layer, max_len=32):
         self.kv = [None] * n_layer
         self.pos = 0
+        self.max_len = max_len
 
-    def get_pos(self):
-        return self.pos
+    def prepare(self, T):
+        positions = torch.arange(self.pos, self.pos + T)[None, :]
+        mask = torch.ones(T, self.pos + T, dtype=torch.bool).tril(diagonal=self.pos)  # token i sees <= pos + i
+        return positions, mask
 
     def insert_kv(self, layer_idx, k, v):
         if self.kv[layer_idx] is not None:
@@ -110,16 +114,24 @@ def test_kv_cache_with_position_offset_equals_uncached(n_kv_head):
     cache = ListCache(model.config.n_layer)
     pieces = [model(idx[:, :7], kv_cache=cache), model(idx[:, 7:12], kv_cache=cache)]
     pieces += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(12, 16)]
-    assert cache.get_pos() == 16
+    assert cache.pos == 16
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
 
 
 def test_rope_table_limit_is_a_clear_error():
     model = randomized(small())
-    cache = ListCache(2)
-    cache.pos = model.cos.size(1)
+    cache = ListCache(2, max_len=model.cos.size(1) + 1)
     with pytest.raises(ValueError, match="exceeds the RoPE table"):
         model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="exceeds the RoPE table"):
+        model(torch.zeros(1, model.cos.size(1) + 1, dtype=torch.long))
+
+
+def test_logits_to_keep_returns_the_last_positions():
+    model = randomized(small())
+    idx = torch.randint(0, 100, (2, 9))
+    kept = model(idx, logits_to_keep=3)
+    assert kept.shape == (2, 3, 100) and torch.allclose(kept, model(idx)[:, -3:], atol=1e-5)
 
 
 def test_rotary_is_a_rotation_and_relative():

@@ -1,0 +1,407 @@
+"""Fast generation: a preallocated KV cache, batched sampling, the calculator tool, speculative decoding.
+
+Contract:
+- `Engine(model, tokenizer).generate(tokens, num_samples, max_tokens, temperature, top_k, top_p, seed)` prefills
+  the prompt once (in chunks), copies its cache into `num_samples` rows, and yields one column of tokens and
+  one column of masks per step (mask 1 = sampled, 0 = forced by the tool). `generate_batch` runs it to the end
+  and returns a `Completion` per row with its finish reason.
+- Rows stop on `<|assistant_end|>` or `<|bos|>` (yielded, mask 1), at `max_tokens`, or when the model's
+  context is full; a prompt that leaves no room raises `ContextFullError`. `token_budget` says up front how
+  many tokens a prompt leaves room for.
+- Sampling is greedy at temperature 0; otherwise temperature, top-k then top-p. Randomness comes from a
+  counter-based hash of (seed, row, step, token id), so row i of a request is the same whether it runs alone,
+  with other samples, or beside other requests, and the same on every device.
+- Tool use: a row that emits `<|python_start|> expr <|python_end|>` gets `<|output_start|> result
+  <|output_end|>` forced into it (mask 0) from `nanochat.execution.use_calculator`.
+- The model is used as given: load it with the compute dtype (`load_model(..., phase="eval", dtype=...)`) so
+  decoding pays no per-step weight casts.
+- `speculative_generate` decodes greedily with a small draft model of the same tokenizer and returns exactly
+  what greedy decoding of the target alone returns, plus acceptance statistics.
+
+Not here: chat rendering (nanochat/tokenizer.py), serving many requests (the web server's batching worker
+drives a KVCache row by row), quantization (nanochat/quantize.py). The slow reference that tests hold this
+against is `GPT.generate` in nanochat/gpt.py.
+"""
+
+import codecs
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from nanochat.execution import use_calculator
+
+STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
+
+
+class ContextFullError(ValueError):
+    """The conversation no longer fits in the model's context."""
+
+
+# ---------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Keys and values of `batch_size` rows, up to `max_len` positions each, allocated once.
+
+    Each row has its own length, so rows can hold different requests (continuous batching). The row lengths
+    are kept on the host as well as on the device: shapes and capacity checks never wait for the device.
+    Implements the protocol nanochat/gpt.py documents: `max_len`, `prepare(T)`, `insert_kv(layer, k, v)`.
+    """
+
+    def __init__(self, num_layers, batch_size, num_kv_heads, head_dim, max_len, dtype, device):
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_layers, self.batch_size, self.max_len = num_layers, batch_size, max_len
+        self.lengths = [0] * batch_size  # host copy of each row's length
+        self.lengths_tensor = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._key_index = torch.arange(max_len, device=device)
+        self._positions = None  # (B, T) positions of the tokens being inserted, set by prepare
+        self._span = 0  # keys returned by insert_kv
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int) -> "KVCache":
+        c = model.config
+        dtype = model.compute_dtype or model.wte.weight.dtype
+        return cls(c.n_layer, batch_size, c.n_kv_head, c.head_dim, max_len, dtype, model.wte.weight.device)
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def prepare(self, T: int):
+        """Positions (B, T) of T new tokens per row, and the attention mask (None when every key is visible)."""
+        end = max(self.lengths) + T
+        if end > self.max_len:
+            raise ContextFullError(f"{end} positions do not fit in a KV cache of {self.max_len}")
+        positions = self.lengths_tensor[:, None] + self._key_index[:T]  # (B, T)
+        self._positions, self._span = positions, end
+        self._aligned = min(self.lengths) == max(self.lengths)
+        if T == 1 and self._aligned:
+            return positions, None
+        # key j is visible to the new token at position p iff j <= p: the row's own past and itself. Stale
+        # keys of a shorter row (beyond its length) sit at j > p and stay hidden.
+        mask = self._key_index[:end] <= positions[:, :, None]  # (B, T, S)
+        return positions, mask[:, None]  # (B, 1, T, S): the same for every head
+
+    def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, n_kv_head, T, head_dim) at each row's positions; return keys and values 0..S-1."""
+        T = k.size(2)
+        if self._aligned:
+            start = self.lengths[0]
+            self.k[layer_idx, :, :, start : start + T] = k
+            self.v[layer_idx, :, :, start : start + T] = v
+        else:
+            index = self._positions[:, None, :, None].expand_as(k)  # (B, n_kv_head, T, head_dim)
+            self.k[layer_idx].scatter_(2, index, k)
+            self.v[layer_idx].scatter_(2, index, v)
+        if layer_idx == self.num_layers - 1:
+            self.lengths = [length + T for length in self.lengths]
+            self.lengths_tensor += T
+        return self.k[layer_idx, :, :, : self._span], self.v[layer_idx, :, :, : self._span]
+
+    def set_length(self, row: int, length: int) -> None:
+        """Forget everything in `row` past `length` (speculative rollback, or 0 to free a row)."""
+        if not 0 <= length <= self.lengths[row]:
+            raise ValueError(f"row {row} holds {self.lengths[row]} positions; cannot set its length to {length}")
+        self.lengths[row] = length
+        self.lengths_tensor[row] = length
+
+    def copy_prefix_from(self, source: "KVCache", rows=None, source_row: int = 0) -> None:
+        """Copy `source_row` of another cache (a prefilled prompt) into `rows` (default: all) of this one."""
+        rows = list(range(self.batch_size)) if rows is None else list(rows)
+        length = source.lengths[source_row]
+        if length > self.max_len:
+            raise ContextFullError(f"a prefix of {length} positions does not fit in a KV cache of {self.max_len}")
+        for buffer, source_buffer in ((self.k, source.k), (self.v, source.v)):
+            prefix = source_buffer[:, source_row : source_row + 1, :, :length]  # (L, 1, H, length, D)
+            if rows == list(range(self.batch_size)):
+                buffer[:, :, :, :length] = prefix  # broadcast over the batch
+            else:
+                for row in rows:
+                    buffer[:, row : row + 1, :, :length] = prefix
+        for row in rows:
+            self.lengths[row] = length
+            self.lengths_tensor[row] = length
+
+
+# ---------------------------------------------------------------------------- sampling
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    """A uint64 constant as the int64 torch stores (arithmetic wraps modulo 2^64 either way)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic: it would copy the sign bit)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser (Steele, Lea, Flood 2014): a bijection that scrambles every input bit."""
+    x = (x ^ _shift_right(x, 30)) * _signed(0xBF58476D1CE4E5B9)
+    x = (x ^ _shift_right(x, 27)) * _signed(0x94D049BB133111EB)
+    return x ^ _shift_right(x, 31)
+
+
+def row_keys(seed: int, num_rows: int, device) -> torch.Tensor:
+    """One random stream per row of a request: (num_rows,) int64, a function of (seed, row) only."""
+    rows = torch.arange(num_rows, dtype=torch.long, device=device)
+    return _mix(_mix(torch.full_like(rows, _signed(seed & _MASK64))) + rows)
+
+
+def _uniform(keys: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Uniform (0, 1) float64 for each (row key, step, token id): keys, steps (B,), token_ids (B, K)."""
+    golden = _signed(0x9E3779B97F4A7C15)
+    x = _mix(_mix(keys + steps * golden)[:, None] + token_ids * golden)
+    return (_shift_right(x, 11).double() + 0.5) * 2.0**-53  # top 53 bits, never exactly 0 or 1
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, keys=None, steps=None) -> torch.Tensor:
+    """Next token per row from fp32 logits (B, V): argmax at temperature 0, else a sample from
+    softmax(logits / temperature) restricted to the top_k tokens, then to the smallest set whose probability
+    reaches top_p. Sampling takes the argmax of logits / temperature plus Gumbel noise (exactly a draw from
+    the softmax; Gumbel 1954), the noise hashed from (keys, steps, token id). Returns (B,) int64."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if keys is None or steps is None:
+        raise ValueError("sampling at temperature > 0 needs keys and steps (see row_keys)")
+    scaled = logits / temperature
+    if top_k is not None and top_k < scaled.size(-1):
+        scaled, token_ids = torch.topk(scaled, top_k, dim=-1)  # (B, k), sorted descending
+    elif top_p is not None and top_p < 1.0:
+        scaled, token_ids = torch.sort(scaled, dim=-1, descending=True)
+    else:
+        token_ids = torch.arange(scaled.size(-1), device=scaled.device).expand_as(scaled)
+    if top_p is not None and top_p < 1.0:
+        probs = torch.softmax(scaled, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
+        scaled = scaled.masked_fill(before >= top_p, float("-inf"))  # the top token always stays (before = 0)
+    gumbel = -torch.log(-torch.log(_uniform(keys, steps, token_ids)))
+    choice = (scaled.double() + gumbel).argmax(dim=-1, keepdim=True)
+    return token_ids.gather(-1, choice).squeeze(-1)
+
+
+def check_sampling(temperature, top_k, top_p) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None (off), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None (off), got {top_p}")
+
+
+# ---------------------------------------------------------------------------- text
+
+
+class TextStream:
+    """Turns token ids into text as they arrive without ever splitting a multi-byte UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self.decoder.decode(self.tokenizer.id_to_bytes(token_id))
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)
+
+
+# ---------------------------------------------------------------------------- the engine
+
+
+@dataclass
+class Completion:
+    tokens: list[int]  # generated tokens, the stop token excluded
+    masks: list[int]  # 1 = sampled, 0 = forced by the tool
+    finish_reason: str  # "stop" | "length" (max_tokens) | "context" (the model's context is full)
+
+
+@dataclass
+class _Row:
+    """Tool-use state of one row."""
+
+    forced: deque = field(default_factory=deque)  # tokens to force before sampling again
+    python_tokens: list | None = None  # collecting an expression since <|python_start|>
+    done: bool = False
+
+
+class Engine:
+    def __init__(self, model, tokenizer, prefill_chunk: int = 512):
+        """`prefill_chunk`: prompt tokens per prefill forward (bounds the attention mask and activations)."""
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.model, self.tokenizer, self.prefill_chunk = model.eval(), tokenizer, prefill_chunk
+        self.device = model.wte.weight.device
+        special = tokenizer.encode_special
+        self.stop_ids = {special(name) for name in STOP_TOKENS}
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+
+    @property
+    def context_len(self) -> int:
+        return self.model.config.sequence_len
+
+    def token_budget(self, prompt_len: int, max_tokens: int | None = None) -> int:
+        """Tokens a prompt of `prompt_len` may still be followed by: max_tokens (None = no limit), capped by the
+        model's context. Raises ContextFullError when there is no room for even one."""
+        room = self.context_len - prompt_len
+        if room < 1:
+            raise ContextFullError(
+                f"the prompt is {prompt_len} tokens and the model's context is {self.context_len}: no room to "
+                "reply; shorten the conversation (drop old turns) or start a new one"
+            )
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
+        return room if max_tokens is None else min(room, max_tokens)
+
+    def _check_tokens(self, tokens) -> list[int]:
+        tokens = list(tokens)
+        vocab_size = self.model.config.vocab_size
+        if not tokens:
+            raise ValueError("the prompt is empty; start it with <|bos|>")
+        if any(not 0 <= t < vocab_size for t in tokens):
+            raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+        return tokens
+
+    @torch.inference_mode()
+    def prefill(self, cache: KVCache, tokens: list[int]) -> torch.Tensor:
+        """Run `tokens` into a batch-1 cache in chunks; return the logits after the last one, (1, V) fp32."""
+        for start in range(0, len(tokens), self.prefill_chunk):
+            chunk = torch.tensor([tokens[start : start + self.prefill_chunk]], dtype=torch.long, device=self.device)
+            logits = self.model(chunk, kv_cache=cache, logits_to_keep=1)
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def generate(
+        self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42
+    ) -> Iterator[tuple[list[int], list[int]]]:
+        """Yields (token column, mask column), one entry per sample, until every row has stopped. A row that
+        has stopped repeats its stop token with mask 0 while others go on."""
+        tokens = self._check_tokens(tokens)
+        check_sampling(temperature, top_k, top_p)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        budget = self.token_budget(len(tokens), max_tokens)
+        prompt_cache = KVCache.for_model(self.model, 1, len(tokens))
+        logits = self.prefill(prompt_cache, tokens).expand(num_samples, -1)  # each row samples its own first token
+        # The last generated token is never fed back, so prompt + budget - 1 positions are enough.
+        cache = KVCache.for_model(self.model, num_samples, len(tokens) + budget - 1)
+        cache.copy_prefix_from(prompt_cache)
+        del prompt_cache
+        keys = row_keys(seed, num_samples, self.device)
+        rows = [_Row() for _ in range(num_samples)]
+        last = [0] * num_samples
+        for step in range(budget):
+            steps = torch.full((num_samples,), step, dtype=torch.long, device=self.device)
+            sampled = sample_next_token(logits, temperature, top_k, top_p, keys, steps).tolist()
+            column, masks = [], []
+            for i, row in enumerate(rows):
+                if row.done:
+                    column.append(last[i])
+                    masks.append(0)
+                    continue
+                forced = bool(row.forced)
+                token = row.forced.popleft() if forced else sampled[i]
+                column.append(token)
+                masks.append(0 if forced else 1)
+                last[i] = token
+                self._advance_tool_state(row, token, forced)
+            yield column, masks
+            if all(row.done for row in rows) or step == budget - 1:
+                return
+            ids = torch.tensor(column, dtype=torch.long, device=self.device)[:, None]
+            logits = self.model(ids, kv_cache=cache)[:, -1]
+
+    def _advance_tool_state(self, row: _Row, token: int, forced: bool) -> None:
+        if token in self.stop_ids and not forced:
+            row.done = True
+        elif token == self.python_start:
+            row.python_tokens = []
+        elif token == self.python_end and row.python_tokens is not None:
+            result = use_calculator(self.tokenizer.decode(row.python_tokens))
+            row.python_tokens = None
+            if result is not None:  # a refused expression gets no output; the model goes on by itself
+                output = self.tokenizer.encode(str(result))
+                row.forced.extend([self.output_start, *output, self.output_end])
+        elif row.python_tokens is not None:
+            row.python_tokens.append(token)
+
+    def generate_batch(self, tokens, num_samples=1, max_tokens=None, **sampling) -> list[Completion]:
+        """Runs `generate` to the end: one Completion per sample (the prompt and the stop token excluded)."""
+        budget = self.token_budget(len(tokens), max_tokens)
+        completions = [Completion([], [], "") for _ in range(num_samples)]
+        for column, masks in self.generate(tokens, num_samples, max_tokens, **sampling):
+            for completion, token, mask in zip(completions, column, masks):
+                if completion.finish_reason:
+                    continue
+                if token in self.stop_ids and mask == 1:
+                    completion.finish_reason = "stop"
+                else:
+                    completion.tokens.append(token)
+                    completion.masks.append(mask)
+        for completion in completions:
+            if not completion.finish_reason:
+                hit_context = budget < (max_tokens or float("inf"))
+                completion.finish_reason = "context" if hit_context else "length"
+        return completions
+
+    @torch.inference_mode()
+    def speculative_generate(self, tokens, draft_model, max_tokens=None, num_draft: int = 4):
+        """Greedy decoding of the target model, sped up by `draft_model` proposing `num_draft` tokens that the
+        target checks in one forward (Leviathan et al. 2023, arXiv 2211.17192, greedy case). Returns
+        (Completion, stats) where the completion equals `generate_batch(tokens, temperature=0)[0]` without
+        tool use (no calculator here), and stats counts proposed and accepted draft tokens and target forwards.
+        """
+        tokens = self._check_tokens(tokens)
+        if num_draft < 1:
+            raise ValueError(f"num_draft must be >= 1, got {num_draft}")
+        if draft_model.config.vocab_size != self.model.config.vocab_size:
+            raise ValueError("the draft model must share the target's tokenizer (vocab sizes differ)")
+        budget = self.token_budget(len(tokens), max_tokens)
+        capacity = len(tokens) + budget + num_draft
+        target_cache = KVCache.for_model(self.model, 1, capacity)
+        draft_cache = KVCache.for_model(draft_model, 1, capacity)
+        # Invariant at the top of each round: the target cache holds sequence[:-1]; the draft a prefix of it.
+        logits = self.prefill(target_cache, tokens)
+        sequence = tokens + [int(logits.argmax(dim=-1))]
+        stats = {"proposed": 0, "accepted": 0, "target_forwards": 1}
+        generated = sequence[len(tokens) :]
+        while generated[-1] not in self.stop_ids and len(generated) < budget:
+            k = min(num_draft, budget - len(generated))
+            # 1. the draft catches up on what it has not seen and proposes k tokens greedily
+            draft_ids = sequence[draft_cache.lengths[0] :]
+            proposal = []
+            for _ in range(k):
+                chunk = torch.tensor([draft_ids], dtype=torch.long, device=self.device)
+                draft_logits = draft_model(chunk, kv_cache=draft_cache, logits_to_keep=1)
+                draft_ids = [int(draft_logits[0, -1].argmax())]
+                proposal += draft_ids
+            # 2. the target scores the last token and the k proposals in one forward
+            verify = torch.tensor([sequence[-1:] + proposal], dtype=torch.long, device=self.device)
+            predicted = self.model(verify, kv_cache=target_cache).argmax(dim=-1)[0].tolist()  # k + 1
+            accepted = 0
+            while accepted < k and proposal[accepted] == predicted[accepted]:
+                accepted += 1
+            new = proposal[:accepted] + [predicted[accepted]]
+            # 3. keep only what both caches computed on the accepted prefix
+            old_len = len(sequence)
+            target_cache.set_length(0, old_len + accepted)
+            draft_cache.set_length(0, min(draft_cache.lengths[0], old_len + accepted))
+            stats["proposed"] += k
+            stats["accepted"] += accepted
+            stats["target_forwards"] += 1
+            for token in new:
+                sequence.append(token)
+                generated.append(token)
+                if token in self.stop_ids or len(generated) == budget:
+                    break
+        if generated[-1] in self.stop_ids:
+            return Completion(generated[:-1], [1] * (len(generated) - 1), "stop"), stats
+        hit_context = budget < (max_tokens or float("inf"))
+        return Completion(generated, [1] * len(generated), "context" if hit_context else "length"), stats
