@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from nanochat.execution import use_calculator
@@ -48,6 +49,7 @@ class KVCache:
     Each row has its own length, so rows can hold different requests (continuous batching). The row lengths
     are kept on the host as well as on the device: shapes and capacity checks never wait for the device.
     Implements the protocol nanochat/gpt.py documents: `max_len`, `prepare(T)`, `insert_kv(layer, k, v)`.
+    All state is updated in place, so `head(n)` can hand out the first n rows as a cache sharing it.
     """
 
     def __init__(self, num_layers, batch_size, num_kv_heads, head_dim, max_len, dtype, device):
@@ -55,7 +57,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_layers, self.batch_size, self.max_len = num_layers, batch_size, max_len
-        self.lengths = [0] * batch_size  # host copy of each row's length
+        self.lengths = np.zeros(batch_size, dtype=np.int64)  # host copy of each row's length
         self.lengths_tensor = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._key_index = torch.arange(max_len, device=device)
         self._positions = None  # (B, T) positions of the tokens being inserted, set by prepare
@@ -72,12 +74,12 @@ class KVCache:
 
     def prepare(self, T: int):
         """Positions (B, T) of T new tokens per row, and the attention mask (None when every key is visible)."""
-        end = max(self.lengths) + T
+        end = int(self.lengths.max()) + T
         if end > self.max_len:
             raise ContextFullError(f"{end} positions do not fit in a KV cache of {self.max_len}")
         positions = self.lengths_tensor[:, None] + self._key_index[:T]  # (B, T)
         self._positions, self._span = positions, end
-        self._aligned = min(self.lengths) == max(self.lengths)
+        self._aligned = bool(self.lengths.min() == self.lengths.max())
         if T == 1 and self._aligned:
             return positions, None
         # key j is visible to the new token at position p iff j <= p: the row's own past and itself. Stale
@@ -89,7 +91,7 @@ class KVCache:
         """Write k, v (B, n_kv_head, T, head_dim) at each row's positions; return keys and values 0..S-1."""
         T = k.size(2)
         if self._aligned:
-            start = self.lengths[0]
+            start = int(self.lengths[0])
             self.k[layer_idx, :, :, start : start + T] = k
             self.v[layer_idx, :, :, start : start + T] = v
         else:
@@ -97,7 +99,7 @@ class KVCache:
             self.k[layer_idx].scatter_(2, index, k)
             self.v[layer_idx].scatter_(2, index, v)
         if layer_idx == self.num_layers - 1:
-            self.lengths = [length + T for length in self.lengths]
+            self.lengths += T
             self.lengths_tensor += T
         return self.k[layer_idx, :, :, : self._span], self.v[layer_idx, :, :, : self._span]
 
@@ -108,10 +110,28 @@ class KVCache:
         self.lengths[row] = length
         self.lengths_tensor[row] = length
 
+    def head(self, num_rows: int) -> "KVCache":
+        """The first `num_rows` rows as a cache of their own that shares this one's storage and lengths, so a
+        batch of n active requests runs an n-row forward."""
+        view = object.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view.k, view.v = self.k[:, :num_rows], self.v[:, :num_rows]
+        view.lengths, view.lengths_tensor = self.lengths[:num_rows], self.lengths_tensor[:num_rows]
+        view.batch_size = num_rows
+        return view
+
+    def move_row(self, source: int, destination: int) -> None:
+        """Copy row `source` (its cached positions and length) over row `destination`."""
+        length = int(self.lengths[source])
+        self.k[:, destination, :, :length] = self.k[:, source, :, :length]
+        self.v[:, destination, :, :length] = self.v[:, source, :, :length]
+        self.lengths[destination] = length
+        self.lengths_tensor[destination] = length
+
     def copy_prefix_from(self, source: "KVCache", rows=None, source_row: int = 0) -> None:
         """Copy `source_row` of another cache (a prefilled prompt) into `rows` (default: all) of this one."""
         rows = list(range(self.batch_size)) if rows is None else list(rows)
-        length = source.lengths[source_row]
+        length = int(source.lengths[source_row])
         if length > self.max_len:
             raise ContextFullError(f"a prefix of {length} positions does not fit in a KV cache of {self.max_len}")
         for buffer, source_buffer in ((self.k, source.k), (self.v, source.v)):
@@ -223,7 +243,7 @@ class Completion:
 
 
 @dataclass
-class _Row:
+class RowState:
     """Tool-use state of one row."""
 
     forced: deque = field(default_factory=deque)  # tokens to force before sampling again
@@ -295,7 +315,7 @@ class Engine:
         cache.copy_prefix_from(prompt_cache)
         del prompt_cache
         keys = row_keys(seed, num_samples, self.device)
-        rows = [_Row() for _ in range(num_samples)]
+        rows = [RowState() for _ in range(num_samples)]
         last = [0] * num_samples
         for step in range(budget):
             steps = torch.full((num_samples,), step, dtype=torch.long, device=self.device)
@@ -306,19 +326,25 @@ class Engine:
                     column.append(last[i])
                     masks.append(0)
                     continue
-                forced = bool(row.forced)
-                token = row.forced.popleft() if forced else sampled[i]
+                token, mask = self.next_token(row, sampled[i])
                 column.append(token)
-                masks.append(0 if forced else 1)
+                masks.append(mask)
                 last[i] = token
-                self._advance_tool_state(row, token, forced)
             yield column, masks
             if all(row.done for row in rows) or step == budget - 1:
                 return
             ids = torch.tensor(column, dtype=torch.long, device=self.device)[:, None]
             logits = self.model(ids, kv_cache=cache)[:, -1]
 
-    def _advance_tool_state(self, row: _Row, token: int, forced: bool) -> None:
+    def next_token(self, row: RowState, sampled: int) -> tuple[int, int]:
+        """(token, mask) for a row: a token the tool forces (mask 0) or the sampled one (mask 1); the row's
+        tool state advances past it."""
+        forced = bool(row.forced)
+        token = row.forced.popleft() if forced else sampled
+        self._advance_tool_state(row, token, forced)
+        return token, 0 if forced else 1
+
+    def _advance_tool_state(self, row: RowState, token: int, forced: bool) -> None:
         if token in self.stop_ids and not forced:
             row.done = True
         elif token == self.python_start:
@@ -375,7 +401,7 @@ class Engine:
         while generated[-1] not in self.stop_ids and len(generated) < budget:
             k = min(num_draft, budget - len(generated))
             # 1. the draft catches up on what it has not seen and proposes k tokens greedily
-            draft_ids = sequence[draft_cache.lengths[0] :]
+            draft_ids = sequence[int(draft_cache.lengths[0]) :]
             proposal = []
             for _ in range(k):
                 chunk = torch.tensor([draft_ids], dtype=torch.long, device=self.device)
@@ -392,7 +418,7 @@ class Engine:
             # 3. keep only what both caches computed on the accepted prefix
             old_len = len(sequence)
             target_cache.set_length(0, old_len + accepted)
-            draft_cache.set_length(0, min(draft_cache.lengths[0], old_len + accepted))
+            draft_cache.set_length(0, min(int(draft_cache.lengths[0]), old_len + accepted))
             stats["proposed"] += k
             stats["accepted"] += accepted
             stats["target_forwards"] += 1

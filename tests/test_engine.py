@@ -81,7 +81,7 @@ def test_chunked_prefill_equals_one_shot(small_tokenizer):
         cache = KVCache.for_model(model, 1, len(prompt))
         results.append((engine.prefill(cache, prompt), cache))
     logits, cache = results[-1]
-    assert cache.lengths == [len(prompt)]
+    assert cache.lengths.tolist() == [len(prompt)]
     for other_logits, other_cache in results[:-1]:
         assert torch.allclose(other_logits, logits, atol=1e-5)
         assert torch.allclose(other_cache.k, cache.k, atol=1e-5) and torch.allclose(other_cache.v, cache.v, atol=1e-5)
@@ -102,15 +102,39 @@ def test_rows_at_different_positions_decode_as_if_alone(small_tokenizer):
         next_ids = torch.tensor([[7]])
         alone.append(model(next_ids, kv_cache=single)[:, -1])
         alone.append(model(torch.tensor([[9]]), kv_cache=single)[:, -1])
-    assert batch.lengths == [len(p) for p in prompts]
+    assert batch.lengths.tolist() == [len(p) for p in prompts]
     first = model(torch.tensor([[7], [7]]), kv_cache=batch)[:, -1]
     second = model(torch.tensor([[9], [9]]), kv_cache=batch)[:, -1]
     assert torch.allclose(first, torch.cat([alone[0], alone[2]]), atol=1e-5)
     assert torch.allclose(second, torch.cat([alone[1], alone[3]]), atol=1e-5)
     batch.set_length(1, len(prompts[1]))  # roll row 1 back: decoding 7 again gives the same logits
-    assert batch.lengths == [len(prompts[0]) + 2, len(prompts[1])]
+    assert batch.lengths.tolist() == [len(prompts[0]) + 2, len(prompts[1])]
     again = model(torch.tensor([[9], [7]]), kv_cache=batch)[:, -1]
     assert torch.allclose(again[1], alone[2][0], atol=1e-5)
+
+
+def test_head_view_shares_the_cache_and_move_row_copies_a_row(small_tokenizer):
+    """The batching worker runs n active rows through head(n) and compacts finished rows with move_row."""
+    model = randomized(seed=10)
+    engine = Engine(model, small_tokenizer)
+    cache = KVCache.for_model(model, 3, 40)
+    for row, text in enumerate(["One", "Two words", "Three words here"]):
+        single = KVCache.for_model(model, 1, 40)
+        engine.prefill(single, prompt_of(small_tokenizer, text))
+        cache.copy_prefix_from(single, rows=[row])
+    lengths = cache.lengths.tolist()
+    cache.move_row(2, 0)  # row 0 leaves; the last row takes its place
+    assert cache.lengths.tolist() == [lengths[2], lengths[1], lengths[2]]
+    head = cache.head(2)
+    logits = model(torch.tensor([[5], [6]]), kv_cache=head)[:, -1]
+    assert cache.lengths.tolist() == [lengths[2] + 1, lengths[1] + 1, lengths[2]]  # advanced through the view
+    assert cache.lengths_tensor.tolist() == cache.lengths.tolist()
+    # row 0 now continues "Three words here": the same logits as that prompt alone
+    single = KVCache.for_model(model, 1, 40)
+    engine.prefill(single, prompt_of(small_tokenizer, "Three words here"))
+    alone = model(torch.tensor([[5]]), kv_cache=single)[:, -1]
+    assert torch.allclose(logits[0], alone[0], atol=1e-5)
+    assert torch.allclose(cache.k[:, 0, :, : lengths[2] + 1], single.k[:, 0, :, : lengths[2] + 1], atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- sampling
