@@ -1,0 +1,345 @@
+"""Weight-only int8 / int4 quantization of a GPT's linear layers, for inference.
+
+    model, meta = load_model("base", device, "eval")
+    quantize_model(model, bits=8)                    # or bits=4 (group_size=128), include_lm_head=False
+    weight_bytes(model)                              # {"float": ..., "quantized": ..., "total": ...}
+
+Every `nanochat.gpt.Linear` (the block matrices and, by default, lm_head) is replaced in place by a module
+that holds integer weights and float scales; activations stay in their float dtype, the embedding stays float.
+- int8: symmetric, one scale per output row: w ≈ q · scale, q in [-127, 127] (as gpt-fast's int8 handler).
+- int4: asymmetric, one (scale, zero) per group of `group_size` consecutive input columns of a row:
+  w ≈ (q - 8) · scale + zero, q in [0, 15], two values per byte. This is the convention of PyTorch's tinygemm
+  kernels (`_weight_int4pack_mm*`, as used by gpt-fast and torchao), kept as is so they take our scales as is.
+Rounding to the nearest level bounds every weight's error by its scale / 2.
+
+Speed (dev/bench_quantize.py, dev/BENCHMARKS.md): dequantizing in every forward is slower than float, so each
+layer uses PyTorch's fused kernels where they exist: `_weight_int8pack_mm` (CPU, and CUDA in newer torch),
+`_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm` on CUDA. They are private ops whose dtypes and
+layouts change between releases, so they are found by probing, never by version: at quantization time each
+kernel is run on the layer's own weights for each input dtype and kept only where it matches the reference
+path (dequantize, then F.linear), which is what runs otherwise. `use_kernels=False` forces the reference path,
+and the tests compare the two. On CPU the kernels are fast only for bf16/fp16 inputs (their fp32 versions lose
+even to the reference path; SLOW_KERNELS below), so fp32 inputs are rounded to bf16 for the matmul.
+
+Contract:
+- forward takes inputs of any float dtype and returns that dtype, as gpt.Linear does. An input dtype without
+  a (fast) kernel is cast to one with a kernel (bf16 first) and the result cast back: fp32 on CPU, fp32 on
+  CUDA for int4. The cost, bf16 rounding of the activations inside the matmul, is measured in
+  dev/BENCHMARKS.md against fp32 throughout; it is far below the rounding of the weights themselves.
+- The model keeps working with gpt.py unchanged (forward, loss, generate). It is for inference only: the
+  quantized layers have no parameters, so `GPT.parameter_roles` and training no longer apply.
+- Quantizing a model twice is refused (ValueError): rounding already-rounded weights to a new grid compounds
+  the error, and a model that silently stayed int8 when int4 was asked for would mislead a benchmark.
+- Quantize on the device the model will run on. The int4 kernels repack the weights into a layout specific
+  to the device (on CPU even to the instruction set), so a quantized state_dict is not a file format: load
+  the float checkpoint and quantize again (seconds).
+
+Not here: activation quantization, calibration-based methods (GPTQ, AWQ), quantization-aware training,
+saving quantized checkpoints.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.gpt import Linear
+
+INT8_MAX = 127  # symmetric range [-127, 127]: -128 is left out so that q and -q are both representable
+INT4_LEVELS = 16
+INT4_MIDPOINT = 8  # tinygemm subtracts 8 from every stored nibble before scaling
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # probed in this order of preference
+# Kernels that work but lose to the reference path, so they are never used. Measured with torch 2.15 on an AVX-512
+# EPYC (dev/bench_quantize.py, d4 at vocab 8,192, (8, 1) decode step): int8 with fp32 inputs 31.7 ms vs 4.4 ms for
+# dequantize + F.linear, int4 75.5 ms vs 16.3 ms, while with bf16 inputs they take 1.6 and 1.5 ms.
+SLOW_KERNELS = {("cpu", torch.float32)}
+# A kernel is accepted when its relative error against the reference path stays under this: fp32 kernels
+# differ only in summation order (~1e-6); half-precision ones round x, scales and the output (~4e-3 for bf16).
+KERNEL_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 3e-2}
+PROBE_ROWS = 3  # inputs per probe: a decode-sized batch; small so probing a d20 model takes well under a second
+
+# ---------------------------------------------------------------------------- the math (one copy of each)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> q (out, in) int8 in [-127, 127] and scale (out,) fp32, with weight ≈ q · scale[:, None]."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1) / INT8_MAX  # (out,)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays exactly zero
+    q = torch.round(w / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q (out, in) int8, scale (out,) -> (out, in) fp32."""
+    return q.float() * scale[:, None]
+
+
+def check_group_size(in_features: int, group_size: int) -> None:
+    """ValueError naming the problem and the fix unless `group_size` splits rows of `in_features` evenly."""
+    if group_size < 2 or group_size % 2:
+        raise ValueError(f"group_size must be an even number >= 2 (two int4 values per byte), got {group_size}")
+    if in_features % group_size:
+        raise ValueError(
+            f"group_size {group_size} does not divide in_features {in_features}: pick a divisor of it "
+            "(the tinygemm kernels want 32, 64, 128 or 256), or leave that layer out of int4 quantization"
+        )
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, in) float -> q (out, in) uint8 in [0, 15], scales and zeros (out, in / group_size) fp32, with
+    weight ≈ (q - 8) · scale + zero within each group (the group's min maps to 0, its max to 15)."""
+    out_features, in_features = weight.shape
+    check_group_size(in_features, group_size)
+    w = weight.detach().float().view(out_features, in_features // group_size, group_size)  # (out, groups, G)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)  # (out, groups)
+    scale = (high - low) / (INT4_LEVELS - 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group is stored exactly
+    q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, INT4_LEVELS - 1)
+    zero = low + INT4_MIDPOINT * scale  # the value of the middle level 8
+    return q.to(torch.uint8).view(out_features, in_features), scale, zero
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(out, in) uint8 values in [0, 15] -> (out, in / 2) uint8, column 2j in the high nibble, 2j+1 in the low
+    one (the input layout of CUDA's `_convert_weight_to_int4pack` since torch 2.5)."""
+    return (q[:, 0::2] << 4) | q[:, 1::2]
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: (out, in / 2) uint8 -> (out, in) uint8."""
+    return torch.stack([packed >> 4, packed & 0xF], dim=-1).view(packed.size(0), -1)
+
+
+def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """packed (out, in / 2) uint8, scales_and_zeros (in / group_size, out, 2) -> (out, in) fp32."""
+    q = unpack_int4(packed).float()
+    out_features, in_features = q.shape
+    scale, zero = scales_and_zeros.float().transpose(0, 1).unbind(-1)  # each (out, groups)
+    w = (q.view(out_features, -1, group_size) - INT4_MIDPOINT) * scale[..., None] + zero[..., None]
+    return w.view(out_features, in_features)
+
+
+# ---------------------------------------------------------------------------- kernels, found by probing
+
+
+def _int8_kernel(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, in) -> (M, out) in x's dtype; wants scales in x's dtype."""
+    return torch._weight_int8pack_mm(x, qweight, scale.to(x.dtype))
+
+
+def _int4_pack_cpu(packed: torch.Tensor) -> torch.Tensor:
+    # The CPU packer takes one int32 per value; its layout depends on the CPU's vector width (AVX2 / AVX-512).
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(torch.int32), 1)
+
+
+def _int4_pack_cuda(packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack(packed, 8)  # inner_k_tiles = 8 (gpt-fast's choice)
+
+
+def _int4_mm_cpu(x, kernel_weight, group_size, scales_and_zeros):
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, kernel_weight, group_size, scales_and_zeros.to(x.dtype))
+
+
+def _int4_mm_cuda(x, kernel_weight, group_size, scales_and_zeros):
+    return torch.ops.aten._weight_int4pack_mm(x, kernel_weight, group_size, scales_and_zeros.to(x.dtype))
+
+
+INT4_KERNELS = {"cpu": (_int4_pack_cpu, _int4_mm_cpu), "cuda": (_int4_pack_cuda, _int4_mm_cuda)}
+
+
+def working_dtypes(kernel, reference_weight: torch.Tensor) -> frozenset:
+    """The input dtypes for which `kernel(x)` (x: (M, in) -> (M, out)) runs here and agrees with
+    F.linear(x, reference_weight). A missing op, an unsupported dtype or shape, or a wrong result all count as
+    'not available': the caller then uses the reference path, so a private op can never make results wrong."""
+    device_type = reference_weight.device.type
+    generator = torch.Generator(device=reference_weight.device).manual_seed(0)
+    x = torch.randn(PROBE_ROWS, reference_weight.size(1), generator=generator, device=reference_weight.device)
+    expected = F.linear(x, reference_weight)  # (M, out) fp32
+    found = set()
+    for dtype in (d for d in KERNEL_DTYPES if (device_type, d) not in SLOW_KERNELS):
+        try:
+            y = kernel(x.to(dtype)).float()
+        except (AttributeError, RuntimeError, NotImplementedError, TypeError):  # op absent or dtype/shape refused
+            continue
+        error = (y - expected).norm() / expected.norm().clamp(min=1e-12)
+        if y.shape == expected.shape and error < KERNEL_TOLERANCE[dtype]:
+            found.add(dtype)
+    return frozenset(found)
+
+
+def kernel_dtype_for(dtype: torch.dtype, kernel_dtypes: frozenset) -> torch.dtype | None:
+    """The dtype the kernel runs in for inputs of `dtype`: the same one when it has a kernel, else the first that
+    has one (bf16 before fp16; cast in and back out), None when there is no kernel (the reference path)."""
+    if not kernel_dtypes:
+        return None
+    return dtype if dtype in kernel_dtypes else next(d for d in KERNEL_DTYPES if d in kernel_dtypes)
+
+
+# ---------------------------------------------------------------------------- the quantized layers
+
+
+class Int8Linear(nn.Module):
+    """y = x · (q · scale)ᵀ, q (out, in) int8, scale (out,) fp32; the int8 kernel where probing found it."""
+
+    def __init__(self, weight: torch.Tensor, use_kernels: bool = True):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        qweight, scale = quantize_int8(weight)
+        self.register_buffer("qweight", qweight)  # (out, in) int8
+        self.register_buffer("scale", scale)  # (out,) fp32
+        # The kernel reads the plain int8 matrix, so the reference path stays available for every other dtype.
+        self.kernel_device_type = weight.device.type
+        self.kernel_dtypes = frozenset()
+        if use_kernels:
+            kernel = lambda x: _int8_kernel(x, self.qweight, self.scale)
+            self.kernel_dtypes = working_dtypes(kernel, self.dequantize())
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int8(self.qweight, self.scale)  # (out, in) fp32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (B*T, in)
+        dtype = kernel_dtype_for(x.dtype, self.kernel_dtypes) if x.device.type == self.kernel_device_type else None
+        if dtype is None:
+            y = F.linear(x2, self.dequantize().to(x.dtype))
+        else:
+            y = _int8_kernel(x2.to(dtype).contiguous(), self.qweight, self.scale).to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        kernel = ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES if d in self.kernel_dtypes)
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel=[{kernel}]"
+
+
+class Int4Linear(nn.Module):
+    """y = x · wᵀ with w = (q - 8) · scale + zero per group of `group_size` input columns.
+
+    `qweight` holds the 4-bit values two per byte in one of two layouts (`layout`): "portable" (pack_int4's,
+    any device, served by the reference path) or the device's kernel layout ("cpu" or "cuda", opaque and made
+    by the kernel's own packer), chosen at construction when probing found a working kernel. Only one copy is
+    kept, so int4 costs half a byte per weight either way. `scales_and_zeros` is (in / group_size, out, 2) fp32.
+    """
+
+    def __init__(self, weight: torch.Tensor, group_size: int = 128, use_kernels: bool = True):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.group_size = group_size
+        q, scale, zero = quantize_int4(weight, group_size)
+        packed = pack_int4(q)  # (out, in / 2) uint8
+        # (groups, out, 2): the tinygemm kernels' own layout, so they read it without conversion
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous())
+        self.layout, self.kernel_dtypes = "portable", frozenset()
+        pack, matmul = INT4_KERNELS.get(weight.device.type, (None, None)) if use_kernels else (None, None)
+        if pack is not None:
+            try:
+                kernel_weight = pack(packed)
+            except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+                kernel_weight = None  # no packer for this device in this torch, or it refuses the shape
+            if kernel_weight is not None:
+                reference = dequantize_int4(packed, self.scales_and_zeros, group_size)
+                kernel = lambda x: matmul(x, kernel_weight, group_size, self.scales_and_zeros)
+                self.kernel_dtypes = working_dtypes(kernel, reference)
+                if self.kernel_dtypes:
+                    self.layout, packed = weight.device.type, kernel_weight
+        self.register_buffer("qweight", packed)
+
+    def dequantize(self) -> torch.Tensor:
+        """(out, in) fp32; the kernel layouts are opaque, so only the portable one can be read back."""
+        if self.layout != "portable":
+            raise RuntimeError(f"weights are in the {self.layout} kernel's opaque layout; quantize with "
+                               "use_kernels=False to read them back")  # fmt: skip
+        return dequantize_int4(self.qweight, self.scales_and_zeros, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (B*T, in)
+        if self.layout == "portable":
+            y = F.linear(x2, self.dequantize().to(x.dtype))
+        else:
+            if x.device.type != self.layout:
+                raise RuntimeError(
+                    f"int4 weights were packed for {self.layout} but the input is on {x.device.type}: quantize "
+                    "after moving the model to the device it runs on"
+                )
+            dtype = kernel_dtype_for(x.dtype, self.kernel_dtypes)
+            _, matmul = INT4_KERNELS[self.layout]
+            y = matmul(x2.to(dtype).contiguous(), self.qweight, self.group_size, self.scales_and_zeros).to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        kernel = ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES if d in self.kernel_dtypes)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+            f"layout={self.layout}, kernel=[{kernel}]"
+        )
+
+
+QUANTIZED_LAYERS = (Int8Linear, Int4Linear)
+
+
+# ---------------------------------------------------------------------------- applied from outside
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    bits: int = 8,
+    group_size: int | None = None,
+    include_lm_head: bool = True,
+    use_kernels: bool = True,
+) -> nn.Module:
+    """Replace every nanochat.gpt.Linear of `model` in place by its int8 or int4 version; returns the model.
+
+    bits: 8 (per-output-row scales) or 4 (grouped). group_size: input columns per int4 scale (default 128);
+    only for bits=4. include_lm_head: quantize `model.lm_head` too (default). At vocab 65,536 it is most of
+    what a small model's decode step reads (d4: 84% of the matmul weights), so leaving it float forfeits most of
+    the speed. Its cost in loss, trained d4 at vocab 8,192 (dev/BENCHMARKS.md): int8 +0.0001 bpb with it vs
+    +0.0000 without; int4 +0.0052 with it vs +0.0020 without, and +0.0021 with lm_head in int8 instead
+    (quantize `model.blocks` at 4 bits and `nn.ModuleList([model.lm_head])` at 8, as dev/bench_quantize.py does).
+    use_kernels: False forces the reference path (dequantize, then F.linear), for tests and comparisons.
+    Raises ValueError for other bit widths, a group size that does not divide a layer's inputs, or a model
+    that is already quantized; in each case before changing anything.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 8 (int8, per-row scales) or 4 (int4, grouped scales), got {bits!r}")
+    if bits == 8 and group_size is not None:
+        raise ValueError("group_size is for bits=4; int8 uses one scale per output row, so leave it unset")
+    group_size = 128 if group_size is None else group_size
+    if any(isinstance(m, QUANTIZED_LAYERS) for m in model.modules()):
+        raise ValueError(
+            "the model is already quantized; quantizing again would round already-rounded weights. Load the "
+            "float checkpoint again and quantize it once"
+        )
+    if isinstance(model, Linear):
+        raise ValueError("pass the module that holds the Linear layers (e.g. nn.ModuleList([layer])), not a Linear")
+    lm_head = getattr(model, "lm_head", None)
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, Linear) and (include_lm_head or m is not lm_head)
+    ]
+    if bits == 4:
+        for name, m in targets:  # all checks before the first replacement: an error leaves the model as it was
+            try:
+                check_group_size(m.in_features, group_size)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+    for name, m in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        quantized = Int8Linear(m.weight, use_kernels) if bits == 8 else Int4Linear(m.weight, group_size, use_kernels)
+        setattr(parent, attr, quantized)
+    return model
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the weights of `model` (any module, e.g. model.blocks): "float" (parameters: embedding and
+    layers left in float), "quantized" (integer weights, scales and zeros of quantized layers), "total". The
+    non-persistent RoPE tables are recomputed, not weights, and are not counted."""
+    float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    quantized_bytes = sum(
+        b.numel() * b.element_size()
+        for m in model.modules()
+        if isinstance(m, QUANTIZED_LAYERS)
+        for b in m.buffers(recurse=False)
+    )
+    return {"float": float_bytes, "quantized": quantized_bytes, "total": float_bytes + quantized_bytes}
