@@ -1,0 +1,246 @@
+"""Continuous batching: concurrent generation requests share one model's decode steps.
+
+Contract:
+- A `BatchingWorker` owns one model (one device) and a KVCache of `max_batch` rows, each as long as the model's
+  context, allocated once. Its thread admits queued requests into free rows (each prompt prefilled alone, then
+  copied into its row), and runs one decode step for all active rows at a time; a finished or cancelled
+  request leaves at once and the last active row moves into its place, so an n-request batch is an n-row
+  forward. `WorkerPool` spreads requests over several workers (one per GPU), least loaded first.
+- `submit(request)` is thread-safe and returns at once. Results come back through `request.emit(event)`, called
+  on the worker thread: `TokenEvent(token, mask)` per generated token (the stop token excluded), then exactly
+  one `DoneEvent(finish_reason, completion_tokens)`; finish_reason is "stop", "length" (max_tokens), "context"
+  (the model's context is full), "cancelled" or "error".
+- Each request samples with its own parameters and its own random stream (`engine.row_keys`), so its tokens
+  do not depend on which other requests share the batch.
+
+Not here: HTTP, validation, text decoding (nanochat/server.py); the single-request engine (nanochat/engine.py),
+whose KV cache, sampler and tool handling are reused.
+"""
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from nanochat.engine import Engine, KVCache, RowState, row_keys, sample_next_token
+
+
+@dataclass
+class TokenEvent:
+    token: int
+    mask: int  # 1 = sampled, 0 = forced by the calculator tool
+
+
+@dataclass
+class DoneEvent:
+    finish_reason: str  # stop | length | context | cancelled | error
+    completion_tokens: int
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    emit: Callable[[TokenEvent | DoneEvent], None]
+    max_tokens: int | None = None  # None = until the context is full
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 42
+    sample_index: int = 0  # which of n samples of one prompt (the OpenAI `n`): picks the random stream
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted_at: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        """Thread-safe; the worker frees the request's row before its next decode step."""
+        self.cancelled.set()
+
+
+@dataclass
+class _Slot:
+    request: Request
+    budget: int
+    key: torch.Tensor  # () int64: the request's random stream
+    state: RowState = field(default_factory=RowState)
+    generated: int = 0
+    last_token: int = 0
+
+
+class BatchingWorker:
+    def __init__(self, model, tokenizer, max_batch: int = 16, name: str = "worker-0"):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.engine = Engine(model, tokenizer)
+        self.model, self.max_batch, self.name = model, max_batch, name
+        self.device = self.engine.device
+        self.cache = KVCache.for_model(model, max_batch, self.engine.context_len)
+        self.slots: list[_Slot] = []  # active requests; slot i lives in cache row i
+        self.pending: queue.Queue[Request] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0, "tokens": 0, "steps": 0}
+
+    # ------------------------------------------------------------------ public, any thread
+
+    def start(self) -> "BatchingWorker":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self.pending.put(None)  # wake a worker waiting for work
+        self._thread.join(timeout)
+
+    def submit(self, request: Request) -> None:
+        self.stats["requests"] += 1
+        self.pending.put(request)
+
+    @property
+    def load(self) -> int:
+        """Active plus queued requests (a snapshot)."""
+        return len(self.slots) + self.pending.qsize()
+
+    # ------------------------------------------------------------------ the worker thread
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            try:
+                self._admit(block=not self.slots)
+                if self.slots:
+                    self._decode_step()
+            except Exception as e:  # noqa: BLE001 -- a failed step ends its requests, never the worker
+                for slot in self.slots:
+                    self._finish_request(slot.request, "error", slot.generated, f"{type(e).__name__}: {e}")
+                self.slots.clear()
+                self.cache.lengths[:] = 0
+                self.cache.lengths_tensor.zero_()
+
+    def _admit(self, block: bool) -> None:
+        """Move queued requests into free rows: prefill each and sample its first token."""
+        while len(self.slots) < self.max_batch and not self._stop.is_set():
+            try:
+                request = self.pending.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                if block:
+                    continue
+                return
+            if request is None:
+                return
+            block = False
+            if request.cancelled.is_set():
+                self._finish_request(request, "cancelled", 0)
+                continue
+            try:
+                budget = self.engine.token_budget(len(request.prompt), request.max_tokens)
+                prompt_cache = KVCache.for_model(self.model, 1, len(request.prompt))
+                logits = self.engine.prefill(prompt_cache, request.prompt)  # (1, V)
+            except Exception as e:  # noqa: BLE001 -- a bad request fails alone
+                self._finish_request(request, "error", 0, f"{type(e).__name__}: {e}")
+                continue
+            row = len(self.slots)
+            self.cache.copy_prefix_from(prompt_cache, rows=[row])
+            key = row_keys(request.seed, request.sample_index + 1, self.device)[request.sample_index]
+            slot = _Slot(request, budget, key)
+            self.slots.append(slot)
+            self._emit_next_tokens([slot], logits)
+            self._drop_finished()
+
+    def _decode_step(self) -> None:
+        n = len(self.slots)
+        ids = torch.tensor([[slot.last_token] for slot in self.slots], dtype=torch.long, device=self.device)
+        logits = self.model(ids, kv_cache=self.cache.head(n))[:, -1]  # (n, V)
+        self.stats["steps"] += 1
+        self._emit_next_tokens(self.slots, logits)
+        self._drop_finished()
+
+    def _emit_next_tokens(self, slots: list[_Slot], logits: torch.Tensor) -> None:
+        """Sample one token per slot (rows with equal sampling parameters in one call) and emit it."""
+        sampled = [0] * len(slots)
+        groups: dict[tuple, list[int]] = {}
+        for i, slot in enumerate(slots):
+            r = slot.request
+            groups.setdefault((r.temperature, r.top_k, r.top_p), []).append(i)
+        for (temperature, top_k, top_p), rows in groups.items():
+            index = torch.tensor(rows, device=self.device)
+            keys = torch.stack([slots[i].key for i in rows])
+            steps = torch.tensor([slots[i].generated for i in rows], dtype=torch.long, device=self.device)
+            tokens = sample_next_token(logits[index], temperature, top_k, top_p, keys, steps).tolist()
+            for i, token in zip(rows, tokens):
+                sampled[i] = token
+        for slot, token in zip(slots, sampled):
+            token, mask = self.engine.next_token(slot.state, token)
+            slot.last_token = token
+            slot.generated += 1
+            if not slot.state.done:
+                slot.request.emit(TokenEvent(token, mask))
+                self.stats["tokens"] += 1
+
+    def _drop_finished(self) -> None:
+        """Finish requests that stopped, ran out of budget or were cancelled; compact the rows."""
+        i = 0
+        while i < len(self.slots):
+            slot = self.slots[i]
+            reason = None
+            if slot.request.cancelled.is_set():
+                reason = "cancelled"
+            elif slot.state.done:
+                reason = "stop"
+            elif slot.generated >= slot.budget:
+                max_tokens = slot.request.max_tokens
+                reason = "length" if max_tokens is not None and slot.budget == max_tokens else "context"
+            if reason is None:
+                i += 1
+                continue
+            tokens = slot.generated - (1 if reason == "stop" else 0)  # the stop token is not part of the reply
+            self._finish_request(slot.request, reason, tokens)
+            last = len(self.slots) - 1
+            if i != last:
+                self.cache.move_row(last, i)
+                self.slots[i] = self.slots[last]
+            self.cache.set_length(last, 0)
+            self.slots.pop()
+
+    def _finish_request(self, request: Request, reason: str, tokens: int, error: str | None = None) -> None:
+        key = {"cancelled": "cancelled", "error": "errors"}.get(reason, "completed")
+        self.stats[key] += 1
+        try:
+            request.emit(DoneEvent(reason, tokens, error))
+        except Exception:  # noqa: BLE001, S110 -- a consumer that went away must not stop the worker
+            pass
+
+
+class WorkerPool:
+    """One BatchingWorker per device; each request goes to the least loaded."""
+
+    def __init__(self, workers: list[BatchingWorker]):
+        if not workers:
+            raise ValueError("a WorkerPool needs at least one worker")
+        self.workers = workers
+        self._lock = threading.Lock()
+
+    def start(self) -> "WorkerPool":
+        for worker in self.workers:
+            worker.start()
+        return self
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    def submit(self, request: Request) -> BatchingWorker:
+        with self._lock:
+            worker = min(self.workers, key=lambda w: w.load)
+            worker.submit(request)
+        return worker
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(worker.pending.qsize() for worker in self.workers)
+
+    @property
+    def active(self) -> int:
+        return sum(len(worker.slots) for worker in self.workers)

@@ -1,0 +1,73 @@
+"""Serve a chat model: the web page, a streaming API and an OpenAI-compatible API (nanochat/server.py).
+
+    python -m scripts.chat_web                                   # the sft model on http://127.0.0.1:8000
+    python -m scripts.chat_web --source base --port 8080         # tiny CPU models work too
+    python -m scripts.chat_web --num-gpus 8 --host 0.0.0.0 --api-key "$KEY"   # one worker per GPU, public
+
+Then open the page in a browser, or point any OpenAI client at it:
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hi"}])
+
+Listening beyond this machine (`--host 0.0.0.0`) exposes the model to the network: set `--api-key` (clients send
+`Authorization: Bearer <key>`) and `--max-concurrent`. Not here: the server itself (nanochat/server.py).
+"""
+
+import argparse
+import sys
+
+import uvicorn
+
+from nanochat.server import Settings, create_app
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Model
+    parser.add_argument("-i", "--source", default=defaults.source, choices=["base", "mid", "sft", "rl"])
+    parser.add_argument("-g", "--model-tag", default=None, help="checkpoint directory (default: largest depth)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: last)")
+    parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
+    parser.add_argument("-n", "--num-gpus", type=int, default=1, help="batching workers, one model copy per GPU")
+    parser.add_argument("--max-batch", type=int, default=defaults.max_batch, help="requests decoded together per GPU")
+    # Serving
+    parser.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 listens on every interface")
+    parser.add_argument("-p", "--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: open)")
+    parser.add_argument("--max-concurrent", type=int, default=0, help="requests in flight at once (0 = no cap)")
+    # Sampling defaults (a request may override them within the limits)
+    parser.add_argument("-t", "--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("-k", "--top-k", type=int, default=defaults.top_k, help="-1 = off")
+    parser.add_argument("-m", "--max-tokens", type=int, default=defaults.max_tokens, help="tokens per reply")
+    parser.add_argument(
+        "--max-tokens-limit", type=int, default=defaults.max_tokens_limit, help="the most tokens a request may ask for"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.device_type in ("cpu", "mps") and args.num_gpus != 1:
+        sys.exit(f"chat_web: --num-gpus {args.num_gpus} needs CUDA; on {args.device_type} there is one worker")
+    settings = Settings(
+        source=args.source,
+        model_tag=args.model_tag,
+        step=args.step,
+        device_type=args.device_type,
+        num_gpus=args.num_gpus,
+        max_batch=args.max_batch,
+        api_key=args.api_key,
+        max_concurrent=args.max_concurrent,
+        temperature=args.temperature,
+        top_k=None if args.top_k == -1 else args.top_k,
+        max_tokens=args.max_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+    )
+    print(f"chat_web: serving {args.source} on http://{args.host}:{args.port} (OpenAI API under /v1)")
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

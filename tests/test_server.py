@@ -1,0 +1,384 @@
+"""The web server for real: uvicorn on 127.0.0.1 serving a tiny random model, driven over HTTP by httpx, the
+official `openai` client, concurrent streams, dropped clients and schema-driven fuzzing."""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.server import ReplyRenderer, Settings, StopMatcher, create_app
+
+
+def tiny_model(seed=0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT.build(GPTConfig(sequence_len=256, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 1.0 if name == "wte.weight" else 0.2)
+    return model.eval()
+
+
+class SlowModel(GPT):
+    """A tiny model that never stops by itself and takes 50 ms a forward: requests that stay in flight."""
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_to_keep=0):
+        logits = super().forward(idx, kv_cache=kv_cache, logits_to_keep=logits_to_keep)
+        time.sleep(0.05)
+        logits[..., self.config.vocab_size - 9 :] = float("-inf")  # the 9 special tokens come last
+        return logits
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn in a background thread on a free port, stopped on exit."""
+
+    def __init__(self, settings: Settings):
+        self.port = free_port()
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).json()["ready"]:
+                    return self
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the server did not become ready in 60 s")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(small_tokenizer):
+    return tiny_model(), small_tokenizer
+
+
+@pytest.fixture(scope="module")
+def server(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    settings = Settings(
+        model_loader=lambda i: (model, tokenizer, "nanochat-test"),
+        max_batch=16,
+        max_tokens=24,
+        max_tokens_limit=64,
+        max_messages=6,
+        max_message_chars=400,
+        max_total_chars=1000,
+    )
+    with ServerThread(settings) as running:
+        yield running
+
+
+USER = [{"role": "user", "content": "Tell me about the history of the city"}]
+
+
+def read_sse(response) -> list[dict | str]:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line[len("data: ") :]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+        else:
+            assert line == "", f"unexpected SSE line {line!r}"
+    return events
+
+
+# ---------------------------------------------------------------------------- the page's API
+
+
+def test_health_and_models(server):
+    health = httpx.get(server.url + "/health").json()
+    assert health["ready"] and health["model"] == "nanochat-test" and health["device"] == "cpu"
+    assert health["queue_depth"] == 0 and health["workers"] == 1
+    models = httpx.get(server.url + "/v1/models").json()
+    assert models["data"][0]["id"] == "nanochat-test"
+    assert httpx.get(server.url + "/stats").json()["workers"][0]["name"] == "worker-0"
+
+
+def test_page_stream_format_and_termination(server, model_and_tokenizer):
+    body = {"messages": USER, "temperature": 0.0, "max_tokens": 20}
+    with httpx.stream("POST", server.url + "/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = read_sse(response)
+    assert events[-1]["type"] == "done" and [e["type"] for e in events].count("done") == 1
+    assert all(e["type"] in ("text", "tool") for e in events[:-1])
+    done = events[-1]
+    assert done["finish_reason"] in ("stop", "length") and 1 <= done["usage"]["completion_tokens"] <= 20
+    # the streamed text is the engine's greedy reply for the same prompt, decoded whole
+    model, tokenizer = model_and_tokenizer
+    prompt = tokenizer.render_for_completion(USER)
+    assert done["usage"]["prompt_tokens"] == len(prompt)
+    expected = Engine(model, tokenizer).generate_batch(prompt, max_tokens=20, temperature=0)[0]
+    if not any(t in expected.tokens for t in [tokenizer.encode_special("<|python_start|>")]):
+        assert "".join(e.get("text", "") for e in events) == tokenizer.decode(expected.tokens)
+
+
+# ---------------------------------------------------------------------------- OpenAI compatibility
+
+
+def test_openai_client_non_streaming_and_streaming(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    reply = client.chat.completions.create(
+        model="nanochat-test", messages=USER, max_tokens=12, temperature=0.7, seed=5, n=2
+    )
+    assert reply.object == "chat.completion" and len(reply.choices) == 2
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert all(c.finish_reason in ("stop", "length") and c.message.role == "assistant" for c in reply.choices)
+    assert reply.usage.prompt_tokens > 0 and 0 < reply.usage.completion_tokens <= 24
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    again = client.chat.completions.create(model="x", messages=USER, max_tokens=12, temperature=0.7, seed=5, n=2)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
+
+    stream = client.chat.completions.create(
+        model="nanochat-test",
+        messages=USER,
+        max_tokens=12,
+        temperature=0.7,
+        seed=5,
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts, reasons, usage = ["", ""], [None, None], None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason is not None:
+                reasons[choice.index] = choice.finish_reason
+    assert texts == [c.message.content for c in reply.choices]  # same seed, same answers, streamed or not
+    assert reasons == [c.finish_reason for c in reply.choices]
+    assert usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_stop_sequences_cut_the_reply(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    full = client.chat.completions.create(model="m", messages=USER, max_tokens=40, temperature=0).choices[0]
+    text = full.message.content
+    assert len(text) > 6
+    stop = text[3:6]
+    cut = client.chat.completions.create(model="m", messages=USER, max_tokens=40, temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == text[: text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_stop_matcher_holds_back_partial_matches():
+    matcher = StopMatcher(["END", "xyz"])
+    assert matcher.push("abc E") == "abc "  # "E" may begin "END"
+    assert matcher.push("N") == ""
+    assert matcher.push("Dmore") == "" and matcher.stopped
+    plain = StopMatcher(["END"])
+    assert plain.push("hello E") == "hello " and plain.push("nd") == "End" and plain.flush() == ""
+
+
+def test_reply_renderer_turns_tool_tokens_into_tool_pieces(small_tokenizer):
+    tok = small_tokenizer
+    special = tok.encode_special
+    tokens = [
+        *tok.encode("We get "),
+        special("<|python_start|>"),
+        *tok.encode("12*5"),
+        special("<|python_end|>"),
+        special("<|output_start|>"),
+        *tok.encode("60"),
+        special("<|output_end|>"),
+        *tok.encode(" so"),
+        special("<|python_start|>"),
+        *tok.encode("bad"),
+        special("<|python_end|>"),
+        *tok.encode(" end"),
+    ]
+    renderer = ReplyRenderer(tok)
+    pieces = [piece for t in tokens for piece in renderer.push(t)] + renderer.finish()
+    text = "".join(p[1] for p in pieces if p[0] == "text")
+    tools = [p for p in pieces if p[0] == "tool"]
+    assert text == "We get  so end"
+    assert tools == [("tool", "12*5", "60"), ("tool", "bad", None)]
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        ({"temperature": 5.0}, "temperature"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": 65}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 9}, "n"),
+        ({"seed": -1}, "seed"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": []}, "messages"),
+        ({"messages": USER * 7}, "messages"),
+        ({"messages": [{"role": "user", "content": "x" * 401}]}, "messages.0.content"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user"}]}, "messages.0.content"),
+        ({"messages": [{"role": "user", "content": "x" * 400}] * 3}, "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "messages.1.role"),
+        ({"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "yo"}]}, "messages"),
+    ],
+)
+def test_every_limit_is_a_400_naming_the_field(server, change, param):
+    body = {"messages": USER, "max_tokens": 4, **change}
+    response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and param.split(".")[0] in error["message"]
+
+
+def test_malformed_json_and_overlong_conversation_are_400(server):
+    response = httpx.post(
+        server.url + "/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400 and "error" in response.json()
+    # 950 characters (under the character limit) but more tokens than the model's 256-position context
+    long_turns = [{"role": r, "content": "9 " * 95} for r in ("user", "assistant", "user", "assistant", "user")]
+    response = httpx.post(server.url + "/v1/chat/completions", json={"messages": long_turns, "max_tokens": 4})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "context_length_exceeded" and "context" in error["message"] and error["param"] == "messages"
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+async def _stream_text(client: httpx.AsyncClient, url: str, seed: int) -> str:
+    body = {"messages": USER, "temperature": 1.0, "top_k": 40, "max_tokens": 24, "seed": seed}
+    text = ""
+    async with client.stream("POST", url + "/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                event = json.loads(line[6:])
+                assert event["type"] != "error", event
+                text += event.get("text", "")
+    return text
+
+
+def test_sixteen_concurrent_streams_each_equal_its_answer_alone(server):
+    async def run():
+        async with httpx.AsyncClient() as client:
+            alone = [await _stream_text(client, server.url, seed) for seed in range(16)]
+            together = await asyncio.gather(*(_stream_text(client, server.url, seed) for seed in range(16)))
+        return alone, together
+
+    steps_before = httpx.get(server.url + "/stats").json()["workers"][0]["steps"]
+    alone, together = asyncio.run(run())
+    assert together == alone
+    assert len(set(alone)) > 8  # different seeds, different answers
+    # shared decode steps: 16 streams took far fewer steps than 32 one-at-a-time runs of up to 24 tokens each
+    steps = httpx.get(server.url + "/stats").json()["workers"][0]["steps"] - steps_before
+    assert steps < 16 * 24 + 2 * 24
+
+
+def slow_copy(model) -> "SlowModel":
+    slow = SlowModel(model.config)
+    slow.load_state_dict(model.state_dict())
+    return slow.eval()
+
+
+def test_a_client_that_drops_frees_its_row(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    settings = Settings(model_loader=lambda i: (slow_copy(model), tokenizer, "slow"), max_tokens=64)
+    with ServerThread(settings) as running:
+        body = {"messages": USER, "temperature": 1.0, "max_tokens": 64}  # 64 x 50 ms: still running when we go
+        with httpx.stream("POST", running.url + "/chat/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    break  # one event, then hang up
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            stats = httpx.get(running.url + "/stats").json()
+            worker = stats["workers"][0]
+            if worker["active"] == 0 and stats["in_flight"] == 0:
+                break
+            time.sleep(0.05)
+        assert worker["active"] == 0 and stats["in_flight"] == 0
+        assert worker["cancelled"] == 1 and worker["completed"] == 0
+        assert worker["tokens"] < 40  # freed long before its 64 tokens
+
+
+# ---------------------------------------------------------------------------- access control
+
+
+def test_bearer_token_and_concurrency_cap(model_and_tokenizer):
+    fast, tokenizer = model_and_tokenizer
+    model = slow_copy(fast)
+    settings = Settings(
+        model_loader=lambda i: (model, tokenizer, "guarded"), api_key="s3cret", max_concurrent=1, max_tokens=64
+    )
+    with ServerThread(settings) as running:
+        body = {"messages": USER, "max_tokens": 4}
+        assert httpx.post(running.url + "/v1/chat/completions", json=body).status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert httpx.post(running.url + "/v1/chat/completions", json=body, headers=wrong).status_code == 401
+        good = {"Authorization": "Bearer s3cret"}
+        assert httpx.post(running.url + "/v1/chat/completions", json=body, headers=good).status_code == 200
+        assert httpx.get(running.url + "/health").status_code == 200  # health stays open for monitors
+        long_body = {"messages": USER, "max_tokens": 64, "temperature": 1.0}
+        with httpx.stream("POST", running.url + "/chat/completions", json=long_body, headers=good) as first:
+            lines = first.iter_lines()  # keep the iterator: dropping it would close the stream
+            next(lines)
+            busy = httpx.post(running.url + "/v1/chat/completions", json=body, headers=good)
+            assert busy.status_code == 429 and "busy" in busy.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------------- fuzzing
+
+
+def test_fuzzing_the_api_finds_no_server_errors(server):
+    """schemathesis generates requests from the server's own OpenAPI schema (valid and invalid): none may 5xx."""
+    import hypothesis
+    import schemathesis
+
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    failures, calls = [], []
+    for operation in schema.get_all_operations():
+        operation = operation.ok()
+        modes = [schemathesis.GenerationMode.POSITIVE]
+        if operation.method.upper() == "POST":  # a GET without parameters has no invalid form
+            modes.append(schemathesis.GenerationMode.NEGATIVE)
+        for mode in modes:
+
+            @hypothesis.settings(max_examples=30, deadline=None, database=None, derandomize=True)
+            @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+            def check(case):
+                response = case.call(base_url=server.url, timeout=60)
+                calls.append((case.path, response.status_code))
+                if response.status_code >= 500:
+                    failures.append((case.method, case.path, case.body, response.status_code, response.text[:200]))
+
+            check()
+    assert not failures, failures
+    posts = [code for path, code in calls if path.endswith("completions")]
+    assert len(posts) >= 100 and 200 in posts and 400 in posts  # both accepted and refused requests were tried
