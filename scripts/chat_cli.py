@@ -1,0 +1,400 @@
+"""Chat with a trained model in the terminal: multi-turn, streamed, with the calculator tool.
+
+    python -m scripts.chat_cli                                   # the sft model: largest depth, last step
+    python -m scripts.chat_cli --source base --model-tag d20     # any stage: base | mid | sft | rl
+    python -m scripts.chat_cli -p "Why is the sky blue?"         # one reply, printed, then exit 0
+    python -m scripts.chat_cli --source base --model-tag d2 --device-type cpu --max-tokens 32 -p "hi"
+                                    # tiny, CPU: the d2 model of base_train's tiny CPU run, in seconds
+
+Contract:
+- The conversation is kept as exact token ids, one closed turn per user+assistant pair:
+  `<|user_start|> message <|user_end|> <|assistant_start|>` as the tokenizer renders it, then the reply's own
+  ids (the calculator's forced output included) and `<|assistant_end|>`. The prompt is `<|bos|>` + the turns +
+  the new user message, which is `tokenizer.render_for_completion` of the same chat, without re-encoding the
+  model's replies.
+- Before each reply the oldest turns are dropped, whole, until the prompt leaves room for a reply
+  (`reply_room`), and a notice says how many. A message that does not fit even alone is refused with a
+  notice; the conversation is left as it was.
+- Replies stream through engine.TextStream, so a multi-byte character is never split; a calculator call
+  shows as `[calculator: 12*5 = 60]` and no other special token is shown.
+- Reply n of a session samples with seed `--seed` + n, so a scripted session replays exactly.
+- Replies and command answers go to stdout; the banner and notices to stderr. User errors (a missing
+  checkpoint or tokenizer, a message too long for the context with -p) end with a one-line message and exit
+  code 1 (a bad flag: argparse's usage and code 2), never a traceback.
+
+Commands: /help, /clear, /temperature X, /topk N, /topp P, and quit, exit, /quit or Ctrl-D to leave. Ctrl-C
+stops a reply (what was said is kept) or, at the prompt, drops the line.
+
+Not here: serving (scripts/chat_web.py), the sampling and the tool itself (nanochat/engine.py), chat rendering
+rules (nanochat/tokenizer.py).
+"""
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from itertools import chain
+
+from nanochat.checkpoint import STAGES, CheckpointError, checkpoint_dir, load_model
+from nanochat.common import compute_init
+from nanochat.engine import ContextFullError, Engine, TextStream
+from nanochat.tokenizer import SPECIAL_TOKENS, get_tokenizer
+
+QUIT_WORDS = ("quit", "exit", "/quit", "/exit")
+
+HELP = """commands:
+  /clear            start a new conversation
+  /temperature X    sampling temperature (0 = greedy)
+  /topk N           sample among the N most likely tokens (0 = off)
+  /topp P           sample from the smallest set of tokens with probability P (1 = off)
+  /help             this list and the current settings
+  quit, exit, /quit or Ctrl-D: leave.  Ctrl-C stops a reply."""
+
+# ---------------------------------------------------------------------------- settings
+
+
+def _parse(text: str, kind, valid, requirement: str):
+    """`kind(text)` if it converts and passes `valid`, else an error that says what is expected. Shared by the
+    flags and the commands, so both accept exactly the same values."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not valid(value):
+        raise argparse.ArgumentTypeError(f"{requirement}, got {text!r}")
+    return value
+
+
+def parse_temperature(text: str) -> float:
+    return _parse(text, float, lambda t: t >= 0 and t != float("inf"), "temperature must be a number >= 0")
+
+
+def parse_top_k(text: str) -> int | None:
+    return _parse(text, int, lambda k: k >= 0, "top-k must be an integer >= 0 (0 = off)") or None
+
+
+def parse_top_p(text: str) -> float | None:
+    top_p = _parse(text, float, lambda p: 0 < p <= 1, "top-p must be a number in (0, 1] (1 = off)")
+    return None if top_p == 1 else top_p
+
+
+def parse_max_tokens(text: str) -> int:
+    return _parse(text, int, lambda n: n >= 1, "max tokens must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_k: int | None  # None = off
+    top_p: float | None  # None = off
+    max_tokens: int  # per reply; the model's context may cut a reply shorter
+
+    def describe(self) -> str:
+        return (
+            f"temperature {self.temperature}, top-k {self.top_k or 'off'}, top-p {self.top_p or 'off'}, "
+            f"at most {self.max_tokens} tokens per reply"
+        )
+
+
+@dataclass
+class Session:
+    sampling: Sampling
+    seed: int
+    turns: list[list[int]] = field(default_factory=list)  # closed turns, oldest first (see the contract)
+    replies: int = 0  # replies so far: reply n samples with seed + n
+
+
+# ---------------------------------------------------------------------------- conversation
+
+
+def user_turn_tokens(tokenizer, message: str) -> list[int]:
+    """`<|user_start|> message <|user_end|> <|assistant_start|>`: the tokenizer's rendering of a one-message
+    chat without its `<|bos|>`, so the chat protocol lives in one place (nanochat/tokenizer.py)."""
+    return tokenizer.render_for_completion([{"role": "user", "content": message}])[1:]
+
+
+def render_prompt(tokenizer, turns: list[list[int]], user_tokens: list[int]) -> list[int]:
+    """The prompt asking for the next reply: `<|bos|>`, every closed turn, the new user message."""
+    return [tokenizer.get_bos_token_id(), *chain.from_iterable(turns), *user_tokens]
+
+
+def close_turn(tokenizer, user_tokens: list[int], reply_tokens: list[int]) -> list[int]:
+    """A finished turn: the user message, the reply exactly as generated, `<|assistant_end|>`. A reply cut short
+    (max tokens, Ctrl-C) is closed the same way, so the next turn always starts on the protocol."""
+    return [*user_tokens, *reply_tokens, tokenizer.encode_special("<|assistant_end|>")]
+
+
+def reply_room(context_len: int, max_tokens: int) -> int:
+    """Context positions kept free for a reply: all of max_tokens, but at most a quarter of the context, so a
+    large --max-tokens does not wipe the history (a reply may still run on while the context lasts)."""
+    return max(1, min(max_tokens, context_len // 4))
+
+
+def trim_to_fit(turns: list[list[int]], user_tokens: list[int], context_len: int, room: int) -> list[list[int]]:
+    """The newest turns that fit beside `<|bos|>`, the new message and `room` reply tokens in `context_len`,
+    oldest first; the turns before them are dropped whole. Raises ContextFullError when the message does not
+    fit even alone."""
+    longest_message = context_len - 1 - room  # 1 for <|bos|>
+    space = longest_message - len(user_tokens)  # positions left for old turns
+    if space < 0:
+        raise ContextFullError(
+            f"your message is {len(user_tokens)} tokens with its markers, but the model's context of "
+            f"{context_len} tokens holds at most {longest_message} beside a {room}-token reply; shorten it "
+            "(the conversation is unchanged)"
+        )
+    kept, used = [], 0
+    for turn in reversed(turns):
+        if used + len(turn) > space:
+            break  # stop at the first turn that does not fit: what is kept is always the newest turns
+        kept.append(turn)
+        used += len(turn)
+    return kept[::-1]
+
+
+# ---------------------------------------------------------------------------- replies
+
+
+class ReplyText:
+    """Reply ids -> printable text as they arrive: characters whole (TextStream), a calculator call shown as
+    `[calculator: 12*5 = 60]` (or `[calculator: expr]` when the tool refused it), other special tokens hidden:
+    they are protocol markers, not text."""
+
+    def __init__(self, tokenizer):
+        self.stream = TextStream(tokenizer)
+        special = tokenizer.encode_special
+        self.special_ids = {special(name) for name in SPECIAL_TOKENS}
+        self.python_end, self.output_start = special("<|python_end|>"), special("<|output_start|>")
+        self.markers = {special("<|python_start|>"): "[calculator: ", special("<|output_end|>"): "]"}
+        self.after_call = False  # just after <|python_end|>: the tool's output, or nothing if it refused
+
+    def push(self, token_id: int) -> str:
+        text = ""
+        if self.after_call:
+            self.after_call = False
+            if token_id == self.output_start:
+                return " = "
+            text = "]"  # no output came: the tool refused the expression; close the bracket
+        if token_id not in self.special_ids:
+            return text + self.stream.push(token_id)
+        text += self.stream.flush()  # a marker ends any partial character before it
+        self.after_call = token_id == self.python_end
+        return text + self.markers.get(token_id, "")
+
+    def flush(self) -> str:
+        return self.stream.flush() + ("]" if self.after_call else "")
+
+
+FINISH_NOTICES = {
+    "length": "[the reply reached the limit of {max_tokens} tokens (--max-tokens)]",
+    "context": "[the reply filled the model's context; older turns will be dropped]",
+    "interrupted": "[reply stopped]",
+}
+
+
+def stream_reply(engine: Engine, prompt: list[int], sampling: Sampling, seed: int, write) -> tuple[list[int], str]:
+    """Generates one reply to `prompt`, writing its text as it comes. Returns (reply ids, the stop token
+    excluded; finish reason: "stop" | "length" | "context" | "interrupted" by Ctrl-C)."""
+    budget = engine.token_budget(len(prompt), sampling.max_tokens)
+    text = ReplyText(engine.tokenizer)
+    reply, finish = [], None
+    steps = engine.generate(
+        prompt, 1, sampling.max_tokens, sampling.temperature, sampling.top_k, sampling.top_p, seed=seed
+    )
+    try:
+        for column, masks in steps:
+            if column[0] in engine.stop_ids and masks[0] == 1:
+                finish = "stop"
+                break
+            reply.append(column[0])
+            write(text.push(column[0]))
+    except KeyboardInterrupt:
+        finish = "interrupted"
+    finally:
+        steps.close()
+    write(text.flush())
+    if finish is None:
+        finish = "context" if budget < sampling.max_tokens else "length"
+    return reply, finish
+
+
+def respond(engine: Engine, session: Session, message: str, write, notice, prefix: str = "") -> bool:
+    """One user message -> one streamed reply, added to the session as a closed turn. Old turns are dropped
+    first if needed. False, with the session unchanged, when the message cannot fit at all."""
+    tokenizer = engine.tokenizer
+    user_tokens = user_turn_tokens(tokenizer, message)
+    room = reply_room(engine.context_len, session.sampling.max_tokens)
+    try:
+        kept = trim_to_fit(session.turns, user_tokens, engine.context_len, room)
+    except ContextFullError as e:
+        notice(f"[{e}]")
+        return False
+    dropped = len(session.turns) - len(kept)
+    if dropped:
+        notice(f"[dropped {dropped} old turn{'s' if dropped > 1 else ''} to fit the context]")
+    session.turns = kept
+    write(prefix)
+    prompt = render_prompt(tokenizer, kept, user_tokens)
+    reply, finish = stream_reply(engine, prompt, session.sampling, session.seed + session.replies, write)
+    write("\n")
+    session.replies += 1
+    session.turns.append(close_turn(tokenizer, user_tokens, reply))
+    if finish != "stop":
+        notice(FINISH_NOTICES[finish].format(max_tokens=session.sampling.max_tokens))
+    return True
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+class QuitChat(Exception):
+    """The user asked to leave."""
+
+
+SETTERS = {  # command -> (Sampling field, parser)
+    "/temperature": ("temperature", parse_temperature),
+    "/topk": ("top_k", parse_top_k),
+    "/topp": ("top_p", parse_top_p),
+}
+
+
+def apply_command(line: str, session: Session, context_len: int) -> str:
+    """Runs a `/command` line against the session; returns the answer to print. Raises QuitChat to leave."""
+    name, _, value = line.strip().partition(" ")
+    name, value = name.lower(), value.strip()
+    if name in QUIT_WORDS:
+        raise QuitChat
+    if name == "/help":
+        turns, used = len(session.turns), 1 + sum(len(turn) for turn in session.turns)  # 1 for <|bos|>
+        return (
+            f"{HELP}\nnow: {session.sampling.describe()}; {turns} turn{'' if turns == 1 else 's'}, "
+            f"{used} of the model's {context_len} context tokens"
+        )
+    if name == "/clear":
+        session.turns = []
+        return "[new conversation]"
+    if name in SETTERS:
+        attribute, parse = SETTERS[name]
+        try:
+            parsed = parse(value)
+        except argparse.ArgumentTypeError as e:
+            return f"[{e}; unchanged: {session.sampling.describe()}]"
+        session.sampling = replace(session.sampling, **{attribute: parsed})
+        return f"[{session.sampling.describe()}]"
+    return f"[unknown command {name}; /help lists the commands]"
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def chat_loop(engine: Engine, session: Session, read_line: Callable[[str], str], write, notice) -> None:
+    """The REPL: read a line, run a command or reply to it, until quit, exit, /quit or end of input."""
+    while True:
+        try:
+            line = read_line("User: ").strip()
+        except EOFError:  # Ctrl-D, or the end of piped input
+            write("\n")
+            return
+        except KeyboardInterrupt:  # Ctrl-C at the prompt drops the line, as a shell does
+            write("\n")
+            continue
+        if not line:
+            continue
+        if line.lower() in QUIT_WORDS:
+            return
+        if line.startswith("/"):
+            try:
+                write(apply_command(line, session, engine.context_len) + "\n\n")
+            except QuitChat:
+                return
+            continue
+        respond(engine, session, line, write, notice, prefix="Assistant: ")
+        write("\n")
+
+
+def write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()  # streamed tokens must show as they come, not when a line ends
+
+
+def write_notice(text: str) -> None:
+    sys.stdout.flush()  # keep stdout and stderr in order on a terminal
+    print(text, file=sys.stderr, flush=True)
+
+
+def read_stdin_line(prompt: str) -> str:
+    line = input(prompt)
+    if not sys.stdin.isatty():  # piped input is not echoed: print it so the transcript reads as a chat
+        write_stdout(line + "\n")
+    return line
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Model
+    parser.add_argument(
+        "--source", choices=["sft", "rl", "mid", "base"], default="sft", help="training stage to chat with"
+    )
+    parser.add_argument("--model-tag", default=None, help="checkpoint directory, e.g. d20 (default: largest depth)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last one)")
+    parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
+    # Sampling
+    parser.add_argument("--temperature", type=parse_temperature, default=0.6, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--top-k", type=parse_top_k, default=50, help="sample among the k likeliest tokens (0 = off)")
+    parser.add_argument(
+        "--top-p", type=parse_top_p, default=None, help="sample from the smallest set of probability p (1 = off)"
+    )
+    parser.add_argument("--max-tokens", type=parse_max_tokens, default=512, help="tokens per reply at most")
+    parser.add_argument("--seed", type=int, default=42, help="reply n of a session samples with seed + n")
+    # Mode
+    parser.add_argument("-p", "--prompt", default=None, help="reply to this one message, print it and exit")
+    args = parser.parse_args(argv)
+
+    # ---------------------------------------------------------------- init and model
+    try:
+        runtime = compute_init(args.device_type, args.seed)
+    except (RuntimeError, ValueError) as e:  # no CUDA, a bad NANOCHAT_DEVICE or NANOCHAT_DTYPE
+        parser.exit(1, f"chat_cli: {e}\n")
+    try:
+        model, meta = load_model(args.source, runtime.device, "eval", args.model_tag, args.step, dtype=runtime.dtype)
+        tokenizer = get_tokenizer()
+    except FileNotFoundError as e:
+        parser.exit(
+            1, f"chat_cli: {e}\nchat_cli: --source picks another stage ({' | '.join(STAGES)}), --model-tag and "
+            "--step another checkpoint\n",
+        )  # fmt: skip
+    except (CheckpointError, ValueError) as e:
+        parser.exit(1, f"chat_cli: {e}\n")
+    if tokenizer.get_vocab_size() != model.config.vocab_size:
+        parser.exit(
+            1, f"chat_cli: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model was trained on "
+            f"{model.config.vocab_size}: this checkpoint was made with a different tokenizer\n",
+        )  # fmt: skip
+    engine = Engine(model, tokenizer)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.max_tokens)
+    session = Session(sampling, args.seed)
+    tag = os.path.basename(checkpoint_dir(args.source, args.model_tag))
+    write_notice(
+        f"chat_cli: {args.source} {tag} step {meta['step']}, {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters, context {engine.context_len} tokens, on {runtime.device} in {runtime.dtype}; "
+        f"{sampling.describe()}, seed {args.seed}"
+    )
+
+    # ---------------------------------------------------------------- chat
+    if args.prompt is not None:
+        return 0 if respond(engine, session, args.prompt, write_stdout, write_notice) else 1
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input(); absent on Windows)
+        except ImportError:
+            pass
+    write_notice("type /help for commands; quit, exit or Ctrl-D to leave")
+    chat_loop(engine, session, read_stdin_line, write_stdout, write_notice)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while loading: leave quietly, with the shell's code for SIGINT
+        sys.exit(130)

@@ -1,0 +1,327 @@
+"""scripts.chat_cli: the conversation it builds (the tokenizer's protocol, trimmed whole turns), what it prints,
+its commands, and the real script run on a tiny sft checkpoint: one-shot, piped interactive, overfull, missing."""
+
+import os
+import re
+import subprocess
+import sys
+from itertools import chain
+
+import pytest
+import torch
+
+from conftest import REPO
+from nanochat.checkpoint import load_model, save_checkpoint
+from nanochat.engine import ContextFullError, Engine
+from nanochat.gpt import GPT, GPTConfig
+from scripts import chat_cli
+from scripts.chat_cli import (
+    QuitChat,
+    ReplyText,
+    Sampling,
+    Session,
+    apply_command,
+    close_turn,
+    render_prompt,
+    reply_room,
+    respond,
+    trim_to_fit,
+    user_turn_tokens,
+)
+
+CONTEXT = 64
+DEFAULTS = Sampling(temperature=0.6, top_k=50, top_p=None, max_tokens=512)  # the script's flag defaults
+LONG_MESSAGE = "Tell me everything about the history of the city and its rivers"  # ~15 tokens
+
+
+def randomized(seed=0) -> GPT:
+    """A tiny model with every weight random (the default init zeroes projections and lm_head, so it would only
+    ever say token 0)."""
+    torch.manual_seed(seed)
+    model = GPT.build(GPTConfig(sequence_len=CONTEXT, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 1.0 if name == "wte.weight" else 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, small_tokenizer):
+    """A base dir holding the small tokenizer and a random 64-token-context model saved as the sft stage's d2."""
+    root = tmp_path_factory.mktemp("nanochat")
+    small_tokenizer.save(str(root / "tokenizer"))
+    save_checkpoint(str(root / "chatsft_checkpoints" / "d2"), 1, randomized())
+    return root
+
+
+@pytest.fixture
+def engine(base_dir, small_tokenizer, monkeypatch):
+    """The checkpoint loaded exactly as the script loads it on the CPU."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    model, _ = load_model("sft", "cpu", "eval", dtype=torch.float32)
+    return Engine(model, small_tokenizer)
+
+
+def shown(tokenizer, tokens) -> str:
+    text = ReplyText(tokenizer)
+    return "".join(text.push(t) for t in tokens) + text.flush()
+
+
+@pytest.fixture(scope="module")
+def script_env(tmp_path_factory):
+    """The environment the script runs in. Where bytecode is not written (PYTHONDONTWRITEBYTECODE), every
+    process would compile torch from source again (~5 s of CPU each on 2 cores): the script's runs share a
+    bytecode cache in a temp dir instead. Elsewhere the usual __pycache__ directories serve."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NANOCHAT_DEVICE", "NANOCHAT_DTYPE")}
+    if env.pop("PYTHONDONTWRITEBYTECODE", None):
+        env["PYTHONPYCACHEPREFIX"] = str(tmp_path_factory.mktemp("pycache"))
+    return env
+
+
+def run_script(env, base_dir, *args, stdin=""):
+    env = {**env, "NANOCHAT_BASE_DIR": str(base_dir)}
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.chat_cli", "--device-type", "cpu", *args],
+        cwd=REPO, env=env, input=stdin, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- the conversation
+
+
+def test_turns_render_as_the_tokenizers_chat_protocol(small_tokenizer):
+    tok = small_tokenizer
+    special = tok.encode_special
+    messages = [
+        {"role": "user", "content": "What is 12 times 5?"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Let me compute "},
+                {"type": "python", "text": "12*5"},
+                {"type": "python_output", "text": "60"},
+                {"type": "text", "text": " so it is 60."},
+            ],
+        },
+        {"role": "user", "content": "And café ☕ times 2?"},
+        {"role": "assistant", "content": "No idea."},
+        {"role": "user", "content": "Thanks"},
+    ]
+    reply_1 = [
+        *tok.encode("Let me compute "), special("<|python_start|>"), *tok.encode("12*5"), special("<|python_end|>"),
+        special("<|output_start|>"), *tok.encode("60"), special("<|output_end|>"), *tok.encode(" so it is 60."),
+    ]  # fmt: skip
+    turns = [
+        close_turn(tok, user_turn_tokens(tok, messages[0]["content"]), reply_1),
+        close_turn(tok, user_turn_tokens(tok, messages[2]["content"]), tok.encode("No idea.")),
+    ]
+    prompt = render_prompt(tok, turns, user_turn_tokens(tok, "Thanks"))
+    assert prompt == tok.render_for_completion(messages)
+    assert [tok.get_bos_token_id(), *chain(*turns)] == tok.render_conversation(messages[:4])[0]
+
+
+@pytest.mark.parametrize("context_len,room", [(64, 8), (64, 16), (100, 1), (40, 8)])
+def test_trimming_keeps_the_newest_whole_turns_that_fit(context_len, room):
+    turns = [[100 + i] * length for i, length in enumerate([9, 4, 13, 7, 2, 11, 6, 5])]  # each turn recognisable
+    user = [7] * 6
+    kept = trim_to_fit(turns, user, context_len, room)
+    assert kept == turns[len(turns) - len(kept) :]  # a suffix: whole turns, the newest ones, in order
+    used = 1 + sum(map(len, kept)) + len(user)
+    assert used + room <= context_len
+    if len(kept) < len(turns):  # one more turn would not have fit
+        assert used + len(turns[-len(kept) - 1]) + room > context_len
+    assert trim_to_fit([], user, context_len, room) == []
+
+
+def test_a_message_too_long_alone_is_refused_clearly():
+    room = reply_room(CONTEXT, 512)
+    assert room == 16  # a quarter of the context, not all of --max-tokens
+    longest = CONTEXT - 1 - room
+    assert trim_to_fit([[1] * 5], [7] * longest, CONTEXT, room) == []  # just fits, alone
+    with pytest.raises(ContextFullError, match=rf"{longest + 1} tokens.*at most {longest}.*shorten it"):
+        trim_to_fit([[1] * 5], [7] * (longest + 1), CONTEXT, room)
+    assert reply_room(2048, 512) == 512 and reply_room(2048, 0) == 1
+
+
+# ---------------------------------------------------------------------------- what is printed
+
+
+def test_reply_text_shows_the_calculator_and_hides_markers(small_tokenizer):
+    tok = small_tokenizer
+    special = tok.encode_special
+    call = [special("<|python_start|>"), *tok.encode("12*5"), special("<|python_end|>")]
+    output = [special("<|output_start|>"), *tok.encode("60"), special("<|output_end|>")]
+    assert shown(tok, [*tok.encode("So "), *call, *output, *tok.encode(" done")]) == "So [calculator: 12*5 = 60] done"
+    refused = [special("<|python_start|>"), *tok.encode("x()"), special("<|python_end|>")]
+    assert shown(tok, [*refused, *tok.encode(" ok")]) == "[calculator: x()] ok"
+    assert shown(tok, refused) == "[calculator: x()]"  # closed even when the reply ends there
+    assert shown(tok, [*tok.encode("a"), special("<|user_start|>"), *tok.encode("b")]) == "ab"
+
+
+def test_reply_text_never_splits_a_character(small_tokenizer):
+    text = "naïve café — 日本語 🙂"
+    ids = small_tokenizer.encode(text)
+    stream = ReplyText(small_tokenizer)
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    assert "" in pieces  # some tokens were parts of a character, held back until it was whole
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def test_commands_change_the_settings_and_clear_the_conversation():
+    session = Session(DEFAULTS, seed=0, turns=[[1, 2, 3]])
+    assert "temperature 0.2" in apply_command("/temperature 0.2", session, CONTEXT)
+    assert session.sampling.temperature == 0.2
+    for bad in ["/temperature -1", "/temperature warm", "/temperature", "/topk -3", "/topp 0", "/topp 1.5"]:
+        answer = apply_command(bad, session, CONTEXT)
+        assert "must be" in answer and "unchanged" in answer, bad
+    assert session.sampling == Sampling(0.2, 50, None, 512)
+    apply_command("/topk 0", session, CONTEXT)
+    apply_command("/topp 0.9", session, CONTEXT)
+    assert (session.sampling.top_k, session.sampling.top_p) == (None, 0.9)
+    apply_command("/topk 5", session, CONTEXT)
+    apply_command("/topp 1", session, CONTEXT)
+    assert (session.sampling.top_k, session.sampling.top_p) == (5, None)
+    help_text = apply_command("/help", session, CONTEXT)
+    assert "/clear" in help_text and "top-k 5" in help_text and "1 turn," in help_text and "4 of" in help_text
+    assert apply_command("/clear", session, CONTEXT) == "[new conversation]" and session.turns == []
+    assert "unknown command /nope" in apply_command("/nope 3", session, CONTEXT)
+    with pytest.raises(QuitChat):
+        apply_command("/quit", session, CONTEXT)
+
+
+# ---------------------------------------------------------------------------- replies, in process
+
+
+def test_replies_are_the_engines_and_turns_chain(engine, small_tokenizer):
+    tok = small_tokenizer
+    sampling = Sampling(temperature=0.8, top_k=20, top_p=None, max_tokens=12)
+    session, written, notices = Session(sampling, seed=5), [], []
+    expected_turns = []
+    for n, message in enumerate(["hello", "and then?"]):
+        user = user_turn_tokens(tok, message)
+        prompt = render_prompt(tok, expected_turns, user)
+        expected = engine.generate_batch(prompt, max_tokens=12, temperature=0.8, top_k=20, seed=5 + n)[0]
+        written.clear()
+        assert respond(engine, session, message, written.append, notices.append)
+        assert "".join(written) == shown(tok, expected.tokens) + "\n"
+        expected_turns.append(user + expected.tokens + [tok.encode_special("<|assistant_end|>")])
+        assert session.turns == expected_turns
+    assert session.replies == 2
+
+
+def test_an_overfull_conversation_drops_old_turns_and_goes_on(engine, small_tokenizer):
+    tok = small_tokenizer
+    session, notices = Session(Sampling(0.6, 50, None, max_tokens=8), seed=0), []
+    room = reply_room(CONTEXT, 8)
+    dropped_total = 0
+    for i in range(8):
+        before = list(session.turns)
+        message = f"{LONG_MESSAGE} {i}"
+        assert respond(engine, session, message, lambda text: None, notices.append)
+        kept = session.turns[:-1]
+        assert kept == before[len(before) - len(kept) :]  # the newest turns survive, whole and in order
+        assert 1 + sum(map(len, kept)) + len(user_turn_tokens(tok, message)) + room <= CONTEXT
+        dropped_total += len(before) - len(kept)
+    drops = [re.fullmatch(r"\[dropped (\d+) old turns? to fit the context\]", n) for n in notices if "dropped" in n]
+    assert drops and all(drops)
+    assert dropped_total == sum(int(match.group(1)) for match in drops) > 0
+
+    before, notices[:] = list(session.turns), []
+    assert not respond(engine, session, LONG_MESSAGE * 5, lambda text: None, notices.append)
+    assert session.turns == before and "shorten it" in notices[0]
+
+
+def test_the_loop_survives_ctrl_c_and_ends_at_end_of_input(engine, small_tokenizer):
+    """Ctrl-C at the prompt drops the line; Ctrl-C mid-reply keeps what was said and closes the turn; Ctrl-D
+    (EOFError) leaves."""
+    tok = small_tokenizer
+    session, written, notices = Session(Sampling(0.0, None, None, max_tokens=10), seed=0), [], []
+    inputs = iter([KeyboardInterrupt, "  ", "hello", "/topk 3", "go on", EOFError])
+    interrupt_after = {"writes": None}
+
+    def read_line(prompt):
+        item = next(inputs)
+        if isinstance(item, type):
+            raise item
+        interrupt_after["writes"] = 3 if item == "go on" else None
+        return item
+
+    def write(text):
+        if interrupt_after["writes"] is not None:
+            if interrupt_after["writes"] == 0:
+                interrupt_after["writes"] = None
+                raise KeyboardInterrupt  # as if Ctrl-C arrived while the reply was printing
+            interrupt_after["writes"] -= 1
+        written.append(text)
+
+    chat_cli.chat_loop(engine, session, read_line, write, notices.append)
+    assert next(inputs, "exhausted") == "exhausted"
+    assert session.replies == 2 and len(session.turns) == 2 and session.sampling.top_k == 3
+    assert "[reply stopped]" in notices
+    user = user_turn_tokens(tok, "go on")
+    cut_reply = session.turns[1][len(user) : -1]
+    assert session.turns[1][: len(user)] == user and session.turns[1][-1] == tok.encode_special("<|assistant_end|>")
+    assert 1 <= len(cut_reply) < 10  # stopped early: prefix "Assistant: " and two tokens written, the third not
+
+
+# ---------------------------------------------------------------------------- the script
+
+
+def test_one_shot_prints_the_reply_and_exits_0(script_env, base_dir, engine, small_tokenizer):
+    prompt = render_prompt(small_tokenizer, [], user_turn_tokens(small_tokenizer, "hello"))
+    expected = engine.generate_batch(prompt, max_tokens=16, temperature=0.6, top_k=50, seed=42)[0]
+    assert expected.tokens  # the test means something only if there is a reply to print
+    result = run_script(script_env, base_dir, "-p", "hello", "--max-tokens", "16")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == shown(small_tokenizer, expected.tokens) + "\n"
+    assert "sft d2 step 1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_interactive_session_through_stdin(script_env, base_dir):
+    lines = [
+        "hello", "/temperature 0", "/topk 5", "how are you?", "/clear", "",
+        *[f"{LONG_MESSAGE} {i}" for i in range(6)], LONG_MESSAGE * 5, "again", "quit", "never read",
+    ]  # fmt: skip
+    result = run_script(script_env, base_dir, "--max-tokens", "8", stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    out, err = result.stdout, result.stderr
+    assert "temperature 0.0, top-k 50" in out and "temperature 0.0, top-k 5," in out
+    assert "[new conversation]" in out
+    assert out.count("Assistant: ") == 9  # every message but the oversized one got a reply
+    assert "[dropped" in err and "to fit the context]" in err
+    assert "shorten it" in err
+    assert "never read" not in out and "Traceback" not in err
+
+
+def test_missing_checkpoint_is_a_clear_error(script_env, tmp_path):
+    result = run_script(script_env, tmp_path, "-p", "hello")
+    assert result.returncode == 1 and result.stdout == ""
+    assert "chatsft_checkpoints" in result.stderr and "scripts/chat_sft.py" in result.stderr
+    assert "--source" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_other_user_errors_exit_1_with_a_message(base_dir, monkeypatch, capsys, tmp_path):
+    def exit_code(*args):
+        try:
+            return chat_cli.main(["--device-type", "cpu", "--max-tokens", "4", *args])
+        except SystemExit as e:
+            return e.code
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    cases = [
+        (["--source", "base", "--model-tag", "d2"], r"no complete base checkpoint .*scripts/base_train\.py"),
+        (["--step", "7"], "step 7 has no complete checkpoint"),
+        (["-p", LONG_MESSAGE * 5], "shorten it"),
+        (["--temperature", "-1"], "temperature must be a number >= 0"),  # argparse's code 2, before any loading
+    ]
+    for args, message in cases:
+        assert exit_code(*args) == (2 if "--temperature" in args else 1), args
+        assert re.search(message, capsys.readouterr().err), args
+    (tmp_path / "chatsft_checkpoints").mkdir()
+    os.symlink(base_dir / "chatsft_checkpoints" / "d2", tmp_path / "chatsft_checkpoints" / "d2")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))  # the model but no tokenizer
+    assert exit_code("-p", "hi") == 1
+    assert re.search(r"no tokenizer .*scripts\.tok_train", capsys.readouterr().err)
