@@ -179,7 +179,10 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.compute_dtype: torch.dtype | None = None
-        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        # _weight skips reset_parameters: its normal_ on the meta device imports torch._dynamo (seconds per process)
+        self.wte = nn.Embedding(
+            config.padded_vocab_size, config.n_embd, _weight=torch.empty(config.padded_vocab_size, config.n_embd)
+        )
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.lm_head = Linear(config.n_embd, config.padded_vocab_size)
         # RoPE tables for 10x the training context, so generation can run past it. Not saved: recomputed.
@@ -198,8 +201,11 @@ class GPT(nn.Module):
 
     def _rotary_tables(self, length: int):
         head_dim = self.config.head_dim
-        inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (T, head_dim/2)
+        # Computed on the CPU even under GPT.build's meta device: arithmetic on meta tensors imports torch._dynamo
+        # (seconds per process), and init_weights recomputes the tables on the real device anyway.
+        steps = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu")
+        inv_freq = 1.0 / (self.config.rope_base ** (steps / head_dim))
+        angles = torch.outer(torch.arange(length, dtype=torch.float32, device="cpu"), inv_freq)  # (T, head_dim/2)
         return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, T, 1, head_dim/2)
 
     @torch.no_grad()

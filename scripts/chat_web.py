@@ -19,7 +19,9 @@ import sys
 
 import uvicorn
 
+from nanochat.checkpoint import checkpoint_dir, find_last_step
 from nanochat.server import Settings, create_app
+from nanochat.tokenizer import get_tokenizer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,6 +67,14 @@ def main(argv=None) -> None:
         max_tokens=args.max_tokens,
         max_tokens_limit=args.max_tokens_limit,
     )
+    # Fail here with the loader's own message rather than inside uvicorn's startup, which would bury it.
+    try:
+        directory = checkpoint_dir(args.source, args.model_tag)
+        if find_last_step(directory) is None:
+            raise FileNotFoundError(f"no complete {args.source} checkpoint in {directory}")
+        get_tokenizer()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"chat_web: {e}\n(train one first, or pick another with --source / --model-tag)")
     print(f"chat_web: serving {args.source} on http://{args.host}:{args.port} (OpenAI API under /v1)")
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
 
