@@ -1,0 +1,398 @@
+"""Chat evaluation: a chat checkpoint's accuracy on six tasks, and their summary, ChatCORE.
+
+    python -m scripts.chat_eval -i sft                                               # all six tasks
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -i sft -a "GSM8K|HumanEval" -n 8 -t 0.8
+    python -m scripts.chat_eval -i sft --device-type cpu -x 4 -m 64 \\
+        --data-dir ../shared/data --arc-split validation                             # tiny, CPU, offline
+
+Tasks and how each is scored:
+- ARC-Easy, ARC-Challenge (test split; `--arc-split validation` offline, where the test split is absent),
+  MMLU (all subjects, test): categorical. Each batch of `-b` prompts (rendered for completion, right-padded
+  with BOS) takes one forward pass; the logits at each prompt's last position, restricted to that question's
+  answer letters (each a single token, checked), pick the predicted letter, which `task.evaluate` scores.
+- GSM8K (test), HumanEval (164 problems), SpellingBee (256 test examples): generative. Each problem gets `-n`
+  samples from `Engine.generate_batch` (at most `-m` new tokens, temperature `-t`, top-k `-k`, seed = the
+  problem's index); it passes if any sample passes `task.evaluate` (pass@n). HumanEval runs every candidate
+  program in nanochat/execution.py's sandbox.
+- ChatCORE = the mean over the six tasks of centered accuracy (acc - baseline) / (1 - baseline), baseline 0.25
+  for the three multiple-choice tasks and 0 for the generative ones: 0 is random, 1 perfect. It is reported
+  only when all six tasks ran; otherwise the summary says which are missing.
+
+Contract:
+- `-x N` evaluates the first N problems of each task (in the task's order), -1 all of them.
+- A prompt too long for the model is skipped, never cropped (cropping would cut the question, which comes
+  first): a categorical prompt longer than the model's sequence_len, or a generative one that leaves no room
+  for a single new token (the engine's ContextFullError). A skipped problem counts as failed, so accuracies
+  stay over every problem, and the table's "too long" column says how many there were.
+- Distributed: under torchrun rank r takes problems r, r+W, ...; passed / problem / too-long counts are summed
+  over ranks (torch.distributed all_reduce), so every rank holds the same totals.
+- Rank 0 prints a table and writes `<base dir>/chat_eval/chat_<source>_<tag>_<step>[_<tasks>].json` and `.md`
+  atomically (the task names are appended when not all six ran).
+
+Not here: the tasks themselves (tasks/), generation (nanochat/engine.py), base-model CORE (scripts/base_eval.py).
+"""
+
+import argparse
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import atomic_write, compute_cleanup, compute_init, describe_environment, get_base_dir, print0
+from nanochat.engine import ContextFullError, Engine
+from tasks.common import resolve_data_dir
+
+ALL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
+# Random-guess accuracy: four choices (ARC has a few 3- and 5-choice rows; the reference keeps 0.25), or none.
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
+SPELLING_BEE_SIZE = 256  # test examples, as in the reference
+
+
+def load_task(name: str, data_dir: str | None = None, arc_split: str = "test"):
+    """The evaluation split of a task by name; data_dir None = $NANOCHAT_DATA_DIR, else the hub."""
+    if name in ("ARC-Easy", "ARC-Challenge"):
+        from tasks.arc import ARC
+
+        return ARC(name, arc_split, data_dir=data_dir)
+    if name == "MMLU":
+        from tasks.mmlu import MMLU
+
+        return MMLU("all", "test", data_dir=data_dir)
+    if name == "GSM8K":
+        from tasks.gsm8k import GSM8K
+
+        return GSM8K("main", "test", data_dir=data_dir)
+    if name == "HumanEval":
+        from tasks.humaneval import HumanEval
+
+        return HumanEval()
+    if name == "SpellingBee":
+        from tasks.spellingbee import SpellingBee
+
+        return SpellingBee(SPELLING_BEE_SIZE, "test", data_dir=data_dir)
+    raise ValueError(f"unknown task {name!r}; the tasks are {', '.join(ALL_TASKS)}")
+
+
+# ---------------------------------------------------------------------------- categorical
+
+
+def letter_token_ids(tokenizer, letters: list[str]) -> list[int]:
+    """The token id of each answer letter; the categorical scoring needs every letter to be one token."""
+    ids = []
+    for letter in letters:
+        tokens = tokenizer.encode(letter)
+        if len(tokens) != 1:
+            raise ValueError(f"answer letter {letter!r} is {len(tokens)} tokens with this tokenizer, not 1")
+        ids.append(tokens[0])
+    return ids
+
+
+@torch.inference_mode()
+def last_position_logits(model, prompts: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    """fp32 logits (B, V) at each prompt's last position, from one forward pass over the batch.
+
+    Rows are right-padded with `pad_id`: attention is causal, so padding never reaches a prompt's last
+    position. Only the last (longest - shortest + 1) positions get logits, the window holding every row's
+    last position (a batch of similar lengths then skips most of the (B, T, V) logits).
+    """
+    lengths = [len(prompt) for prompt in prompts]
+    longest, shortest = max(lengths), min(lengths)
+    idx = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        idx[row, : len(prompt)] = torch.tensor(prompt)
+    logits = model(idx.to(device), logits_to_keep=longest - shortest + 1)  # (B, longest - shortest + 1, V)
+    last = torch.tensor(lengths) - shortest  # each row's last prompt position, counted within the window
+    return logits[torch.arange(len(prompts)), last.to(logits.device)].float()
+
+
+def predict_choices(model, prompts: list[list[int]], letter_ids: list[list[int]], pad_id: int, device) -> list[int]:
+    """For each prompt, the index of its highest-scoring answer letter (ties: the first), among its letters only."""
+    logits = last_position_logits(model, prompts, pad_id, device)  # (B, V)
+    return [int(logits[row, ids].argmax()) for row, ids in enumerate(letter_ids)]
+
+
+def evaluate_categorical(model, tokenizer, task, indices, batch_size: int, device) -> tuple[int, int]:
+    """(passed, too long) over the problems `indices` of a categorical task."""
+    context_len = model.config.sequence_len
+    pad_id = tokenizer.get_bos_token_id()
+    passed = too_long = 0
+    pending = []  # (conversation, prompt) of the prompts that fit, evaluated batch_size at a time
+    for position, index in enumerate(indices):
+        conversation = task[index]
+        prompt = tokenizer.render_for_completion(conversation)
+        if len(prompt) > context_len:
+            too_long += 1
+        else:
+            pending.append((conversation, prompt))
+        if pending and (len(pending) == batch_size or position == len(indices) - 1):
+            letters = [conversation["letters"] for conversation, _ in pending]
+            letter_ids = [letter_token_ids(tokenizer, row_letters) for row_letters in letters]
+            choices = predict_choices(model, [prompt for _, prompt in pending], letter_ids, pad_id, device)
+            for (conversation, _), row_letters, choice in zip(pending, letters, choices):
+                passed += bool(task.evaluate(conversation, row_letters[choice]))
+            pending = []
+    return passed, too_long
+
+
+# ---------------------------------------------------------------------------- generative
+
+
+def evaluate_generative(
+    engine, tokenizer, task, indices, num_samples: int, max_new_tokens: int, temperature: float, top_k: int | None
+) -> tuple[int, int]:
+    """(passed, too long) over the problems `indices` of a generative task; pass@num_samples."""
+    passed = too_long = 0
+    for index in indices:
+        conversation = task[index]
+        prompt = tokenizer.render_for_completion(conversation)
+        try:
+            completions = engine.generate_batch(
+                prompt, num_samples, max_new_tokens, temperature=temperature, top_k=top_k, seed=index
+            )
+        except ContextFullError:
+            too_long += 1
+            continue
+        # any() stops at the first pass, so HumanEval runs no more sandboxed programs than it must.
+        passed += any(task.evaluate(conversation, tokenizer.decode(c.tokens)) for c in completions)
+    return passed, too_long
+
+
+# ---------------------------------------------------------------------------- one task, all ranks
+
+
+@dataclass
+class TaskResult:
+    name: str
+    eval_type: str
+    problems: int  # evaluated, over all ranks (after -x)
+    passed: int
+    too_long: int  # skipped for not fitting the context, counted as failed
+    baseline: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.passed / self.problems if self.problems else 0.0
+
+    @property
+    def centered(self) -> float:
+        return centered_accuracy(self.accuracy, self.baseline)
+
+
+def centered_accuracy(accuracy: float, baseline: float) -> float:
+    """0 at random guessing, 1 at perfect."""
+    return (accuracy - baseline) / (1.0 - baseline)
+
+
+def chatcore(results: list[TaskResult]) -> float | None:
+    """Mean centered accuracy over the six tasks, or None unless each of them has a result."""
+    by_name = {result.name: result for result in results}
+    if any(name not in by_name for name in ALL_TASKS):
+        return None
+    return sum(by_name[name].centered for name in ALL_TASKS) / len(ALL_TASKS)
+
+
+def _rank_and_world_size() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def evaluate_task(
+    name: str,
+    task,
+    model,
+    tokenizer,
+    device,
+    max_problems: int = -1,
+    batch_size: int = 8,
+    num_samples: int = 1,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_k: int | None = 50,
+    engine=None,
+) -> TaskResult:
+    """One task's result, its problems strided over the ranks when a process group is up."""
+    num_problems = len(task) if max_problems < 0 else min(len(task), max_problems)
+    rank, world_size = _rank_and_world_size()
+    indices = range(rank, num_problems, world_size)
+    if task.eval_type == "categorical":
+        passed, too_long = evaluate_categorical(model, tokenizer, task, indices, batch_size, device)
+    elif task.eval_type == "generative":
+        engine = engine or Engine(model, tokenizer)
+        passed, too_long = evaluate_generative(
+            engine, tokenizer, task, indices, num_samples, max_new_tokens, temperature, top_k
+        )
+    else:
+        raise ValueError(f"{name} has eval_type {task.eval_type!r}: only categorical and generative tasks evaluate")
+    counts = torch.tensor([passed, too_long], dtype=torch.long, device=device)
+    if world_size > 1:
+        dist.all_reduce(counts)  # every problem was evaluated by exactly one rank
+    passed, too_long = counts.tolist()
+    return TaskResult(name, task.eval_type, num_problems, passed, too_long, BASELINES.get(name, 0.0))
+
+
+# ---------------------------------------------------------------------------- reporting
+
+
+def summary_line(results: list[TaskResult]) -> str:
+    score = chatcore(results)
+    if score is not None:
+        return f"ChatCORE {score:.4f} over all {len(ALL_TASKS)} tasks"
+    missing = [name for name in ALL_TASKS if name not in {result.name for result in results}]
+    return f"ChatCORE not reported: it needs all {len(ALL_TASKS)} tasks; missing: {', '.join(missing)}"
+
+
+def format_table(results: list[TaskResult], num_samples: int) -> str:
+    header = f"{'task':<14} {'type':<12} {'problems':>8} {'passed':>7} {'too long':>8} {'accuracy':>9} {'centered':>9}"
+    lines = [header]
+    for r in results:
+        kind = "categorical" if r.eval_type == "categorical" else f"pass@{num_samples}"
+        lines.append(
+            f"{r.name:<14} {kind:<12} {r.problems:>8} {r.passed:>7} {r.too_long:>8} {r.accuracy:>9.4f} "
+            f"{r.centered:>9.4f}"
+        )
+    return "\n".join(lines)
+
+
+def to_markdown(results: list[TaskResult], num_samples: int, title: str) -> str:
+    out = io.StringIO()
+    out.write(f"## {title}\n\n")
+    out.write("| task | scoring | problems | passed | too long | accuracy | baseline | centered |\n")
+    out.write("|---|---|---:|---:|---:|---:|---:|---:|\n")
+    for r in results:
+        kind = "categorical" if r.eval_type == "categorical" else f"pass@{num_samples}"
+        out.write(
+            f"| {r.name} | {kind} | {r.problems} | {r.passed} | {r.too_long} | {r.accuracy:.4f} | "
+            f"{r.baseline:.2f} | {r.centered:.4f} |\n"
+        )
+    out.write(f"\n{summary_line(results)}\n")
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Model
+    parser.add_argument("-i", "--source", required=True, choices=["base", "mid", "sft", "rl"], help="checkpoint stage")
+    parser.add_argument("-g", "--model-tag", default=None, help="checkpoint directory (default: largest depth)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: last)")
+    parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
+    # Evaluation
+    parser.add_argument(
+        "-a", "--task-name", default="|".join(ALL_TASKS), help="one task or several joined by '|' (default: all six)"
+    )
+    parser.add_argument("-x", "--max-problems", type=int, default=-1, help="first N problems per task (-1 = all)")
+    parser.add_argument("-b", "--batch-size", type=int, default=8, help="categorical prompts per forward pass")
+    parser.add_argument("-n", "--num-samples", type=int, default=1, help="samples per generative problem (pass@n)")
+    parser.add_argument("-m", "--max-new-tokens", type=int, default=512, help="new tokens per sample, at most")
+    parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k likeliest tokens (-1 = off)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="local data laid out like ../shared/data/ (default: $NANOCHAT_DATA_DIR, else the hub)",
+    )
+    parser.add_argument(
+        "--arc-split", choices=["test", "validation"], default="test", help="ARC split (the local data has no test)"
+    )
+    args = parser.parse_args(argv)
+
+    # Derived values
+    task_names = [name.strip() for name in args.task_name.split("|") if name.strip()]
+    unknown = [name for name in task_names if name not in ALL_TASKS]
+    if unknown or not task_names:
+        parser.error(f"unknown task(s) {unknown}; choose from {'|'.join(ALL_TASKS)}")
+    if len(set(task_names)) != len(task_names):
+        parser.error(f"task listed twice in {args.task_name!r}")
+    for flag, value in (("-b", args.batch_size), ("-n", args.num_samples), ("-m", args.max_new_tokens)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    if args.top_k == 0 or args.top_k < -1:
+        parser.error(f"-k must be >= 1, or -1 for off, got {args.top_k}")
+    top_k = None if args.top_k == -1 else args.top_k
+    data_dir = resolve_data_dir(args.data_dir)  # None = the Hugging Face hub
+    if data_dir is not None and args.arc_split == "test" and {"ARC-Easy", "ARC-Challenge"} & set(task_names):
+        parser.error(f"the local data in {data_dir} has no ARC test split: pass --arc-split validation")
+
+    # ---------------------------------------------------------------- init
+    runtime = compute_init(args.device_type)
+    resolved = {**vars(args), "tasks": task_names, "data_dir": data_dir}
+    print0(json.dumps({"config": resolved, "environment": describe_environment(runtime)}, indent=2, default=str))
+    if args.temperature == 0 and args.num_samples > 1:
+        print0(f"note: greedy decoding (-t 0) makes all {args.num_samples} samples identical; pass@n = pass@1")
+
+    # ---------------------------------------------------------------- model
+    from nanochat.checkpoint import load_model
+    from nanochat.tokenizer import get_tokenizer
+
+    model, meta = load_model(args.source, runtime.device, "eval", args.model_tag, args.step, dtype=runtime.dtype)
+    tokenizer = get_tokenizer()
+    engine = Engine(model, tokenizer)
+    tag, step = args.model_tag or f"d{meta['model_config']['n_layer']}", meta["step"]
+    title = f"chat eval of {args.source} {tag} step {step}"
+    print0(title)
+
+    # ---------------------------------------------------------------- evaluate
+    results, seconds = [], {}
+    for name in task_names:
+        start = time.time()
+        result = evaluate_task(
+            name,
+            load_task(name, data_dir, args.arc_split),
+            model,
+            tokenizer,
+            runtime.device,
+            max_problems=args.max_problems,
+            batch_size=args.batch_size,
+            num_samples=args.num_samples,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=top_k,
+            engine=engine,
+        )
+        seconds[name] = time.time() - start
+        results.append(result)
+        print0(
+            f"{name}: {result.passed}/{result.problems} = {result.accuracy:.4f}"
+            + (f" ({result.too_long} too long for the context, counted as failed)" if result.too_long else "")
+            + f" in {seconds[name]:.1f} s"
+        )
+    print0(format_table(results, args.num_samples))
+    print0(summary_line(results))
+
+    # ---------------------------------------------------------------- save
+    if runtime.is_master:
+        summary = {
+            "source": args.source,
+            "model": tag,
+            "step": step,
+            "chatcore": chatcore(results),
+            "summary": summary_line(results),
+            "config": resolved,
+            "tasks": [
+                {**asdict(r), "accuracy": r.accuracy, "centered": r.centered, "seconds": seconds[r.name]}
+                for r in results
+            ],
+        }
+        out_dir = os.path.join(get_base_dir(), "chat_eval")
+        os.makedirs(out_dir, exist_ok=True)
+        name = f"chat_{args.source}_{tag}_{step:06d}"
+        if task_names != list(ALL_TASKS):
+            name += "_" + "_".join(task_names)  # a partial run does not overwrite a full one
+        stem = os.path.join(out_dir, name)
+        markdown = to_markdown(results, args.num_samples, title)
+        atomic_write(stem + ".json", lambda f: f.write(json.dumps(summary, indent=2).encode("utf-8")))
+        atomic_write(stem + ".md", lambda f: f.write(markdown.encode("utf-8")))
+        print0(f"wrote {stem}.json and {stem}.md")
+    compute_cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    main()
