@@ -50,9 +50,14 @@ class KVCache:
     are kept on the host as well as on the device: shapes and capacity checks never wait for the device.
     Implements the protocol nanochat/gpt.py documents: `max_len`, `prepare(T)`, `insert_kv(layer, k, v)`.
     All state is updated in place, so `head(n)` can hand out the first n rows as a cache sharing it.
+
+    static=True makes every decode step the same computation on the same tensors, which torch.compile can
+    capture whole (and CUDA graphs replay, gpt-fast style): positions and the mask come from the device copy
+    of the lengths, attention always spans all `max_len` keys, and nothing reads the host copy inside the step;
+    the caller checks capacity and calls `advance_host` after each step.
     """
 
-    def __init__(self, num_layers, batch_size, num_kv_heads, head_dim, max_len, dtype, device):
+    def __init__(self, num_layers, batch_size, num_kv_heads, head_dim, max_len, dtype, device, static=False):
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -61,19 +66,31 @@ class KVCache:
         self.lengths_tensor = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._key_index = torch.arange(max_len, device=device)
         self._positions = None  # (B, T) positions of the tokens being inserted, set by prepare
-        self._span = 0  # keys returned by insert_kv
+        self._span = max_len  # keys returned by insert_kv
+        self._aligned = True
+        self.static = static
+        if static:  # fixed addresses let CUDA graphs write into the cache in place across replays
+            from torch._dynamo import mark_static_address
+
+            for tensor in (self.k, self.v, self.lengths_tensor):
+                mark_static_address(tensor)
 
     @classmethod
-    def for_model(cls, model, batch_size: int, max_len: int) -> "KVCache":
+    def for_model(cls, model, batch_size: int, max_len: int, static: bool = False) -> "KVCache":
         c = model.config
         dtype = model.compute_dtype or model.wte.weight.dtype
-        return cls(c.n_layer, batch_size, c.n_kv_head, c.head_dim, max_len, dtype, model.wte.weight.device)
+        device = model.wte.weight.device
+        return cls(c.n_layer, batch_size, c.n_kv_head, c.head_dim, max_len, dtype, device, static)
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
     def prepare(self, T: int):
         """Positions (B, T) of T new tokens per row, and the attention mask (None when every key is visible)."""
+        if self.static:
+            positions = self.lengths_tensor[:, None] + self._key_index[:T]  # (B, T)
+            self._positions = positions
+            return positions, (self._key_index <= positions[:, :, None])[:, None]  # (B, 1, T, max_len)
         end = int(self.lengths.max()) + T
         if end > self.max_len:
             raise ContextFullError(f"{end} positions do not fit in a KV cache of {self.max_len}")
@@ -90,7 +107,7 @@ class KVCache:
     def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, n_kv_head, T, head_dim) at each row's positions; return keys and values 0..S-1."""
         T = k.size(2)
-        if self._aligned:
+        if self._aligned and not self.static:
             start = int(self.lengths[0])
             self.k[layer_idx, :, :, start : start + T] = k
             self.v[layer_idx, :, :, start : start + T] = v
@@ -99,9 +116,16 @@ class KVCache:
             self.k[layer_idx].scatter_(2, index, k)
             self.v[layer_idx].scatter_(2, index, v)
         if layer_idx == self.num_layers - 1:
-            self.lengths += T
             self.lengths_tensor += T
+            if not self.static:
+                self.lengths += T
+        if self.static:
+            return self.k[layer_idx], self.v[layer_idx]
         return self.k[layer_idx, :, :, : self._span], self.v[layer_idx, :, :, : self._span]
+
+    def advance_host(self, T: int) -> None:
+        """Static caches: record on the host the T positions a step added on the device."""
+        self.lengths += T
 
     def set_length(self, row: int, length: int) -> None:
         """Forget everything in `row` past `length` (speculative rollback, or 0 to free a row)."""
@@ -252,12 +276,25 @@ class RowState:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, prefill_chunk: int = 512):
-        """`prefill_chunk`: prompt tokens per prefill forward (bounds the attention mask and activations)."""
+    def __init__(self, model, tokenizer, prefill_chunk: int = 512, compile_decode: bool = False, backend=None):
+        """`prefill_chunk`: prompt tokens per prefill forward (bounds the attention mask and activations).
+
+        `compile_decode`: decode through torch.compile over a static, reused KV cache of the full context per
+        batch size (CUDA: mode "reduce-overhead", i.e. CUDA graphs). The first request per batch size pays the
+        compilation; later steps launch one graph instead of hundreds of kernels. `backend` overrides
+        torch.compile's backend (tests use "aot_eager")."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.tokenizer, self.prefill_chunk = model.eval(), tokenizer, prefill_chunk
         self.device = model.wte.weight.device
+        self._static_caches: dict[int, KVCache] = {}
+        self._decode = self._decode_step
+        if compile_decode:
+            mode = "reduce-overhead" if self.device.type == "cuda" and backend is None else None
+            self._decode = torch.compile(
+                self._decode_step, fullgraph=True, dynamic=False, mode=mode, backend=backend or "inductor"
+            )
+        self.compile_decode = compile_decode
         special = tokenizer.encode_special
         self.stop_ids = {special(name) for name in STOP_TOKENS}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
@@ -311,7 +348,7 @@ class Engine:
         prompt_cache = KVCache.for_model(self.model, 1, len(tokens))
         logits = self.prefill(prompt_cache, tokens).expand(num_samples, -1)  # each row samples its own first token
         # The last generated token is never fed back, so prompt + budget - 1 positions are enough.
-        cache = KVCache.for_model(self.model, num_samples, len(tokens) + budget - 1)
+        cache = self._decode_cache(num_samples, len(tokens) + budget - 1)
         cache.copy_prefix_from(prompt_cache)
         del prompt_cache
         keys = row_keys(seed, num_samples, self.device)
@@ -334,7 +371,23 @@ class Engine:
             if all(row.done for row in rows) or step == budget - 1:
                 return
             ids = torch.tensor(column, dtype=torch.long, device=self.device)[:, None]
-            logits = self.model(ids, kv_cache=cache)[:, -1]
+            logits = self._decode(ids, cache)
+            if cache.static:
+                cache.advance_host(1)
+
+    def _decode_step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per row (B, 1) -> next-token logits (B, V); what compile_decode captures."""
+        return self.model(ids, kv_cache=cache)[:, -1]
+
+    def _decode_cache(self, batch_size: int, needed: int) -> KVCache:
+        """A cache for one request: sized to it, or with compile_decode the reused full-context static one."""
+        if not self.compile_decode:
+            return KVCache.for_model(self.model, batch_size, needed)
+        cache = self._static_caches.get(batch_size)
+        if cache is None:
+            cache = KVCache.for_model(self.model, batch_size, self.context_len, static=True)
+            self._static_caches[batch_size] = cache
+        return cache
 
     def next_token(self, row: RowState, sampled: int) -> tuple[int, int]:
         """(token, mask) for a row: a token the tool forces (mask 0) or the sampled one (mask 1); the row's
