@@ -382,3 +382,20 @@ def test_fuzzing_the_api_finds_no_server_errors(server):
     assert not failures, failures
     posts = [code for path, code in calls if path.endswith("completions")]
     assert len(posts) >= 100 and 200 in posts and 400 in posts  # both accepted and refused requests were tried
+
+
+def test_requests_are_balanced_across_workers(model_and_tokenizer):
+    """--num-gpus N runs one worker per device; here two CPU workers, each with its own copy of the model."""
+    model, tokenizer = model_and_tokenizer
+    settings = Settings(model_loader=lambda i: (slow_copy(model), tokenizer, "pair"), num_gpus=2, max_tokens=8)
+
+    async def run(url):
+        async with httpx.AsyncClient() as client:
+            return await asyncio.gather(*(_stream_text(client, url, seed) for seed in range(8)))
+
+    with ServerThread(settings) as running:
+        assert httpx.get(running.url + "/health").json()["workers"] == 2
+        asyncio.run(run(running.url))
+        workers = httpx.get(running.url + "/stats").json()["workers"]
+    assert [w["name"] for w in workers] == ["worker-0", "worker-1"]
+    assert all(w["requests"] >= 2 for w in workers) and sum(w["requests"] for w in workers) == 8
