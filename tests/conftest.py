@@ -36,3 +36,20 @@ def small_tokenizer(wiki_docs):
     from nanochat.tokenizer import Tokenizer
 
     return Tokenizer.train_from_iterator(wiki_docs[:300], 512)
+
+
+def make_base_dir(root, tokenizer, tag="d1"):
+    """A base dir holding the tokenizer and a random depth-1, 128-token base checkpoint with base_train's meta
+    (the starting point of the post-training stages' tests)."""
+    import torch
+
+    from nanochat.checkpoint import save_checkpoint
+    from nanochat.gpt import GPT, GPTConfig
+
+    tokenizer.save(str(root / "tokenizer"))
+    torch.manual_seed(0)
+    model = GPT.build(GPTConfig.from_depth(1, tokenizer.get_vocab_size(), 128))
+    meta = {"user_config": {"device_batch_size": 4}, "total_batch_size": 512,
+            "matrix_lr": 0.02, "embedding_lr": 0.2, "unembedding_lr": 0.004}  # fmt: skip
+    save_checkpoint(str(root / "base_checkpoints" / tag), 0, model, None, meta)
+    return root

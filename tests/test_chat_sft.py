@@ -1,0 +1,152 @@
+"""scripts.chat_sft for real on a depth-1 model: masks, loss normalisation over the step, resume, mixtures."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA, make_base_dir, require
+from nanochat.chat_data import Sources, build_mixture, conversation_batch, supervised_backward
+from nanochat.checkpoint import build_model, find_last_step, load_model
+from nanochat.engine import Engine
+from scripts import chat_sft, mid_train
+
+OFFLINE = "gsm8k,identity,spelling,simplespelling,arc"
+TINY = ["--device-type", "cpu", "--device-batch-size", "2", "--examples-per-step", "4", "--eval-steps", "2",
+        "--eval-metrics-max-problems", "4", "--init-lr-frac", "0.5", "--mixture", OFFLINE]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, small_tokenizer):
+    """A tiny base checkpoint and a 2-step mid checkpoint made from it."""
+    require(SHARED_DATA)
+    root = make_base_dir(tmp_path_factory.mktemp("nanochat"), small_tokenizer)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NANOCHAT_BASE_DIR", str(root))
+        patch.setenv("NANOCHAT_DATA_DIR", SHARED_DATA)
+        mid_train.main(["--device-type", "cpu", "--compile", "off", "--mixture", "gsm8k,simplespelling",
+                        "--num-iterations", "2", "--eval-every", "-1", "--eval-tokens", "512"])  # fmt: skip
+    return root
+
+
+@pytest.fixture(autouse=True)
+def environment(base_dir, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", SHARED_DATA)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # hub-only components fail at once instead of retrying the network
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def conversations():
+    mixture, _ = build_mixture(["gsm8k", "arc", "simplespelling"], "train", Sources(SHARED_DATA), {})
+    return [mixture[i] for i in range(4)]
+
+
+def test_runs_from_mid_with_user_data_saves_and_the_engine_generates(base_dir, tmp_path, capsys):
+    data = tmp_path / "mine.jsonl"
+    data.write_text(
+        json.dumps([{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Me."}]) + "\n"
+    )
+    summary = chat_sft.main([*TINY, "--num-iterations", "3", "--eval-every", "-1", "--data", str(data)])
+    out = capsys.readouterr().out
+    assert "  data                    1" in out and "  arc                 3,370" in out
+    assert "MMLU" in out and "ARC-Easy" in out and 0 <= summary["MMLU_acc"] <= 1
+    assert find_last_step(str(base_dir / "chatsft_checkpoints" / "d1")) == 3
+    assert json.loads((base_dir / "report" / "chat_sft.json").read_text())["steps"] == 3
+    model, meta = load_model("sft", "cpu", "eval")
+    assert meta["max_seq_len"] == 128 and meta["grad_accum_steps"] == 2  # seq len inherited, 4 = 2 x 2
+    tokenizer = chat_sft.get_tokenizer()
+    prompt = tokenizer.render_for_completion(
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}
+    )
+    completion = Engine(model, tokenizer).generate_batch(prompt, max_tokens=8, temperature=0)[0]
+    assert 1 <= len(completion.tokens) <= 8
+
+
+def test_targets_follow_the_render_mask(small_tokenizer, conversations):
+    inputs, targets = conversation_batch(small_tokenizer, conversations, 128)
+    for row, conversation in enumerate(conversations):
+        ids, mask = small_tokenizer.render_conversation(conversation, max_tokens=129)
+        n = len(ids) - 1
+        assert inputs[row, :n].tolist() == ids[:-1]
+        assert targets[row, :n].tolist() == [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+        assert (targets[row, n:] == -1).all()  # padding is never a target
+
+
+def test_only_the_supervised_token_gets_gradient(small_tokenizer):
+    model, _ = load_model("mid", "cpu", "train")
+    conversation = {"messages": [{"role": "user", "content": "Spell cat"}, {"role": "assistant", "content": "c,a,t"}]}
+    ids, mask = small_tokenizer.render_conversation(conversation)
+    first = mask.index(1)  # crop the row right after the first supervised token: it is the only target
+    inputs, targets = conversation_batch(small_tokenizer, [conversation, {"messages": conversation["messages"][:1]
+                                         + [{"role": "assistant", "content": ""}]}], first)  # fmt: skip
+    targets[1] = -1  # the second row: no supervised token at all
+    assert (targets >= 0).sum() == 1
+    captured = {}
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        captured["logits"] = output
+
+    handle = model.lm_head.register_forward_hook(keep)
+    supervised_backward(model, [(inputs, targets)])
+    handle.remove()
+    grad = captured["logits"].grad.abs().sum(-1)  # (B, T)
+    assert grad[0, first - 1] > 0
+    grad[0, first - 1] = 0
+    assert (grad == 0).all()
+
+
+@pytest.mark.parametrize("split", [(1, 4), (2, 2), (4, 1)])
+def test_loss_and_gradients_do_not_depend_on_the_micro_batch_split(small_tokenizer, conversations, split):
+    model, _ = load_model("mid", "cpu", "train")
+
+    def step(micro_batches, batch_size):
+        model.zero_grad()
+        batches = [conversation_batch(small_tokenizer, conversations[i : i + batch_size], 128)
+                   for i in range(0, 4, batch_size)][:micro_batches]  # fmt: skip
+        loss, _ = supervised_backward(model, batches)
+        return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    whole_loss, whole_grads = step(1, 4)
+    loss, grads = step(*split)
+    assert loss == pytest.approx(whole_loss, rel=1e-5)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, whole_grads[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_stopped_and_resumed_equals_uninterrupted(base_dir, monkeypatch):
+    args = [*TINY, "--num-iterations", "4", "--save-every", "2", "--eval-every", "-1", "--eval-metrics-every", "-1",
+            "--model-tag", "d1"]  # fmt: skip
+    chat_sft.main(args)
+    directory = base_dir / "chatsft_checkpoints" / "d1"
+    whole, whole_meta = build_model(str(directory))
+    for name in os.listdir(directory):
+        os.remove(directory / name)
+    real_save = chat_sft.save_checkpoint
+
+    def save_then_die(path, step, *rest, **kwargs):
+        real_save(path, step, *rest, **kwargs)
+        if step == 2:
+            raise KeyboardInterrupt("stopped right after the step-2 checkpoint")
+
+    monkeypatch.setattr(chat_sft, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        chat_sft.main(args)
+    monkeypatch.setattr(chat_sft, "save_checkpoint", real_save)
+    chat_sft.main([*args, "--resume"])
+    resumed, resumed_meta = build_model(str(directory))
+    assert all(torch.equal(whole.state_dict()[k], v) for k, v in resumed.state_dict().items())
+    assert whole_meta["loop"]["smooth_loss"] == resumed_meta["loop"]["smooth_loss"]
+
+
+def test_mixture_errors_and_selection(capsys):
+    with pytest.raises(SystemExit, match=r"smoltalk[\s\S]*Leave them out with --mixture arc,gsm8k,identity"):
+        chat_sft.main([*TINY[:-2], "--num-iterations", "1"])  # the default mixture needs the hub
+    with pytest.raises(SystemExit, match="data"):
+        chat_sft.main([*TINY, "--data", "/nonexistent.jsonl"])
+    chat_sft.main([*TINY[:-2], "--mixture", "arc", "--source", "base", "--num-iterations", "1", "--eval-every", "-1",
+                   "--eval-metrics-every", "-1", "--model-tag", "d1"])  # fmt: skip
+    assert "train mixture: 3,370 conversations\n  arc " in capsys.readouterr().out

@@ -1,0 +1,106 @@
+"""scripts.mid_train for real on a depth-1 model over the offline mixture: packing, resume, mixture selection."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA, make_base_dir, require
+from nanochat.chat_data import PackedChatLoader, Sources, build_mixture
+from nanochat.checkpoint import build_model, find_last_step, load_model
+from nanochat.engine import Engine
+from scripts import mid_train
+
+OFFLINE = "gsm8k,identity,spelling,simplespelling,arc"
+TINY = ["--device-type", "cpu", "--compile", "off", "--eval-tokens", "512", "--mixture", OFFLINE]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, small_tokenizer):
+    require(SHARED_DATA)
+    return make_base_dir(tmp_path_factory.mktemp("nanochat"), small_tokenizer)
+
+
+@pytest.fixture(autouse=True)
+def environment(base_dir, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", SHARED_DATA)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # hub-only components fail at once instead of retrying the network
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def test_runs_inherits_batch_saves_and_the_engine_generates(base_dir, capsys):
+    summary = mid_train.main([*TINY, "--num-iterations", "4", "--eval-every", "2"])
+    out = capsys.readouterr().out
+    for name in OFFLINE.split(","):  # every component is printed with its row count
+        assert f"  {name} " in out
+    assert "  gsm8k               7,473" in out and "  identity            1,992" in out  # identity twice
+    assert len([line for line in out.splitlines() if "validation bpb" in line]) == 3
+    directory = base_dir / "mid_checkpoints" / "d1"
+    assert find_last_step(str(directory)) == 4
+    meta = json.loads((directory / "meta_000004.json").read_text())
+    assert meta["device_batch_size"] == 4 and meta["total_batch_size"] == 512 and meta["max_seq_len"] == 128
+    report = json.loads((base_dir / "report" / "mid_train.json").read_text())
+    assert report["val_bpb"] == summary["val_bpb"] and report["steps"] == 4
+    model, _ = load_model("mid", "cpu", "eval")
+    tokenizer = mid_train.get_tokenizer()
+    prompt = tokenizer.render_for_completion(
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}
+    )
+    completion = Engine(model, tokenizer).generate_batch(prompt, max_tokens=8, temperature=0)[0]
+    assert 1 <= len(completion.tokens) <= 8
+
+
+def test_stopped_and_resumed_equals_uninterrupted(base_dir, monkeypatch):
+    args = [*TINY, "--num-iterations", "6", "--save-every", "3", "--eval-every", "-1"]
+    mid_train.main([*args, "--model-tag", "d1"])
+    whole, whole_meta = build_model(str(base_dir / "mid_checkpoints" / "d1"))
+    for name in os.listdir(base_dir / "mid_checkpoints" / "d1"):
+        os.remove(base_dir / "mid_checkpoints" / "d1" / name)
+
+    real_save = mid_train.save_checkpoint
+
+    def save_then_die(directory, step, *rest, **kwargs):
+        real_save(directory, step, *rest, **kwargs)
+        if step == 3:
+            raise KeyboardInterrupt("stopped right after the step-3 checkpoint")
+
+    monkeypatch.setattr(mid_train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        mid_train.main(args)
+    monkeypatch.setattr(mid_train, "save_checkpoint", real_save)
+    mid_train.main([*args, "--resume"])
+    resumed, resumed_meta = build_model(str(base_dir / "mid_checkpoints" / "d1"))
+    assert all(torch.equal(whole.state_dict()[k], v) for k, v in resumed.state_dict().items())
+    assert whole_meta["loop"]["smooth_loss"] == resumed_meta["loop"]["smooth_loss"]
+    assert whole_meta["dataloader"] == resumed_meta["dataloader"]
+
+
+def test_a_component_that_cannot_load_is_an_error_naming_it(capsys):
+    with pytest.raises(SystemExit, match=r"smoltalk[\s\S]*mmlu-aux[\s\S]*--mixture gsm8k,identity"):
+        mid_train.main([*TINY[:-2], "--num-iterations", "1"])  # the default mixture needs the hub
+    with pytest.raises(SystemExit):
+        mid_train.main([*TINY[:-2], "--mixture", "gsm8k,nonsense"])
+    assert "unknown mixture component(s) ['nonsense']" in capsys.readouterr().err
+
+
+def test_mixture_selects_components(capsys):
+    mid_train.main([*TINY[:-2], "--mixture", "simplespelling", "--num-iterations", "1", "--eval-every", "-1",
+                    "--model-tag", "d1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "train mixture: 200,000 conversations\n  simplespelling" in out and "gsm8k" not in out.split("{")[0]
+
+
+def test_packed_rows_are_full_bos_aligned_and_resume_exactly(small_tokenizer):
+    mixture, _ = build_mixture(["gsm8k", "simplespelling"], "train", Sources(SHARED_DATA), {})
+    loader = PackedChatLoader(small_tokenizer, mixture, 2, 64, buffer_size=8)
+    bos = small_tokenizer.get_bos_token_id()
+    inputs, targets = next(loader)
+    assert inputs.shape == targets.shape == (2, 64) and (inputs[:, 0] == bos).all()
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])  # all tokens are targets in midtraining
+    state = json.loads(json.dumps(loader.state_dict()))
+    expected = [next(loader) for _ in range(3)]
+    again = PackedChatLoader(small_tokenizer, mixture, 2, 64, buffer_size=8, state=state)
+    for (x, y), (x2, y2) in zip(expected, [next(again) for _ in range(3)]):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
