@@ -1,0 +1,430 @@
+"""Reinforcement learning on GSM8K: on-policy policy gradient with a group-mean baseline, from a chat checkpoint.
+
+    python -m scripts.chat_rl                                                          # from sft, one GPU
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- --run rl-d20        # one 8-GPU node
+    python -m scripts.chat_rl --source sft --device-type cpu --examples-per-step 2 --num-samples 2 \\
+        --max-new-tokens 16 --num-steps 2 --eval-every -1 --eval-examples 2 --data-dir ../shared/data  # tiny, CPU
+
+Each step takes `--examples-per-step` GSM8K train questions (a fixed seeded shuffle; rank r takes every W-th of
+the step's questions), samples `--num-samples` answers to each with the engine (calculator on), and scores each
+answer 1 when its `#### N` equals the reference's (tasks/gsm8k.py reward), else 0. This is the reference's
+"GRPO simplified to REINFORCE" (shared/reference/nanochat.md §1.12): on-policy, so no PPO ratio or clipping; no
+KL term or reference model; advantage = reward - the mean reward of the question's group, without dividing by
+the group's standard deviation (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783 §3.1: the division over-weights
+questions that are nearly always or nearly never solved); the loss is normalised per token over the whole step
+(DAPO, Yu et al. 2025, arXiv 2503.14476, "token-level policy gradient loss"):
+
+    loss = -sum over sampled tokens t of the step (all ranks) of A(t) * log p(t) / (sampled tokens of the step)
+
+Only sampled tokens are trained: the prompt and the calculator outputs the engine forced (mask 0) have target
+-1. One optimizer step per RL step; the LR decays linearly from `--init-lr-frac` x the base LRs to 0.
+
+Contract:
+- The rollouts of step k depend only on the weights and (seed, k, question): the engine's sampling is a hash of
+  (seed, row, position, token), so `--resume` (model, per-rank optimizer, step) replays the run exactly.
+- Writes <base dir>/chatrl_checkpoints/<tag>/ (the tag of the source checkpoint), evaluates pass@1..k on the
+  first `--eval-examples` GSM8K test problems (sample j of problem i is the one `scripts.chat_eval -n k` draws:
+  same seed, same rows), logs to wandb with `--run NAME`, and writes <base dir>/report/chat_rl.json.
+
+Not here: other tasks or reward models, PPO/KL machinery, torch.compile (every step has new shapes).
+"""
+
+import argparse
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint, load_model, save_checkpoint
+from nanochat.common import (
+    atomic_write,
+    compute_cleanup,
+    compute_init,
+    describe_environment,
+    get_base_dir,
+    needs_grad_scaler,
+    print0,
+)
+from nanochat.engine import ContextFullError, Engine
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import build_optimizer
+from nanochat.tokenizer import get_tokenizer
+from tasks.common import resolve_data_dir
+from tasks.gsm8k import GSM8K
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Model
+    parser.add_argument("--source", choices=["base", "mid", "sft"], default="sft", help="stage to start from")
+    parser.add_argument("--model-tag", default=None, help="checkpoint directory (default: largest depth)")
+    parser.add_argument("--source-step", type=int, default=None, help="source checkpoint step (default: last)")
+    # Rollouts
+    parser.add_argument("--examples-per-step", type=int, default=16, help="questions per step, over all ranks")
+    parser.add_argument("--num-samples", type=int, default=16, help="answers sampled per question (the group)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer, at most")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (-1 = off)")
+    # Optimization
+    parser.add_argument("--num-steps", type=int, default=-1, help="RL steps (-1 = one epoch of GSM8K train)")
+    parser.add_argument("--device-batch-size", type=int, default=8, help="rollouts per training forward pass")
+    parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR before --init-lr-frac")
+    parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of wte at width 768")
+    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head at width 768")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    parser.add_argument("--init-lr-frac", type=float, default=0.05, help="starting LR as a fraction of the above")
+    # Evaluation and saving
+    parser.add_argument("--eval-every", type=int, default=60, help="steps between GSM8K test pass@k (-1 = end only)")
+    parser.add_argument("--eval-examples", type=int, default=400, help="GSM8K test problems per evaluation")
+    parser.add_argument("--eval-samples", type=int, default=8, help="samples per test problem: pass@1..k")
+    parser.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (-1 = end only)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last rl checkpoint of this tag")
+    # Runtime
+    parser.add_argument("--data-dir", default=None, help="local data like ../shared/data/ (default: env, hub)")
+    parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
+    parser.add_argument("--run", default=None, help="wandb run name (default: no wandb)")
+    parser.add_argument("--seed", type=int, default=42, help="question order and rollout sampling")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------- rollouts
+
+
+@dataclass
+class Rollout:
+    tokens: list[int]  # generated tokens, the stop token included when the row stopped
+    masks: list[int]  # 1 = sampled (trained), 0 = forced by the calculator (not trained)
+    stopped: bool  # the row ended with a sampled stop token
+
+    @property
+    def answer_tokens(self) -> list[int]:
+        """The answer without its stop token: what gets decoded and scored."""
+        return self.tokens[:-1] if self.stopped else self.tokens
+
+
+def rollout_seed(seed: int, step: int, example: int) -> int:
+    """The engine seed of one question's group at one step: distinct for every (seed, step, example)."""
+    return (seed * 1_000_003 + step) * 10_000_019 + example
+
+
+def sample_group(engine: Engine, prompt: list[int], num_samples: int, max_tokens: int, seed: int, **sampling):
+    """`num_samples` rollouts of one prompt through `Engine.generate`. Unlike `generate_batch` this keeps the stop
+    token the row actually sampled (<|assistant_end|> or <|bos|>), since it is trained like any other token."""
+    rollouts = [Rollout([], [], False) for _ in range(num_samples)]
+    for column, masks in engine.generate(prompt, num_samples, max_tokens, seed=seed, **sampling):
+        for rollout, token, mask in zip(rollouts, column, masks):
+            if rollout.stopped:
+                continue
+            rollout.tokens.append(token)
+            rollout.masks.append(mask)
+            rollout.stopped = mask == 1 and token in engine.stop_ids
+    return rollouts
+
+
+# ---------------------------------------------------------------------------- the policy gradient, pure
+
+
+def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """rewards (G, S) of G groups of S samples -> advantages (G, S) = reward - its group's mean reward.
+
+    No division by the group's std (Dr. GRPO, arXiv 2503.20783); a group whose rewards are all equal gets zeros
+    and so no gradient: it says nothing about which answer is better.
+    """
+    rewards = rewards.float()
+    return rewards - rewards.mean(dim=-1, keepdim=True)
+
+
+def build_batch(prompt: list[int], rollouts: list[Rollout], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded next-token inputs and targets (N, T) of prompt + rollout for each rollout; T = longest - 1.
+
+    targets[i, t] is the token at position t + 1 when the rollout sampled it, else -1: prompt positions, the
+    calculator's forced output (mask 0) and the padding (inputs padded with `pad_id`) are never trained.
+    """
+    sequences = [prompt + r.tokens for r in rollouts]
+    trained = [[0] * len(prompt) + r.masks for r in rollouts]
+    T = max(len(s) for s in sequences) - 1
+    inputs = torch.full((len(rollouts), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(rollouts), T), -1, dtype=torch.long)
+    for row, (sequence, mask) in enumerate(zip(sequences, trained)):
+        ids, keep = torch.tensor(sequence), torch.tensor(mask, dtype=torch.bool)
+        inputs[row, : len(sequence) - 1] = ids[:-1]
+        targets[row, : len(sequence) - 1] = torch.where(keep[1:], ids[1:], -1)
+    return inputs, targets
+
+
+def policy_gradient_loss(
+    logprobs: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor, num_tokens: int, world_size: int = 1
+) -> torch.Tensor:
+    """This rank's share of -sum(A * log p) / num_tokens over the tokens with targets >= 0.
+
+    logprobs (B, T): log p of each target token (any value where targets is -1); targets (B, T), -1 = not
+    trained; advantages (B,), one per rollout; num_tokens: the trained tokens of the whole step, all ranks. The
+    optimizer averages gradients over ranks, so each rank's share is scaled by world_size: the average of the
+    ranks' gradients is then the gradient of the global sum / num_tokens.
+    """
+    trained = targets >= 0
+    weighted = torch.where(trained, logprobs * advantages[:, None].to(logprobs.dtype), 0.0)
+    return -weighted.sum() * (world_size / max(1, num_tokens))
+
+
+def count_trained_tokens(rollouts: list[Rollout]) -> int:
+    return sum(sum(r.masks) for r in rollouts)
+
+
+def backward_groups(model, groups, device_batch_size: int, pad_id: int, world_size: int = 1, scale=None) -> float:
+    """Accumulate the policy gradient of the step's groups into model's .grad; returns the step's loss (all ranks).
+
+    `groups`: this rank's list of (prompt, rollouts, advantages (S,)). Rollouts go through the model
+    `device_batch_size` at a time. A group with all-zero advantages contributes exactly zero gradient and is
+    skipped (most groups early on); parameters left without a gradient get zeros, so every rank steps the
+    optimizer with gradients on the same parameters (its collectives must match). `scale`: fp16's
+    GradScaler.scale, applied to what is backpropagated (not to the returned loss).
+    """
+    device = model.wte.weight.device
+    local_tokens = sum(count_trained_tokens(rollouts) for _, rollouts, _ in groups)
+    counts = torch.tensor([local_tokens], dtype=torch.long, device=device)
+    if world_size > 1:
+        dist.all_reduce(counts)
+    num_tokens = int(counts.item())
+    total_loss = torch.zeros((), device=device)
+    for prompt, rollouts, advantages in groups:
+        if not advantages.any():
+            continue
+        for start in range(0, len(rollouts), device_batch_size):
+            inputs, targets = build_batch(prompt, rollouts[start : start + device_batch_size], pad_id)
+            inputs, targets = inputs.to(device), targets.to(device)
+            # cross entropy per token = -log p(target); 0 where the target is -1
+            logprobs = -model(inputs, targets, loss_reduction="none").view(targets.shape)  # (B, T)
+            chunk_advantages = advantages[start : start + device_batch_size].to(device)
+            loss = policy_gradient_loss(logprobs, targets, chunk_advantages, num_tokens, world_size)
+            (scale(loss) if scale else loss).backward()
+            total_loss += loss.detach() / world_size
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if world_size > 1:
+        dist.all_reduce(total_loss)
+    return total_loss.item()
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def evaluate_pass_at_k(engine, tokenizer, task, num_problems: int, k: int, max_tokens: int, temperature, top_k):
+    """[pass@1, ..., pass@k] over the first `num_problems` of `task`, problems strided over ranks.
+
+    Problem i is sampled with seed i, as scripts/chat_eval.py does, and the engine's row j does not depend on
+    how many rows run, so pass@j here is what `chat_eval -n j` reports. A prompt too long fails.
+    """
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    passed = torch.zeros(k, dtype=torch.long, device=engine.device)
+    num_problems = min(num_problems, len(task))
+    for index in range(rank, num_problems, world_size):
+        conversation = task[index]
+        prompt = tokenizer.render_for_completion(conversation)
+        try:
+            completions = engine.generate_batch(prompt, k, max_tokens, temperature=temperature, top_k=top_k, seed=index)
+        except ContextFullError:
+            continue
+        outcomes = [task.evaluate(conversation, tokenizer.decode(c.tokens)) for c in completions]
+        for j in range(k):
+            passed[j] += any(outcomes[: j + 1])
+    if world_size > 1:
+        dist.all_reduce(passed)
+    return [count / max(1, num_problems) for count in passed.tolist()]
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def lr_multiplier(step: int, num_steps: int) -> float:
+    """Linear decay from 1 to 0 over the run (the reference's RL schedule)."""
+    return 1.0 - step / num_steps
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # Derived values
+    top_k = None if args.top_k == -1 else args.top_k
+    if args.top_k == 0 or args.top_k < -1:
+        raise SystemExit(f"--top-k must be >= 1, or -1 for off, got {args.top_k}")
+    for flag in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size", "eval_samples"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+
+    # ---------------------------------------------------------------- init
+    runtime = compute_init(args.device_type, seed=args.seed)
+    device, master, world_size = runtime.device, runtime.is_master, runtime.world_size
+    if args.examples_per_step % world_size:
+        raise SystemExit(f"--examples-per-step {args.examples_per_step} must divide by the {world_size} processes")
+    tokenizer = get_tokenizer()
+    data_dir = resolve_data_dir(args.data_dir)
+    train_task, test_task = GSM8K("main", "train", data_dir=data_dir), GSM8K("main", "test", data_dir=data_dir)
+    order = list(range(len(train_task)))
+    random.Random(args.seed).shuffle(order)  # one fixed order: the questions of step k never depend on history
+    num_steps = args.num_steps if args.num_steps > 0 else len(train_task) // args.examples_per_step
+    examples_per_rank = args.examples_per_step // world_size
+
+    # ---------------------------------------------------------------- model
+    model_tag = args.model_tag or os.path.basename(checkpoint_dir(args.source))
+    out_dir = checkpoint_dir("rl", model_tag)
+    start_step, loop, optim_state = 0, {"rewards": [], "training_seconds": 0.0}, None
+    if args.resume:
+        last = find_last_step(out_dir)
+        if last is None:
+            raise SystemExit(f"--resume: no checkpoint in {out_dir}; start without --resume")
+        model_state, optim_state, meta = load_checkpoint(
+            out_dir, last, device, load_optimizer=True, rank=runtime.rank, world_size=world_size
+        )
+        saved = meta["user_config"]
+        changed = [k for k in ("examples_per_step", "num_samples", "seed", "num_steps") if saved[k] != getattr(args, k)]
+        if changed:
+            raise SystemExit(f"--resume: {changed} differ from the checkpoint's; the run would not replay exactly")
+        model = GPT.build(GPTConfig.from_dict(meta["model_config"]), device)
+        model.load_state_dict(model_state)
+        start_step, loop, source = meta["step"], meta["loop"], meta["source"]
+        del model_state
+    else:
+        model, meta = load_model(args.source, device, "train", model_tag, args.source_step)
+        source = {"stage": args.source, "model_tag": model_tag, "step": meta["step"]}
+    model.compute_dtype = runtime.dtype  # fp32 master weights, computing in the compute dtype
+    engine = Engine(model, tokenizer)  # the same weights: rollouts are always on-policy
+    pad_id = tokenizer.encode_special("<|assistant_end|>")
+
+    # ---------------------------------------------------------------- optimizer
+    optimizer = build_optimizer(
+        model,
+        args.matrix_lr * args.init_lr_frac,
+        args.embedding_lr * args.init_lr_frac,
+        args.unembedding_lr * args.init_lr_frac,
+        weight_decay=args.weight_decay,
+    )
+    if optim_state is not None:
+        optimizer.load_state_dict(optim_state)
+        del optim_state
+    scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(runtime.dtype) else None
+
+    resolved = {**vars(args), "num_steps": num_steps, "source": source, "model_tag": model_tag, "data_dir": data_dir}
+    environment = describe_environment(runtime)
+    print0(json.dumps({"config": resolved, "environment": environment}, indent=2, default=str))
+    print0(
+        f"parameters: {model.num_params():,}; {num_steps} steps x {args.examples_per_step} questions x "
+        f"{args.num_samples} samples; start at step {start_step}"
+    )
+    wandb_run = None
+    if args.run and master:
+        import wandb
+
+        wandb_run = wandb.init(project="nanochat-rl", name=args.run, config={**resolved, **environment})
+
+    def evaluate() -> list[float]:
+        return evaluate_pass_at_k(
+            engine, tokenizer, test_task, args.eval_examples, args.eval_samples, args.max_new_tokens,
+            args.temperature, top_k,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------- loop
+    step, pass_at_k = start_step, None
+    while True:
+        last_step = step == num_steps
+        if (args.eval_every > 0 and step % args.eval_every == 0) or last_step:
+            pass_at_k = evaluate()
+            print0(
+                f"step {step:05d} | GSM8K test " + ", ".join(f"pass@{j + 1} {p:.4f}" for j, p in enumerate(pass_at_k))
+            )
+            if wandb_run:
+                wandb_run.log({"step": step, **{f"eval/pass@{j + 1}": p for j, p in enumerate(pass_at_k)}})
+        if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+            meta = {"loop": loop, "source": source, "user_config": vars(args), "pass_at_k": pass_at_k}
+            save_checkpoint(out_dir, step, model, optimizer, meta, runtime.rank, world_size)
+            print0(f"saved checkpoint step {step} to {out_dir}")
+        if last_step:
+            break
+
+        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        synchronize()
+        started = time.time()
+        # 1. rollouts: this rank's questions of the step, strided over ranks
+        groups, reward_sum, num_rollouts, length_sum = [], 0.0, 0, 0
+        for i in range(examples_per_rank):
+            example = step * args.examples_per_step + runtime.rank + i * world_size
+            conversation = train_task[order[example % len(order)]]
+            prompt = tokenizer.render_for_completion(conversation)
+            try:
+                rollouts = sample_group(
+                    engine, prompt, args.num_samples, args.max_new_tokens, rollout_seed(args.seed, step, example),
+                    temperature=args.temperature, top_k=top_k,
+                )  # fmt: skip
+            except ContextFullError:
+                continue  # a question longer than the context: nothing to learn from
+            rewards = [train_task.reward(conversation, tokenizer.decode(r.answer_tokens)) for r in rollouts]
+            groups.append((prompt, rollouts, group_advantages(torch.tensor([rewards]))[0]))
+            reward_sum, num_rollouts = reward_sum + sum(rewards), num_rollouts + len(rewards)
+            length_sum += sum(len(r.tokens) for r in rollouts)
+        stats = torch.tensor([reward_sum, num_rollouts, length_sum], dtype=torch.float64, device=device)
+        if world_size > 1:
+            dist.all_reduce(stats)
+        mean_reward, mean_length = (stats[0] / stats[1].clamp(min=1)).item(), (stats[2] / stats[1].clamp(min=1)).item()
+
+        # 2. the policy gradient and one optimizer step
+        lrm = lr_multiplier(step, num_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+        model.train()
+        loss = backward_groups(
+            model, groups, args.device_batch_size, pad_id, world_size, scaler.scale if scaler else None
+        )
+        if scaler:
+            scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        synchronize()
+        step_seconds = time.time() - started
+        step += 1
+
+        loop["rewards"].append(mean_reward)
+        loop["training_seconds"] += step_seconds
+        print0(
+            f"step {step:05d}/{num_steps} | reward {mean_reward:.4f} | loss {loss:.6f} | answer length "
+            f"{mean_length:.1f} | lrm {lrm:.3f} | {step_seconds:.1f} s"
+        )
+        if wandb_run:
+            wandb_run.log(
+                {"step": step, "train/reward": mean_reward, "train/loss": loss, "train/answer_length": mean_length,
+                 "train/lrm": lrm}
+            )  # fmt: skip
+
+    # ---------------------------------------------------------------- report
+    summary = {
+        "source": source,
+        "model_tag": model_tag,
+        "steps": num_steps,
+        "final_mean_reward": loop["rewards"][-1] if loop["rewards"] else None,
+        "mean_reward_by_step": loop["rewards"],
+        "eval_problems": min(args.eval_examples, len(test_task)),
+        "pass_at_k": {f"pass@{j + 1}": p for j, p in enumerate(pass_at_k or [])},
+        "training_minutes": loop["training_seconds"] / 60,
+    }
+    if master:
+        report_dir = os.path.join(get_base_dir(), "report")
+        os.makedirs(report_dir, exist_ok=True)
+        text = json.dumps({**summary, "config": resolved}, indent=2, default=str)
+        atomic_write(os.path.join(report_dir, "chat_rl.json"), lambda f: f.write(text.encode("utf-8")))
+    print0(f"done: {json.dumps({k: v for k, v in summary.items() if k != 'mean_reward_by_step'})}")
+    if wandb_run:
+        wandb_run.summary.update({k: v for k, v in summary.items() if k != "mean_reward_by_step"})
+        wandb_run.finish()
+    compute_cleanup()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
