@@ -27,13 +27,15 @@ Contract:
 - A task whose data file is absent is reported as missing and excluded: the result says how many of the
   tasks CORE covers (the bundle in ../shared/data lacks hellaswag, squad and coqa: 18 of 22).
 - The model is anything callable as `model(idx) -> logits (B, T, V)`: nanochat's GPT, or a Hugging Face
-  causal LM behind `HuggingFaceModel`. The tokenizer needs `encode(list of str, prepend=id)` and
-  `get_bos_token_id()`.
+  causal LM behind `HuggingFaceModel`. A model whose forward takes `logits_to_keep` (GPT) is asked only for
+  the last positions' logits, from the first scored one on, and must return what `model(idx)` gives there (up
+  to float rounding). The tokenizer needs `encode(list of str, prepend=id)` and `get_bos_token_id()`.
 
 Not here: the command line, checkpoint loading and result files (scripts/base_eval.py); the chat-model tasks.
 """
 
 import csv
+import inspect
 import os
 import random
 import zipfile
@@ -224,6 +226,14 @@ def tokenize_options(tokenizer, contexts: list[str], fulls: list[str], max_seq_l
 # ---------------------------------------------------------------------------- scoring
 
 
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the model can be asked for the last positions' logits only (nanochat's GPT can)."""
+    try:
+        return "logits_to_keep" in inspect.signature(getattr(model, "forward", model)).parameters
+    except (TypeError, ValueError):  # a callable without a readable signature: ask for every position
+        return False
+
+
 @torch.no_grad()
 def score_options(model, options, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean continuation loss per option, whether argmax reproduces each option's continuation)."""
@@ -232,14 +242,25 @@ def score_options(model, options, pad_id: int, device) -> tuple[torch.Tensor, to
     for row, (tokens, _, _) in enumerate(options):  # positions: attention is causal
         idx[row, : len(tokens)] = torch.tensor(tokens)
     idx = idx.to(device)
-    logits = model(idx).float()  # (B, T, V)
     # Position t predicts token t + 1, so continuation tokens [start, end) are scored at [start - 1, end - 1).
-    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), idx[:, 1:], reduction="none")  # (B, T - 1)
-    predictions = logits[:, :-1].argmax(dim=-1)  # (B, T - 1)
+    # Only those positions need logits: ~3% of all positions in the local bundle's prompts under a 256-token
+    # context. Unembedding, softcap and loss over every position took most of a d4 model's CPU forward, so a
+    # model that can is asked for logits from the first scored position on (dev/bench_core.py, issue 5).
+    first_kept = min(start for _, start, _ in options) - 1
+    if accepts_logits_to_keep(model):
+        logits = model(idx, logits_to_keep=longest - first_kept).float()  # (B, longest - first_kept, V)
+    else:
+        logits = model(idx).float()[:, first_kept:]  # (B, longest - first_kept, V)
     mean_losses, exact = [], []
     for row, (_, start, end) in enumerate(options):
-        mean_losses.append(losses[row, start - 1 : end - 1].mean())
-        exact.append(torch.equal(predictions[row, start - 1 : end - 1], idx[row, start:end]))
+        scored = logits[row, start - 1 - first_kept : end - 1 - first_kept]  # (n, V)
+        targets = idx[row, start:end]  # (n,)
+        # The scored positions' loss alone, in the (1, V, n) layout the former whole-batch loss used. Losses agree
+        # with that one's to float32 rounding (~1e-7 relative), not always to the last bit; every task's accuracy
+        # was unchanged (dev/bench_core.py --compare-with HEAD checks it).
+        losses = F.cross_entropy(scored.T.unsqueeze(0), targets.unsqueeze(0), reduction="none")  # (1, n)
+        mean_losses.append(losses[0].mean())
+        exact.append(torch.equal(scored.argmax(dim=-1), targets))
     return torch.stack(mean_losses).cpu(), torch.tensor(exact)
 
 
