@@ -22,6 +22,7 @@ put), so prefill is excluded; aggregate = B x that. end-to-end tok/s = B x N / t
     .venv/bin/python -m dev.bench_engine                                   # depth 4 and 8, batch 1 and 8
     .venv/bin/python -m dev.bench_engine --threads 1 --json /tmp/bench_engine.json
     .venv/bin/python -m dev.bench_engine --depths 4 --profile              # + torch.profiler and cProfile of it
+    .venv/bin/python -m dev.bench_engine --quantize 8 4                    # + the engine on int8 / int4 weights
 
 Needs ../shared/data/pretrain/enwiki-sample.jsonl.gz (for the tokenizer and the prompt) and transformers >= 5.
 Not a quality test: it checks only that the three greedy decoders agree on the first tokens.
@@ -193,6 +194,14 @@ def main(argv=None):
         action="store_true",
         help="prototype: also time an engine whose lm_head computes (W @ x^T)^T, interleaved with the rest",
     )
+    parser.add_argument(
+        "--quantize",
+        type=int,
+        nargs="*",
+        default=[],
+        choices=[4, 8],
+        help="also time the engine on weight-only int8 / int4 copies of the model (nanochat/quantize.py)",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
 
@@ -238,6 +247,13 @@ def main(argv=None):
             patch_lm_head(patched)
             patched_engine = Engine(patched, NeverStops())
             runners["engine+lm_head_patch"] = lambda b, e=patched_engine: run_engine(e, prompt, b, args.new_tokens)
+        for bits in args.quantize:  # the same weights rounded to int8 / int4, decoded by the same engine
+            from nanochat.quantize import quantize_model
+
+            quantized = copy.deepcopy(model)
+            quantize_model(quantized, bits=bits)
+            quantized_engine = Engine(quantized, NeverStops())
+            runners[f"engine int{bits}"] = lambda b, e=quantized_engine: run_engine(e, prompt, b, args.new_tokens)
         cases = [(name, b) for b in args.batch_sizes for name in runners if not (name == "naive" and b != 1)]
 
         # -------------------------------------------------------------------- warmup, agreement
