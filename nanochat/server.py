@@ -22,11 +22,14 @@ import asyncio
 import json
 import os
 import secrets
+import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -237,6 +240,10 @@ def _load_default(settings: Settings, device_index: int):
 
     device_type = settings.device_type or autodetect_device_type()
     device = torch.device("cuda", device_index) if device_type == "cuda" else torch.device(device_type)
+    if device_type == "cpu":
+        # Leave a core to the event loop: on 2 cores, 1 torch thread served 16 streams at 1,558 tok/s where
+        # 2 threads gave 1,360 (dev/bench_server.py, dev/BENCHMARKS.md): decode matmuls are too small to split.
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     dtype = autodetect_dtype(device_type)
     model, meta = load_model(settings.source, device, "eval", settings.model_tag, settings.step, dtype=dtype)
     model.compute_dtype = dtype
@@ -256,6 +263,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for i in range(max(1, settings.num_gpus)):
             model, tokenizer, name = await asyncio.to_thread(loader, i)
             workers.append(BatchingWorker(model, tokenizer, settings.max_batch, name=f"worker-{i}"))
+        state["inbox"] = Inbox(asyncio.get_running_loop())
         state.update(pool=WorkerPool(workers).start(), tokenizer=tokenizer, model_name=name, ready=True)
         state["device"] = str(workers[0].device)
         state["context_len"] = workers[0].engine.context_len
@@ -319,18 +327,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise APIError(503, "the model is still loading", None, "server_error")
         if settings.max_concurrent and state["in_flight"] >= settings.max_concurrent:
             raise APIError(429, f"the server is busy ({settings.max_concurrent} requests in flight); retry", None)
-        loop = asyncio.get_running_loop()
         seed = body.seed if body.seed is not None else secrets.randbelow(2**63)
         queues, requests = [], []
         for index in range(n):
             events: asyncio.Queue = asyncio.Queue()
-
-            def emit(event, events=events):
-                try:
-                    loop.call_soon_threadsafe(events.put_nowait, event)
-                except RuntimeError:  # the loop is gone (server shutting down)
-                    pass
-
+            emit = partial(state["inbox"].put, events)
             generation = GenerationRequest(tokens, emit, max_tokens, temperature, top_k, top_p, seed, index)
             queues.append(events)
             requests.append(generation)
@@ -390,18 +391,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             renderer = ReplyRenderer(state["tokenizer"])
             try:
                 while True:
-                    event = await queues[0].get()
-                    if isinstance(event, TokenEvent):
-                        for piece in renderer.push(event.token):
-                            yield sse(page_event(piece))
-                        continue
-                    for piece in renderer.finish():
-                        yield sse(page_event(piece))
-                    if event.error:
-                        yield sse({"type": "error", "message": event.error})
-                    usage = {"prompt_tokens": len(tokens), "completion_tokens": event.completion_tokens}
-                    yield sse({"type": "done", "finish_reason": event.finish_reason, "usage": usage})
-                    return
+                    # Whatever has arrived goes out in one write: a client that reads slower than the model
+                    # decodes gets fewer, larger chunks instead of a growing backlog.
+                    arrived = [await queues[0].get()]
+                    while not queues[0].empty():
+                        arrived.append(queues[0].get_nowait())
+                    out = []
+                    for event in arrived:
+                        if isinstance(event, TokenEvent):
+                            out += [sse(page_event(piece)) for piece in renderer.push(event.token)]
+                            continue
+                        out += [sse(page_event(piece)) for piece in renderer.finish()]
+                        if event.error:
+                            out.append(sse({"type": "error", "message": event.error}))
+                        usage = {"prompt_tokens": len(tokens), "completion_tokens": event.completion_tokens}
+                        out.append(sse({"type": "done", "finish_reason": event.finish_reason, "usage": usage}))
+                        yield "".join(out)
+                        return
+                    if out:
+                        yield "".join(out)
             finally:
                 finish_generation(requests)
 
@@ -464,6 +472,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class Inbox:
+    """Hands events from worker threads to the event loop with one wakeup per burst instead of one per token:
+    every call_soon_threadsafe writes the loop's wakeup pipe, and a decode step of 16 rows makes 16 events."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.lock, self.scheduled = loop, deque(), threading.Lock(), False
+
+    def put(self, queue: asyncio.Queue, event) -> None:
+        """Any thread: deliver `event` to `queue` on the loop."""
+        with self.lock:
+            self.items.append((queue, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is gone (server shutting down)
+            pass
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, deque(), False
+        for queue, event in items:
+            queue.put_nowait(event)
 
 
 def sse(payload: dict) -> str:
