@@ -263,10 +263,14 @@ def supervised_backward(forward, micro_batches, scale=None) -> tuple[torch.Tenso
     device = micro_batches[0][1].device
     count = sum((targets >= 0).sum() for _, targets in micro_batches).to(device=device, dtype=torch.float32)
     count = _all_reduce_sum(count).clamp(min=1)
+    # The optimizer AVERAGES gradients over ranks (nanochat/optim.py), so each rank's share of the sum is
+    # multiplied by the world size: the average of W shares of sum/count x W is then the whole step's gradient.
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     step_loss = torch.zeros((), device=device)
     for inputs, targets in micro_batches:
         loss = forward(inputs, targets, loss_reduction="sum") / count
         step_loss += loss.detach()
+        loss = loss * world_size
         (scale(loss) if scale else loss).backward()
     return _all_reduce_sum(step_loss), int(count.item())
 

@@ -53,3 +53,26 @@ def make_base_dir(root, tokenizer, tag="d1"):
             "matrix_lr": 0.02, "embedding_lr": 0.2, "unembedding_lr": 0.004}  # fmt: skip
     save_checkpoint(str(root / "base_checkpoints" / tag), 0, model, None, meta)
     return root
+
+
+def torchrun_matches_accumulation(module: str, args: list[str], base_dir, stage_dir: str, tag: str = "d1"):
+    """Runs `python -m module` under torchrun with 2 processes, then alone (accumulating 2 micro-batches), and
+    returns both runs' final (state_dict, meta): the same global batches, so the same weights to tolerance."""
+    import shutil
+    import subprocess
+    import sys
+
+    from nanochat.checkpoint import build_model
+
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "OMP_NUM_THREADS": "1"}
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    output = os.path.join(str(base_dir), stage_dir, tag)
+    results = []
+    for launcher in ([torchrun, "--standalone", "--nproc_per_node=2"], [sys.executable]):
+        shutil.rmtree(output, ignore_errors=True)
+        done = subprocess.run([*launcher, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        model, meta = build_model(output)
+        results.append((model.state_dict(), meta))
+    shutil.rmtree(output, ignore_errors=True)
+    return results

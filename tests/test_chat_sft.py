@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import SHARED_DATA, make_base_dir, require
+from conftest import SHARED_DATA, make_base_dir, require, torchrun_matches_accumulation
 from nanochat.chat_data import Sources, build_mixture, conversation_batch, supervised_backward
 from nanochat.checkpoint import build_model, find_last_step, load_model
 from nanochat.engine import Engine
@@ -150,3 +150,16 @@ def test_mixture_errors_and_selection(capsys):
     chat_sft.main([*TINY[:-2], "--mixture", "arc", "--source", "base", "--num-iterations", "1", "--eval-every", "-1",
                    "--eval-metrics-every", "-1", "--model-tag", "d1"])  # fmt: skip
     assert "train mixture: 3,370 conversations\n  arc " in capsys.readouterr().out
+
+
+@pytest.mark.slow  # two torchrun processes and one plain one, each importing torch
+def test_torchrun_two_processes_match_one_process_with_accumulation(base_dir):
+    """The loss is normalised by the supervised tokens of the whole step across ranks: 2 ranks x 1 micro-batch
+    and 1 rank x 2 micro-batches give the same update."""
+    args = [*TINY, "--num-iterations", "3", "--eval-every", "-1", "--eval-metrics-every", "-1", "--model-tag", "d1"]
+    (ddp, ddp_meta), (alone, alone_meta) = torchrun_matches_accumulation("scripts.chat_sft", args, base_dir,
+                                                                         "chatsft_checkpoints")  # fmt: skip
+    assert ddp_meta["grad_accum_steps"] == 1 and alone_meta["grad_accum_steps"] == 2
+    for name in ddp:
+        assert torch.allclose(ddp[name], alone[name], atol=2e-3, rtol=0), name
+    assert ddp_meta["loop"]["smooth_loss"] == pytest.approx(alone_meta["loop"]["smooth_loss"], abs=1e-4)

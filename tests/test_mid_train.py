@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import SHARED_DATA, make_base_dir, require
+from conftest import SHARED_DATA, make_base_dir, require, torchrun_matches_accumulation
 from nanochat.chat_data import PackedChatLoader, Sources, build_mixture
 from nanochat.checkpoint import build_model, find_last_step, load_model
 from nanochat.engine import Engine
@@ -104,3 +104,15 @@ def test_packed_rows_are_full_bos_aligned_and_resume_exactly(small_tokenizer):
     again = PackedChatLoader(small_tokenizer, mixture, 2, 64, buffer_size=8, state=state)
     for (x, y), (x2, y2) in zip(expected, [next(again) for _ in range(3)]):
         assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+@pytest.mark.slow  # two torchrun processes and one plain one, each importing torch
+def test_torchrun_two_processes_match_one_process_with_accumulation(base_dir):
+    args = [*TINY, "--num-iterations", "3", "--eval-every", "-1", "--device-batch-size", "2",
+            "--total-batch-size", "512", "--model-tag", "d1"]  # fmt: skip
+    (ddp, ddp_meta), (alone, alone_meta) = torchrun_matches_accumulation("scripts.mid_train", args, base_dir,
+                                                                         "mid_checkpoints")  # fmt: skip
+    assert ddp_meta["grad_accum_steps"] == 1 and alone_meta["grad_accum_steps"] == 2
+    for name in ddp:
+        assert torch.allclose(ddp[name], alone[name], atol=2e-3, rtol=0), name
+    assert ddp_meta["loop"]["smooth_loss"] == pytest.approx(alone_meta["loop"]["smooth_loss"], abs=1e-4)
