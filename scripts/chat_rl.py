@@ -41,17 +41,16 @@ import torch.distributed as dist
 
 from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint, load_model, save_checkpoint
 from nanochat.common import (
-    atomic_write,
     compute_cleanup,
     compute_init,
     describe_environment,
-    get_base_dir,
     needs_grad_scaler,
     print0,
 )
 from nanochat.engine import ContextFullError, Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizer
+from nanochat.report import write_stage_summary
 from nanochat.tokenizer import get_tokenizer
 from tasks.common import resolve_data_dir
 from tasks.gsm8k import GSM8K
@@ -414,10 +413,7 @@ def main(argv=None):
         "training_minutes": loop["training_seconds"] / 60,
     }
     if master:
-        report_dir = os.path.join(get_base_dir(), "report")
-        os.makedirs(report_dir, exist_ok=True)
-        text = json.dumps({**summary, "config": resolved}, indent=2, default=str)
-        atomic_write(os.path.join(report_dir, "chat_rl.json"), lambda f: f.write(text.encode("utf-8")))
+        write_stage_summary("chat_rl", {**summary, "config": resolved})
     print0(f"done: {json.dumps({k: v for k, v in summary.items() if k != 'mean_reward_by_step'})}")
     if wandb_run:
         wandb_run.summary.update({k: v for k, v in summary.items() if k != "mean_reward_by_step"})

@@ -47,15 +47,14 @@ from nanochat.chat_data import (
 )
 from nanochat.checkpoint import build_model, checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
 from nanochat.common import (
-    atomic_write,
     compute_cleanup,
     compute_init,
     describe_environment,
-    get_base_dir,
     needs_grad_scaler,
     print0,
 )
 from nanochat.optim import build_optimizer
+from nanochat.report import write_stage_summary
 from nanochat.tokenizer import get_tokenizer
 from scripts.chat_eval import evaluate_categorical, load_task
 from tasks.common import resolve_data_dir
@@ -288,10 +287,7 @@ def main(argv=None):
     }
     print0(f"done: {json.dumps(summary)}")
     if master:
-        report = os.path.join(get_base_dir(), "report")
-        os.makedirs(report, exist_ok=True)
-        text = json.dumps(summary, indent=2).encode("utf-8")
-        atomic_write(os.path.join(report, "chat_sft.json"), lambda f: f.write(text))
+        write_stage_summary("chat_sft", summary)
     if wandb_run:
         wandb_run.summary.update(summary)
         wandb_run.finish()
