@@ -156,7 +156,8 @@ def main() -> None:
             print(
                 f"clients {clients:>3}: {level['completed']:>3}/{level['requests']} ok, {level['errors']} errors, "
                 f"{level['tokens']:>5} tokens in {level['wall_s']:6.1f} s = "
-                f"{level['aggregate_tokens_per_s']:7.1f} tok/s aggregate, {level['per_stream_tokens_per_s']:6.1f} tok/s per stream, TTFT p50 "
+                f"{level['aggregate_tokens_per_s']:7.1f} tok/s aggregate, "
+                f"{level['per_stream_tokens_per_s']:6.1f} tok/s per stream, TTFT p50 "
                 f"{level['ttft_p50_ms']:.0f} ms p95 {level['ttft_p95_ms']:.0f} ms"
             )
         base = levels[0]["aggregate_tokens_per_s"]
