@@ -1,16 +1,49 @@
-"""The report card's raw material: every stage's summary, as JSON under <base dir>/report/.
+"""The report card: every stage's summary as JSON under <base dir>/report/, assembled into report.md with plots.
 
-Contract: `write_stage_summary(stage, summary)` writes <base dir>/report/<stage>.json atomically (a crash never
-leaves half a file) and returns its path; values that JSON lacks (paths, dtypes) are written as strings.
-Stages call it from rank 0 only.
+    python -m nanochat.report reset                          # at the start of a run: clear, stamp the start time
+    python -m nanochat.report generate                       # at the end: report.md + PNGs beside the JSON
+    python -m nanochat.report generate --hourly-cost 24      # the node's price in $/h (or NANOCHAT_HOURLY_COST)
 
-Not here yet: assembling report.md with its header, tables and plots from these files (the report card).
+Contract:
+- `write_stage_summary(stage, summary)` writes <base dir>/report/<stage>.json atomically (a crash never leaves
+  half a file) and returns its path; values that JSON lacks (paths, dtypes) are written as strings. Stages call
+  it from rank 0 only. The stages: tok_train, tok_eval, base_train, base_loss, base_eval, mid_train, chat_sft,
+  chat_rl, chat_eval_<source>; `reset` writes header.json (start time and environment).
+- A summary key ending in `_curve` holds [[step, value], ...] and is drawn as a line plot; chat_eval_<source>
+  holds {"tasks": {name: {"accuracy", "centered", ...}}, "chatcore"} and is drawn as bars.
+- report.md has these sections, in this order, with these exact titles (scripts and tests rely on them):
+  "# nanochat report card", "## Environment", "## Tokenizer", "## Base model", "## Midtraining", "## SFT",
+  "## RL", "## Chat evaluation", "## Summary". A stage section whose stages all did not run is left out (no
+  error); Environment and Summary are always there. A JSON file that cannot be read is named as unreadable in
+  its section instead of crashing the report. Plots: <stage>.png for every stage with curves (base_train,
+  mid_train, chat_sft, chat_rl) and chat_eval_<source>.png for every chat evaluation.
+- Cost = wall time from `reset` to `generate` x hourly cost; the default cost is $3 per GPU-hour (8xH100
+  node: $24/h, the reference's framing) and $0 on a CPU-only machine.
+
+Not here: running or timing the stages (speedrun.sh), the metrics themselves (core_eval.py, scripts/chat_eval.py).
 """
 
+import argparse
 import json
 import os
+import subprocess
+import time
 
 from nanochat.common import atomic_write, get_base_dir
+
+GPU_HOURLY_COST = 3.0  # $/GPU-hour: 8xH100 at $24/h, the reference's cost framing (shared/reference §3)
+SECTIONS = [
+    ("Tokenizer", ["tok_train", "tok_eval"]),
+    ("Base model", ["base_train", "base_loss", "base_eval"]),
+    ("Midtraining", ["mid_train"]),
+    ("SFT", ["chat_sft"]),
+    ("RL", ["chat_rl"]),
+    ("Chat evaluation", [f"chat_eval_{source}" for source in ("base", "mid", "sft", "rl")]),
+]
+SOURCES = ["base", "mid", "sft", "rl"]  # the summary table's columns
+CHAT_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
+LANGUAGES = {".py": "Python", ".rs": "Rust", ".sh": "Shell", ".html": "HTML", ".md": "Markdown"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def report_dir() -> str:
@@ -23,3 +56,273 @@ def write_stage_summary(stage: str, summary: dict) -> str:
     text = json.dumps(summary, indent=2, default=str).encode("utf-8")
     atomic_write(path, lambda f: f.write(text))
     return path
+
+
+def read_stage(directory: str, stage: str):
+    """(summary, None), (None, None) if the stage did not run, or (None, reason) if its file is unreadable."""
+    path = os.path.join(directory, f"{stage}.json")
+    if not os.path.exists(path):
+        return None, None
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"{type(e).__name__}: {e}"
+    if not isinstance(summary, dict):
+        return None, f"expected a JSON object, found {type(summary).__name__}"
+    return summary, None
+
+
+# ---------------------------------------------------------------------------- reset
+
+
+def current_environment() -> dict:
+    """describe_environment for the device this machine would train on, plus the GPU count."""
+    import torch
+
+    from nanochat.common import Runtime, autodetect_device_type, autodetect_dtype, describe_environment
+
+    device_type = autodetect_device_type()
+    device = torch.device("cuda", 0) if device_type == "cuda" else torch.device(device_type)
+    environment = describe_environment(Runtime(device, autodetect_dtype(device_type)))
+    environment["gpu_count"] = torch.cuda.device_count() if device_type == "cuda" else 0
+    return environment
+
+
+def reset() -> str:
+    """Delete the previous run's report files and write header.json with the start time and environment."""
+    directory = report_dir()
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith((".json", ".md", ".png", ".tmp")):
+            os.remove(os.path.join(directory, name))
+    return write_stage_summary("header", {"started_at": time.time(), "environment": current_environment()})
+
+
+# ---------------------------------------------------------------------------- pieces of the report
+
+
+def lines_of_code() -> dict:
+    """Lines of the tracked files by language (git ls-files), or {} outside a git checkout."""
+    result = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
+    counts = {}
+    for path in result.stdout.splitlines() if result.returncode == 0 else []:
+        language = LANGUAGES.get(os.path.splitext(path)[1])
+        if language and os.path.isfile(os.path.join(REPO, path)):
+            with open(os.path.join(REPO, path), "rb") as f:
+                counts[language] = counts.get(language, 0) + f.read().count(b"\n")
+    return counts
+
+
+def fmt(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.4f}" if abs(value) < 1e6 else f"{value:.4g}"
+    return str(value)
+
+
+def bullets(summary: dict) -> list[str]:
+    """`- key: value` for the scalars and small flat dicts; lists of strings (samples) as sub-bullets."""
+    lines = []
+    for key, value in summary.items():
+        if key.endswith("_curve") or key in ("tasks", "results", "config"):
+            continue
+        if isinstance(value, dict) and all(not isinstance(v, (dict, list)) for v in value.values()):
+            lines.append(f"- {key}: " + ", ".join(f"{k}={fmt(v)}" for k, v in value.items()))
+        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            lines.append(f"- {key}:")
+            lines.extend(f"  - `{v!r}`" for v in value)
+        elif not isinstance(value, (dict, list)):
+            lines.append(f"- {key}: {fmt(value)}")
+    return lines
+
+
+def curves_of(summary: dict) -> dict:
+    """{name: [[step, value], ...]}: the `_curve` keys, and chat_rl's per-step mean reward."""
+    curves = {key.removesuffix("_curve"): value for key, value in summary.items() if key.endswith("_curve") and value}
+    rewards = summary.get("mean_reward_by_step")
+    if rewards:
+        curves["mean_reward"] = [[step + 1, reward] for step, reward in enumerate(rewards)]
+    return curves
+
+
+def save_png(figure, path: str) -> None:
+    atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+
+
+def plot_curves(curves: dict, title: str, path: str) -> None:
+    # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5 * len(curves), 3.5))
+    FigureCanvasAgg(figure)
+    for axes, (name, points) in zip(figure.subplots(1, len(curves), squeeze=False)[0], curves.items()):
+        steps, values = zip(*points)
+        axes.plot(steps, values, marker="o" if len(points) < 30 else None)
+        axes.set(title=f"{title}: {name.replace('_', ' ')}", xlabel="step")
+        axes.grid(alpha=0.3)
+    save_png(figure, path)
+
+
+def plot_bars(tasks: dict, title: str, path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(max(5, 1.2 * len(tasks)), 3.5))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    names = list(tasks)
+    axes.bar(names, [tasks[name].get("accuracy") or 0.0 for name in names])
+    axes.set(title=title, ylabel="accuracy", ylim=(0, 1))
+    axes.tick_params(axis="x", labelrotation=30)
+    axes.grid(axis="y", alpha=0.3)
+    save_png(figure, path)
+
+
+def stage_body(stage: str, summary: dict, directory: str) -> list[str]:
+    """The markdown of one stage's subsection; draws its plots into `directory`."""
+    lines = bullets(summary)
+    if stage == "tok_eval" and summary.get("results"):
+        encoders = summary.get("encoders", ["ours"])
+        lines += ["", "| text | bytes | " + " | ".join(f"{e} bytes/token" for e in encoders) + " |"]
+        lines.append("|---|---:|" + "---:|" * len(encoders))
+        for kind, row in summary["results"].items():
+            cells = [fmt(row.get(e, {}).get("bytes_per_token")) if e in row else "-" for e in encoders]
+            lines.append(f"| {kind} | {fmt(row.get('bytes'))} | " + " | ".join(cells) + " |")
+    if stage == "base_eval" and summary.get("tasks"):
+        lines += ["", "| task | centered accuracy |", "|---|---:|"]
+        lines += [f"| {task} | {fmt(centered)} |" for task, centered in summary["tasks"].items()]
+    if stage.startswith("chat_eval_") and summary.get("tasks"):
+        lines += ["", "| task | problems | accuracy | centered |", "|---|---:|---:|---:|"]
+        for task, row in summary["tasks"].items():
+            lines.append(
+                f"| {task} | {fmt(row.get('problems'))} | {fmt(row.get('accuracy'))} | {fmt(row.get('centered'))} |"
+            )
+        plot_bars(summary["tasks"], stage.replace("_", " "), os.path.join(directory, f"{stage}.png"))
+        lines += ["", f"![{stage}]({stage}.png)"]
+    curves = curves_of(summary)
+    if curves:
+        plot_curves(curves, stage, os.path.join(directory, f"{stage}.png"))
+        lines += ["", f"![{stage}]({stage}.png)"]
+    return lines
+
+
+def summary_table(summaries: dict) -> list[str]:
+    """CORE and the chat tasks (accuracy) and ChatCORE per stage; '-' where a stage or task did not run."""
+    rows = {"CORE": {"base": (summaries.get("base_eval") or {}).get("core")}}
+    for source in SOURCES:
+        chat = summaries.get(f"chat_eval_{source}") or {}
+        for task in CHAT_TASKS:
+            rows.setdefault(task, {})[source] = (chat.get("tasks") or {}).get(task, {}).get("accuracy")
+        rows.setdefault("ChatCORE", {})[source] = chat.get("chatcore")
+    lines = ["| metric | " + " | ".join(SOURCES) + " |", "|---|" + "---:|" * len(SOURCES)]
+    for metric, by_source in rows.items():
+        cells = [fmt(by_source[s]) if by_source.get(s) is not None else "-" for s in SOURCES]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def hourly_cost(environment: dict, override: float | None) -> float:
+    if override is not None:
+        return override
+    if os.environ.get("NANOCHAT_HOURLY_COST"):
+        return float(os.environ["NANOCHAT_HOURLY_COST"])
+    return GPU_HOURLY_COST * environment.get("gpu_count", 0)
+
+
+# ---------------------------------------------------------------------------- generate
+
+
+def generate(cost_per_hour: float | None = None) -> str:
+    """Write <base dir>/report/report.md and its PNGs from whatever stage summaries exist; returns its path."""
+    directory = report_dir()
+    os.makedirs(directory, exist_ok=True)
+    now = time.time()
+    header, header_error = read_stage(directory, "header")
+    environment = (header or {}).get("environment") or current_environment()
+    rate = hourly_cost(environment, cost_per_hour)
+    out = ["# nanochat report card", "", "## Environment", ""]
+    out.append(f"- generated: {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(now))}")
+    if header and isinstance(header.get("started_at"), (int, float)):
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(header["started_at"]))
+        out.append(f"- run started: {started}")
+    elif header_error:
+        out.append(f"- header.json is unreadable ({header_error})")
+    else:
+        out.append("- run started: unknown (no header.json: run `python -m nanochat.report reset` at the start)")
+    commit = environment.get("git_commit") or "unknown"
+    out.append(f"- git commit: {commit}" + (" (with uncommitted changes)" if environment.get("git_dirty") else ""))
+    gpu = environment.get("gpu")
+    hardware = f"{environment.get('gpu_count', 1)} x {gpu} ({environment.get('gpu_memory_gib')} GiB)" if gpu else "none"
+    out.append(f"- GPUs: {hardware}")
+    out.append(
+        f"- CPU: {environment.get('cpu')} ({environment.get('cpu_count')} cores); host {environment.get('host')}"
+    )
+    versions = {k: environment.get(k) for k in ("python", "torch", "cuda") if environment.get(k)}
+    out.append("- software: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    out.append(f"- hourly cost assumed: ${rate:.2f}/h (--hourly-cost or NANOCHAT_HOURLY_COST)")
+    code = lines_of_code()
+    if code:
+        out.append(
+            f"- lines of code: {sum(code.values()):,} ("
+            + ", ".join(f"{lang} {n:,}" for lang, n in sorted(code.items(), key=lambda kv: -kv[1]))
+            + ")"
+        )
+
+    summaries = {}
+    for title, stages in SECTIONS:
+        parts = []
+        for stage in stages:
+            summary, error = read_stage(directory, stage)
+            if error:
+                parts += ["", f"### {stage}", "", f"{stage}.json is unreadable ({error}); this stage is left out."]
+            elif summary is not None:
+                summaries[stage] = summary
+                parts += ["", f"### {stage}", "", *stage_body(stage, summary, directory)]
+        if parts:
+            out += ["", f"## {title}", *parts]
+
+    out += ["", "## Summary", "", *summary_table(summaries), ""]
+    minutes = {
+        s: summaries.get(s, {}).get("training_minutes") for s in ("base_train", "mid_train", "chat_sft", "chat_rl")
+    }
+    minutes = {s: m for s, m in minutes.items() if isinstance(m, (int, float))}
+    if minutes:
+        out.append(
+            f"- training time: {sum(minutes.values()):.1f} min ("
+            + ", ".join(f"{s} {m:.1f}" for s, m in minutes.items())
+            + ")"
+        )
+    if header and isinstance(header.get("started_at"), (int, float)):
+        hours = (now - header["started_at"]) / 3600
+        out.append(f"- total wall time: {hours * 60:.1f} min ({hours:.2f} h)")
+        out.append(f"- estimated cost: ${hours * rate:,.2f} at ${rate:.2f}/h")
+    else:
+        out.append("- total wall time: unknown (no reset header); estimated cost: unknown")
+    text = "\n".join(out) + "\n"
+    path = os.path.join(directory, "report.md")
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["reset", "generate"])
+    parser.add_argument(
+        "--hourly-cost",
+        type=float,
+        default=None,
+        help="$ per hour of the whole machine (default: $NANOCHAT_HOURLY_COST, else $3 per GPU, 0 on CPU)",
+    )
+    args = parser.parse_args(argv)
+    path = reset() if args.command == "reset" else generate(args.hourly_cost)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

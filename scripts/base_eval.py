@@ -8,7 +8,9 @@
 The metric lives in nanochat/core_eval.py. Every rank scores its share of each task's examples and the
 correctness is summed across ranks; rank 0 prints a per-task table and the CORE line, and writes
 <base dir>/base_eval/core_<tag>_<step>.csv and .json atomically. Tasks whose data file is absent from the
-bundle are listed as missing and excluded, and the CORE line says how many tasks it covers.
+bundle are listed as missing and excluded, and the CORE line says how many tasks it covers. A nanochat checkpoint's
+CORE and per-task centered accuracies also go to the report card (<base dir>/report/base_eval.json); an --hf-path
+reference model's do not.
 Not here: bits per byte (scripts/base_loss.py); chat evaluations.
 """
 
@@ -22,6 +24,7 @@ import torch.distributed as dist
 
 from nanochat.common import atomic_write, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.core_eval import ensure_bundle, evaluate_core
+from nanochat.report import write_stage_summary
 
 
 def format_table(result) -> str:
@@ -134,6 +137,10 @@ def main(argv=None):
         atomic_write(stem + ".json", lambda f: f.write(json.dumps(summary, indent=2).encode("utf-8")))
         atomic_write(stem + ".csv", lambda f: f.write(to_csv(rows)))
         print0(f"wrote {stem}.json and {stem}.csv")
+        if not args.hf_path:
+            centered = {row["task"]: row["centered"] for row in rows if not row["missing"]}
+            write_stage_summary("base_eval", {**{k: summary[k] for k in ("model", "step", "core", "tasks_covered",
+                                "tasks_defined", "max_per_task", "seconds")}, "tasks": centered})  # fmt: skip
     compute_cleanup()
     return result
 

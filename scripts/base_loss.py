@@ -5,7 +5,8 @@
     python -m scripts.base_loss --device-batch-size 4 --split-tokens 8192   # tiny, CPU
 
 bpb is vocabulary-independent (nanochat/loss_eval.py); every rank evaluates its own batches and the sums are
-reduced across ranks. Results are printed and written to <base dir>/base_eval/loss_<tag>_<step>.json.
+reduced across ranks. Results are printed and written to <base dir>/base_eval/loss_<tag>_<step>.json and the
+report card's <base dir>/report/base_loss.json.
 Not here: CORE (scripts/base_eval.py).
 """
 
@@ -20,6 +21,7 @@ from nanochat.common import atomic_write, compute_cleanup, compute_init, get_bas
 from nanochat.dataloader import PretrainLoader
 from nanochat.dataset import default_pretrain_paths
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import write_stage_summary
 from nanochat.tokenizer import get_tokenizer
 from scripts.base_train import sample
 
@@ -57,6 +59,8 @@ def main(argv=None):
         os.makedirs(os.path.dirname(out), exist_ok=True)
         atomic_write(out, lambda f: f.write(json.dumps(results, indent=2).encode("utf-8")))
         print0(f"wrote {out}")
+        tokens = steps * args.device_batch_size * seq_len * runtime.world_size
+        write_stage_summary("base_loss", {"model": tag, **results, "tokens_per_split": tokens})
     compute_cleanup()
     return results
 

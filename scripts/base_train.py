@@ -11,7 +11,9 @@ One process or many (torchrun), CPU or GPU, the same code: gradients are average
         --num-iterations 30 --eval-every 10 --eval-tokens 2048 --sample-every -1       # tiny, CPU, seconds
 
 Writes checkpoints to <base dir>/base_checkpoints/d<depth>/ (model, per-rank optimizer, meta with the loop and
-dataloader state); `--resume` continues the last one exactly. Logs to wandb with `--run NAME`.
+dataloader state); `--resume` continues the last one exactly. Logs to wandb with `--run NAME`. The report card's
+summary, with the train-loss and val-bpb curves (kept in the loop state, so they survive a resume), goes to
+<base dir>/report/base_train.json.
 Not here: CORE evaluation (scripts/base_eval.py), bpb of a finished model (scripts/base_loss.py).
 """
 
@@ -39,6 +41,7 @@ from nanochat.dataset import default_pretrain_paths
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import build_optimizer
+from nanochat.report import write_stage_summary
 from nanochat.tokenizer import get_tokenizer
 
 # Prompts whose greedy continuations show what the model has picked up (facts, arithmetic, grammar).
@@ -199,6 +202,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- resume
     start_step, loop = 0, {"smooth_loss": 0.0, "training_seconds": 0.0, "min_val_bpb": None}
+    loop.update(timed_steps=0, train_loss_curve=[], val_bpb_curve=[])  # [[step, value], ...] for the report
     loader_states = None
     if args.resume:
         last = find_last_step(checkpoint_dir)
@@ -211,7 +215,7 @@ def main(argv=None):
             raise SystemExit(f"--resume: {checkpoint_dir} holds a different model ({meta['model_config']})")
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
-        start_step, loop = meta["step"], meta["loop"]
+        start_step, loop = meta["step"], {**loop, **meta["loop"]}  # older checkpoints lack the curves
         if meta["total_batch_size"] != hp["total_batch_size"] or len(meta["dataloader"]) != runtime.world_size:
             raise SystemExit("--resume: the batch layout changed since the checkpoint (total batch or processes)")
         loader_states = meta["dataloader"][runtime.rank]
@@ -263,6 +267,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- loop
     num_iterations = hp["num_iterations"]
+    curve_every = max(1, num_iterations // 500)  # at most ~500 points of train loss in the report
     step, val_bpb = start_step, None
     while True:
         last_step = step == num_iterations
@@ -270,6 +275,8 @@ def main(argv=None):
             val_bpb = validate()
             best = loop["min_val_bpb"]
             loop["min_val_bpb"] = val_bpb if best is None else min(best, val_bpb)
+            if not loop["val_bpb_curve"] or loop["val_bpb_curve"][-1][0] != step:  # a resume re-evaluates its step
+                loop["val_bpb_curve"].append([step, val_bpb])
             print0(f"step {step:05d} | validation bpb {val_bpb:.4f}")
             if wandb_run:
                 wandb_run.log({"step": step, "val/bpb": val_bpb})
@@ -333,6 +340,9 @@ def main(argv=None):
         smooth = loop["smooth_loss"] / (1 - 0.9**step)
         if step - start_step > 2:  # the first steps include compilation and warmup
             loop["training_seconds"] += step_seconds
+            loop["timed_steps"] += 1
+        if step % curve_every == 0 or step == num_iterations:
+            loop["train_loss_curve"].append([step, round(smooth, 5)])
         tokens_per_s = hp["total_batch_size"] / step_seconds
         mfu = model.estimate_flops() * tokens_per_s / (peaks[0] * runtime.world_size) if peaks else None
         eta = (num_iterations - step) * step_seconds
@@ -355,8 +365,29 @@ def main(argv=None):
         "training_minutes": loop["training_seconds"] / 60,
     }
     print0(f"done: {json.dumps(summary)}")
+    # Mean MFU over the timed steps (the first steps of each session, compilation and warmup, are not timed).
+    timed_tokens_per_s = (
+        loop["timed_steps"] * hp["total_batch_size"] / loop["training_seconds"] if loop["timed_steps"] else 0
+    )
+    report = {
+        **summary,
+        "depth": args.depth,
+        "model_tag": model_tag,
+        "parameters": model.num_params(),
+        "flops_per_token": model.estimate_flops(),
+        "steps": step,
+        "tokens": step * hp["total_batch_size"],
+        "total_batch_size": hp["total_batch_size"],
+        "mfu": model.estimate_flops() * timed_tokens_per_s / (peaks[0] * runtime.world_size) if peaks else None,
+        "world_size": runtime.world_size,
+        "train_loss_curve": loop["train_loss_curve"],
+        "val_bpb_curve": loop["val_bpb_curve"],
+    }
     if runtime.device_type == "cuda":
-        print0(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        report["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print0(f"peak memory {report['peak_memory_gib']:.1f} GiB")
+    if master:
+        write_stage_summary("base_train", report)
     if wandb_run:
         wandb_run.summary.update(summary)
         wandb_run.finish()

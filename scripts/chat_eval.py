@@ -27,7 +27,9 @@ Contract:
 - Distributed: under torchrun rank r takes problems r, r+W, ...; passed / problem / too-long counts are summed
   over ranks (torch.distributed all_reduce), so every rank holds the same totals.
 - Rank 0 prints a table and writes `<base dir>/chat_eval/chat_<source>_<tag>_<step>[_<tasks>].json` and `.md`
-  atomically (the task names are appended when not all six ran).
+  atomically (the task names are appended when not all six ran), and the report card's
+  `<base dir>/report/chat_eval_<source>.json` (per-task accuracy and ChatCORE; a partial run adds its tasks to
+  those of an earlier run of the same checkpoint, so ChatCORE appears once all six have run).
 
 Not here: the tasks themselves (tasks/), generation (nanochat/engine.py), base-model CORE (scripts/base_eval.py).
 """
@@ -44,6 +46,7 @@ import torch.distributed as dist
 
 from nanochat.common import atomic_write, compute_cleanup, compute_init, describe_environment, get_base_dir, print0
 from nanochat.engine import ContextFullError, Engine
+from nanochat.report import read_stage, report_dir, write_stage_summary
 from tasks.common import resolve_data_dir
 
 ALL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
@@ -273,6 +276,23 @@ def to_markdown(results: list[TaskResult], num_samples: int, title: str) -> str:
     return out.getvalue()
 
 
+def update_report(source: str, tag: str, step: int, results: list[TaskResult]) -> str:
+    """Write chat_eval_<source>.json for the report card, keeping the tasks of an earlier run of this checkpoint."""
+    stage = f"chat_eval_{source}"
+    previous, _ = read_stage(report_dir(), stage)  # absent or unreadable: start afresh
+    by_name = {}
+    if previous and previous.get("model") == tag and previous.get("step") == step:
+        fields = ("name", "eval_type", "problems", "passed", "too_long", "baseline")
+        for row in (previous.get("tasks") or {}).values():
+            if isinstance(row, dict) and all(key in row for key in fields):
+                by_name[row["name"]] = TaskResult(*(row[key] for key in fields))
+    by_name.update({result.name: result for result in results})
+    merged = [by_name[name] for name in ALL_TASKS if name in by_name]
+    tasks = {r.name: {**asdict(r), "accuracy": r.accuracy, "centered": r.centered} for r in merged}
+    summary = {"source": source, "model": tag, "step": step, "chatcore": chatcore(merged), "tasks": tasks}
+    return write_stage_summary(stage, summary)
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -390,6 +410,7 @@ def main(argv=None):
         atomic_write(stem + ".json", lambda f: f.write(json.dumps(summary, indent=2).encode("utf-8")))
         atomic_write(stem + ".md", lambda f: f.write(markdown.encode("utf-8")))
         print0(f"wrote {stem}.json and {stem}.md")
+        update_report(args.source, tag, step, results)
     compute_cleanup()
     return results
 

@@ -166,6 +166,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- resume
     start_step, loop = 0, {"smooth_loss": 0.0, "training_seconds": 0.0, "min_val_loss": None}
+    loop.update(train_loss_curve=[], val_loss_curve=[])  # [[step, value], ...] for the report card
     if args.resume:
         last = find_last_step(output_dir)
         if last is None:
@@ -177,7 +178,8 @@ def main(argv=None):
             raise SystemExit("--resume: --examples-per-step changed since the checkpoint")
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
-        start_step, loop = meta["step"], meta["loop"]  # batches are a function of the step: nothing else to restore
+        # Batches are a function of the step: nothing else to restore. Older checkpoints lack the curves.
+        start_step, loop = meta["step"], {**loop, **meta["loop"]}
         del model_state, optim_state
 
     resolved = {**vars(args), **hp, "num_iterations": num_iterations, "model_tag": model_tag, "source_dir": source_dir,
@@ -231,6 +233,8 @@ def main(argv=None):
             val_loss = validate()
             best = loop["min_val_loss"]
             loop["min_val_loss"] = val_loss if best is None else min(best, val_loss)
+            if not loop["val_loss_curve"] or loop["val_loss_curve"][-1][0] != step:  # a resume re-evaluates its step
+                loop["val_loss_curve"].append([step, val_loss])
             print0(f"step {step:05d} | validation loss {val_loss:.4f}")
             if wandb_run:
                 wandb_run.log({"step": step, "val/loss": val_loss})
@@ -271,6 +275,7 @@ def main(argv=None):
         smooth = loop["smooth_loss"] / (1 - 0.9**step)
         if step - start_step > 2:
             loop["training_seconds"] += step_seconds
+        loop["train_loss_curve"].append([step, round(smooth, 5)])
         print0(f"step {step:05d}/{num_iterations} | loss {smooth:.4f} | lrm {lrm:.3f} | supervised tokens "
                f"{supervised:,} | {step_seconds * 1000:.0f} ms")  # fmt: skip
         if wandb_run:
@@ -287,7 +292,8 @@ def main(argv=None):
     }
     print0(f"done: {json.dumps(summary)}")
     if master:
-        write_stage_summary("chat_sft", summary)
+        curves = {key: loop[key] for key in ("train_loss_curve", "val_loss_curve")}
+        write_stage_summary("chat_sft", {**summary, **curves})
     if wandb_run:
         wandb_run.summary.update(summary)
         wandb_run.finish()

@@ -161,6 +161,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- resume
     start_step, loop, loader_states = 0, {"smooth_loss": 0.0, "training_seconds": 0.0, "min_val_bpb": None}, None
+    loop.update(train_loss_curve=[], val_bpb_curve=[])  # [[step, value], ...] for the report card
     if args.resume:
         last = find_last_step(output_dir)
         if last is None:
@@ -172,7 +173,8 @@ def main(argv=None):
             raise SystemExit("--resume: the batch layout changed since the checkpoint (total batch or processes)")
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
-        start_step, loop, loader_states = meta["step"], meta["loop"], meta["dataloader"][runtime.rank]
+        start_step, loader_states = meta["step"], meta["dataloader"][runtime.rank]
+        loop = {**loop, **meta["loop"]}  # older checkpoints lack the curves
         del model_state, optim_state
     # One loader per (process, micro-step), slices of one data width, as in base_train.
     grad_accum, data_width = hp["grad_accum_steps"], hp["grad_accum_steps"] * runtime.world_size
@@ -227,6 +229,8 @@ def main(argv=None):
             val_bpb = validate()
             best = loop["min_val_bpb"]
             loop["min_val_bpb"] = val_bpb if best is None else min(best, val_bpb)
+            if not loop["val_bpb_curve"] or loop["val_bpb_curve"][-1][0] != step:  # a resume re-evaluates its step
+                loop["val_bpb_curve"].append([step, val_bpb])
             print0(f"step {step:05d} | validation bpb {val_bpb:.4f}")
             if wandb_run:
                 wandb_run.log({"step": step, "val/bpb": val_bpb})
@@ -272,6 +276,7 @@ def main(argv=None):
         smooth = loop["smooth_loss"] / (1 - 0.9**step)
         if step - start_step > 2:  # the first steps include compilation and warmup
             loop["training_seconds"] += step_seconds
+        loop["train_loss_curve"].append([step, round(smooth, 5)])  # every step: midtraining is short
         print0(f"step {step:05d} ({100 * progress:.1f}%) | loss {smooth:.4f} | lrm {lrm:.3f} | "
                f"{step_seconds * 1000:.0f} ms | {total_batch / step_seconds:,.0f} tok/s")  # fmt: skip
         if wandb_run:
@@ -287,7 +292,8 @@ def main(argv=None):
     }
     print0(f"done: {json.dumps(summary)}")
     if master:
-        write_stage_summary("mid_train", summary)
+        curves = {key: loop[key] for key in ("train_loss_curve", "val_bpb_curve")}
+        write_stage_summary("mid_train", {**summary, **curves})
     if wandb_run:
         wandb_run.summary.update(summary)
         wandb_run.finish()

@@ -3,7 +3,8 @@
 Samples of prose, code, math and non-English text, plus held-out pretraining text (the validation split of
 --data), are encoded with our tokenizer and, when tiktoken can load them, with GPT-2's and GPT-4's
 (cl100k_base). Higher bytes/token = better compression. Offline, tiktoken cannot fetch those two encodings;
-the table then says so and compares ours alone. Results go to <base dir>/tokenizer/eval.json.
+the table then says so and compares ours alone. Results go to <base dir>/tokenizer/eval.json and the report
+card's <base dir>/report/tok_eval.json.
 
     python -m scripts.tok_eval
     python -m scripts.tok_eval --data ../shared/data/pretrain/enwiki-sample.jsonl.gz
@@ -18,6 +19,7 @@ from itertools import islice
 
 from nanochat.common import get_base_dir
 from nanochat.dataset import default_pretrain_paths, iter_documents
+from nanochat.report import write_stage_summary
 from nanochat.tokenizer import Tokenizer
 
 # Written for this evaluation; each is a few hundred bytes of one kind of text.
@@ -137,8 +139,10 @@ def main(argv=None):
                 line += f"{saved:>+10.1%}"
         print(line)
     out = os.path.join(tokenizer_dir, "eval.json")
+    table = {"vocab_size": ours.get_vocab_size(), "encoders": labels, "results": results}
     with open(out, "w") as f:
-        json.dump({"vocab_size": ours.get_vocab_size(), "encoders": labels, "results": results}, f, indent=2)
+        json.dump(table, f, indent=2)
+    write_stage_summary("tok_eval", table)
     print(f"wrote {out}")
 
 

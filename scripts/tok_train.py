@@ -2,7 +2,8 @@
 
 Reads the training split of parquet shards (`text` column) or JSON-lines / text files (see
 nanochat/dataset.py), caps each document, stops after --max-chars characters, trains with rustbpe and
-checks that the result round-trips text. Writes tokenizer.json and train_stats.json (for the report).
+checks that the result round-trips text. Writes tokenizer.json, train_stats.json and the report card's
+<base dir>/report/tok_train.json.
 
     python -m scripts.tok_train                                   # shards in <base dir>/base_data
     NANOCHAT_DATA_DIR=../shared/data python -m scripts.tok_train  # offline: <data dir>/pretrain
@@ -18,6 +19,7 @@ import time
 
 from nanochat.common import get_base_dir
 from nanochat.dataset import default_pretrain_paths, expand_paths, iter_documents
+from nanochat.report import write_stage_summary
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # Text that must survive encode -> decode unchanged: mixed scripts, emoji with joiners, odd whitespace,
@@ -117,6 +119,7 @@ def main(argv=None):
     }
     with open(os.path.join(out_dir, "train_stats.json"), "w") as f:
         json.dump(result, f, indent=2)
+    write_stage_summary("tok_train", result)  # compression is measured by scripts.tok_eval
     print(f"saved {path}: " + ", ".join(f"{k}={v}" for k, v in result.items()))
 
 

@@ -349,6 +349,8 @@ def test_cli_all_six_tasks_reports_chatcore(base_dir, data_dir, monkeypatch, cap
     assert f"ChatCORE {chatcore(results):.4f} over all 6 tasks" in out
     saved = json.loads((base_dir / "chat_eval" / "chat_sft_d1_000003.json").read_text())
     assert saved["chatcore"] == pytest.approx(chatcore(results))
+    card = json.loads((base_dir / "report" / "chat_eval_sft.json").read_text())  # the report card's summary
+    assert card["chatcore"] == pytest.approx(chatcore(results)) and list(card["tasks"]) == list(ALL_TASKS)
 
 
 def test_cli_refuses_what_it_cannot_do(base_dir, data_dir, monkeypatch, capsys):

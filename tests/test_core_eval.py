@@ -347,6 +347,8 @@ def test_base_eval_end_to_end_on_a_saved_checkpoint(checkpoint_base_dir, monkeyp
     assert saved["core"] == pytest.approx(result.core) and saved["tasks_covered"] == 18
     assert saved["missing"] == MISSING_LABELS and len(saved["tasks"]) == 22
     assert (checkpoint_base_dir / "base_eval" / "core_d1_000007.csv").read_text().startswith("task,type,shots")
+    card = json.loads((checkpoint_base_dir / "report" / "base_eval.json").read_text())  # the report card's summary
+    assert card["core"] == pytest.approx(result.core) and len(card["tasks"]) == 18
 
 
 @pytest.mark.slow

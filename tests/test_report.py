@@ -1,0 +1,226 @@
+"""nanochat/report.py: the report card from every stage's summary, absent and corrupt stages, and a real stage's."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO
+from nanochat import report
+from nanochat.report import write_stage_summary
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CHAT_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
+
+
+def curve(n, start, end):
+    return [[step, start + (end - start) * step / n] for step in range(0, n + 1, max(1, n // 10))]
+
+
+def chat_eval(source, offset, with_chatcore=True):
+    """Accuracy of task i = offset + i / 100, so every cell of the summary table is distinct."""
+    tasks = {
+        name: {"name": name, "problems": 100, "accuracy": offset + i / 100, "centered": offset + i / 100 - 0.1}
+        for i, name in enumerate(CHAT_TASKS)
+    }
+    return {"source": source, "model": "d4", "step": 7, "chatcore": offset + 0.5 if with_chatcore else None,
+            "tasks": tasks}  # fmt: skip
+
+
+def write_every_stage():
+    write_stage_summary("tok_train", {"vocab_size": 65536, "train_chars": 2_000_000_000, "train_seconds": 75.5})
+    write_stage_summary(
+        "tok_eval",
+        {
+            "vocab_size": 65536,
+            "encoders": ["ours"],
+            "results": {"prose": {"bytes": 400, "ours": {"bytes_per_token": 4.83}}},
+        },
+    )
+    write_stage_summary(
+        "base_train",
+        {
+            "val_bpb": 0.8123,
+            "min_val_bpb": 0.8101,
+            "steps": 100,
+            "depth": 4,
+            "parameters": 12345678,
+            "mfu": 0.45,
+            "training_minutes": 3.0,
+            "train_loss_curve": curve(100, 9.0, 3.0),
+            "val_bpb_curve": curve(100, 2.5, 0.81),
+        },
+    )
+    write_stage_summary("base_loss", {"train_bpb": 0.801, "val_bpb": 0.8123, "samples": ["The sky is blue"]})
+    write_stage_summary("base_eval", {"core": 0.2219, "tasks": {"hellaswag_zeroshot": 0.26, "arc_easy": 0.5}})
+    write_stage_summary(
+        "mid_train",
+        {
+            "val_bpb": 0.41,
+            "steps": 30,
+            "training_minutes": 1.0,
+            "train_loss_curve": curve(30, 2.0, 1.2),
+            "val_bpb_curve": curve(30, 0.6, 0.41),
+        },
+    )
+    write_stage_summary(
+        "chat_sft",
+        {
+            "val_loss": 1.1,
+            "steps": 20,
+            "training_minutes": 0.5,
+            "train_loss_curve": curve(20, 1.5, 1.0),
+            "val_loss_curve": curve(20, 1.3, 1.1),
+        },
+    )
+    write_stage_summary(
+        "chat_rl",
+        {
+            "steps": 3,
+            "mean_reward_by_step": [0.1, 0.2, 0.3],
+            "training_minutes": 0.2,
+            "pass_at_k": {"pass@1": 0.3},
+            "config": {"lr": 1},
+        },
+    )
+    for source, offset in (("mid", 0.10), ("sft", 0.20), ("rl", 0.30)):
+        write_stage_summary(f"chat_eval_{source}", chat_eval(source, offset))
+
+
+def table_rows(text):
+    """{metric: [base, mid, sft, rl]} from the summary table."""
+    summary = text.split("## Summary", 1)[1]
+    rows = {}
+    for line in summary.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 5 and cells[0] not in ("metric", "---"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.fixture
+def base_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.delenv("NANOCHAT_HOURLY_COST", raising=False)
+    return tmp_path
+
+
+def test_full_report_has_every_section_table_and_plot(base_dir):
+    report.reset()
+    header = json.loads((base_dir / "report" / "header.json").read_text())
+    header["started_at"] -= 2 * 3600  # the run "started" two hours ago
+    write_stage_summary("header", header)
+    write_every_stage()
+    text = open(report.generate(cost_per_hour=24.0)).read()
+
+    titles = ["# nanochat report card", "## Environment", "## Tokenizer", "## Base model", "## Midtraining",
+              "## SFT", "## RL", "## Chat evaluation", "## Summary"]  # fmt: skip
+    positions = [text.index(f"\n{title}\n") if title.startswith("##") else text.index(title) for title in titles]
+    assert positions == sorted(positions), "sections out of order"
+    for fact in ("git commit:", "lines of code:", "Python", "torch", "$24.00/h", "0.8123", "12,345,678", "4.8300"):
+        assert fact in text, fact
+
+    rows = table_rows(text)
+    assert rows["CORE"] == ["0.2219", "-", "-", "-"]
+    assert rows["ARC-Easy"] == ["-", "0.1000", "0.2000", "0.3000"]
+    assert rows["GSM8K"] == ["-", "0.1300", "0.2300", "0.3300"]
+    assert rows["SpellingBee"] == ["-", "0.1500", "0.2500", "0.3500"]
+    assert rows["ChatCORE"] == ["-", "0.6000", "0.7000", "0.8000"]
+    assert set(rows) == {"CORE", *CHAT_TASKS, "ChatCORE"}
+    wall = re.search(r"total wall time: ([\d.]+) min", text)
+    assert wall and 119 < float(wall.group(1)) < 125
+    cost = re.search(r"estimated cost: \$([\d.]+)", text)
+    assert cost and 47.9 < float(cost.group(1)) < 50
+    assert "training time: 4.7 min" in text
+
+    for plot in ("base_train", "mid_train", "chat_sft", "chat_rl", "chat_eval_mid", "chat_eval_sft", "chat_eval_rl"):
+        path = base_dir / "report" / f"{plot}.png"
+        data = path.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000, plot
+        assert f"({plot}.png)" in text, plot
+    assert not list((base_dir / "report").glob(".*.tmp"))
+
+
+def test_absent_stages_are_skipped_and_corrupt_ones_reported(base_dir):
+    write_stage_summary("base_train", {"val_bpb": 0.9, "train_loss_curve": curve(10, 5, 4)})
+    write_stage_summary("chat_eval_sft", chat_eval("sft", 0.2, with_chatcore=False))
+    (base_dir / "report" / "mid_train.json").write_text('{"val_bpb": 0.4, "train_lo')  # killed mid-write
+    text = open(report.generate()).read()  # no reset header: no crash either
+
+    for absent in ("## Tokenizer", "## SFT", "## RL", "chat_eval_mid", "chat_rl"):
+        assert absent not in text, absent
+    assert "## Midtraining" in text and "mid_train.json is unreadable (JSONDecodeError" in text
+    assert "## Base model" in text and "## Chat evaluation" in text and "## Summary" in text
+    assert not (base_dir / "report" / "mid_train.png").exists()
+    assert (base_dir / "report" / "base_train.png").read_bytes().startswith(PNG_MAGIC)
+    rows = table_rows(text)
+    assert rows["CORE"] == ["-", "-", "-", "-"]
+    assert rows["ARC-Easy"] == ["-", "-", "0.2000", "-"]
+    assert rows["ChatCORE"] == ["-", "-", "-", "-"]  # not all six tasks counted: no ChatCORE
+    assert "total wall time: unknown" in text and "$0.00/h" in text  # CPU: no GPUs, no cost
+
+
+def test_reset_clears_the_previous_run(base_dir):
+    write_every_stage()
+    report.generate()
+    report.reset()
+    assert sorted(p.name for p in (base_dir / "report").iterdir()) == ["header.json"]
+    assert "## Base model" not in open(report.generate()).read()
+
+
+def test_cli_reset_then_generate(base_dir):
+    env_run = [sys.executable, "-m", "nanochat.report"]
+    subprocess.run([*env_run, "reset"], cwd=REPO, check=True, capture_output=True)
+    write_stage_summary("base_eval", {"core": 0.1234, "tasks": {"piqa": 0.3}})
+    result = subprocess.run([*env_run, "generate", "--hourly-cost", "10"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = (base_dir / "report" / "report.md").read_text()
+    assert table_rows(text)["CORE"] == ["0.1234", "-", "-", "-"] and "$10.00/h" in text
+
+
+def test_chat_eval_partial_runs_merge_into_chatcore(base_dir):
+    from scripts.chat_eval import BASELINES, TaskResult, update_report
+
+    def results(names, passed):
+        return [TaskResult(name, "generative", 10, passed, 0, BASELINES[name]) for name in names]
+
+    update_report("sft", "d4", 7, results(CHAT_TASKS[:3], 10))
+    first = json.loads((base_dir / "report" / "chat_eval_sft.json").read_text())
+    assert first["chatcore"] is None and list(first["tasks"]) == CHAT_TASKS[:3]
+    update_report("sft", "d4", 7, results(CHAT_TASKS[3:], 5))
+    merged = json.loads((base_dir / "report" / "chat_eval_sft.json").read_text())
+    assert merged["chatcore"] == pytest.approx((3 * 1.0 + 3 * 0.5) / 6)
+    update_report("sft", "d4", 8, results(["GSM8K"], 5))  # another checkpoint: starts afresh
+    assert list(json.loads((base_dir / "report" / "chat_eval_sft.json").read_text())["tasks"]) == ["GSM8K"]
+
+
+def test_real_base_train_writes_its_curves(tmp_path, monkeypatch, wiki_docs):
+    from nanochat.tokenizer import Tokenizer
+    from scripts import base_train
+
+    Tokenizer.train_from_iterator(wiki_docs[:300], 512).save(str(tmp_path / "tokenizer"))
+    (tmp_path / "base_data").mkdir()
+    pq.write_table(
+        pa.table({"text": wiki_docs[:600]}), tmp_path / "base_data" / "shard_00000.parquet", row_group_size=64
+    )
+    pq.write_table(
+        pa.table({"text": wiki_docs[600:660]}), tmp_path / "base_data" / "val_00000.parquet", row_group_size=16
+    )
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    base_train.main(["--depth", "2", "--max-seq-len", "64", "--device-batch-size", "4", "--total-batch-size", "512",
+                     "--warmup-steps", "0", "--eval-tokens", "1024", "--sample-every", "-1", "--compile", "off",
+                     "--num-iterations", "12", "--eval-every", "5"])  # fmt: skip
+
+    summary = json.loads((tmp_path / "report" / "base_train.json").read_text())
+    assert [step for step, _ in summary["train_loss_curve"]] == list(range(1, 13))
+    assert [step for step, _ in summary["val_bpb_curve"]] == [0, 5, 10, 12]
+    assert summary["val_bpb_curve"][-1][1] == summary["val_bpb"] < summary["val_bpb_curve"][0][1]
+    assert summary["steps"] == 12 and summary["tokens"] == 12 * 512 and summary["depth"] == 2
+    assert summary["parameters"] > 0 and summary["mfu"] is None  # CPU: no peak to divide by
+    text = open(report.generate()).read()
+    assert "## Base model" in text and "(base_train.png)" in text
+    assert (tmp_path / "report" / "base_train.png").read_bytes().startswith(PNG_MAGIC)
