@@ -7,6 +7,7 @@
 #   NANOCHAT_PROFILE=1000 bash speedrun.sh             # the "$1000" tier: depth 32, 800 shards (~33 h train)
 #   NANOCHAT_PROFILE=cpu bash speedrun.sh              # tiny: every stage on 2 CPU cores in ~15 minutes
 #   NANOCHAT_RL=1 bash speedrun.sh                     # also run RL on GSM8K (off by default, as in the reference)
+#   NANOCHAT_DEPTH=12 bash speedrun.sh                 # another depth on the GPU profiles (d12: ~1/6 of d20's cost)
 #   NANOCHAT_DATA_DIR=/path/to/data bash speedrun.sh   # offline: a directory laid out like shared/data
 #   NANOCHAT_SKIP_SETUP=1 bash speedrun.sh             # .venv already set up (CI, tests/test_speedrun.py)
 #

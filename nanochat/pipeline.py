@@ -87,6 +87,7 @@ def profile_settings(profile: str, gpus: int, offline: bool, data_dir: str | Non
         depth, shards, device_batch, tok_chars = (20, 240, 32, 2_000_000_000)
         if profile == "1000":
             depth, shards, device_batch, tok_chars = (32, 800, 8, 4_000_000_000)
+        depth = int(os.environ.get("NANOCHAT_DEPTH", depth))  # e.g. 12 for a quicker single-GPU run
         torchrun_args = os.environ.get("NANOCHAT_TORCHRUN") or f"--standalone --nproc_per_node={gpus}"
         torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
         s = {
