@@ -76,3 +76,18 @@ def torchrun_matches_accumulation(module: str, args: list[str], base_dir, stage_
         results.append((model.state_dict(), meta))
     shutil.rmtree(output, ignore_errors=True)
     return results
+
+
+def randomized(config, seed: int = 0):
+    """A GPT whose zero-initialised projections are filled too (weights N(0, 0.05), embedding N(0, 1)), so
+    every path affects the logits."""
+    import torch
+
+    from nanochat.gpt import GPT
+
+    torch.manual_seed(seed)
+    model = GPT.build(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 1.0 if name == "wte.weight" else 0.05)
+    return model

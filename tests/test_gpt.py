@@ -6,17 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import randomized
 from nanochat.gpt import GPT, GPTConfig, apply_rotary, rms_norm
-
-
-def randomized(config: GPTConfig, seed: int = 0) -> GPT:
-    """A model whose zero-initialised projections are filled too, so every path affects the logits."""
-    torch.manual_seed(seed)
-    model = GPT.build(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 1.0 if name == "wte.weight" else 0.05)
-    return model
 
 
 def small(**kwargs) -> GPTConfig:

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, Linear
+from conftest import randomized
+from nanochat.gpt import GPTConfig, Linear
 from nanochat.quantize import (
     Int4Linear,
     Int8Linear,
@@ -25,16 +26,6 @@ from nanochat.quantize import (
     unpack_int4,
     weight_bytes,
 )
-
-
-def randomized(config: GPTConfig, seed: int = 0) -> GPT:
-    """A model whose zero-initialised projections are filled too, so every path affects the logits."""
-    torch.manual_seed(seed)
-    model = GPT.build(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 1.0 if name == "wte.weight" else 0.05)
-    return model
 
 
 def small(**kwargs) -> GPTConfig:
