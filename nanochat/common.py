@@ -17,6 +17,7 @@ import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -135,11 +136,25 @@ class Runtime:
         return self.rank == 0
 
 
-def get_dist_info() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) for a plain process."""
+class DistInfo(NamedTuple):
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_info() -> DistInfo:
+    """The one answer to "am I distributed": the joined process group's rank and size, else torchrun's
+    environment (before compute_init joins), else rank 0 of 1."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), local_rank, dist.get_world_size())
     if all(key in os.environ for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
-        return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    return 0, 0, 1
+        return DistInfo(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]))
+    return DistInfo(0, 0, 1)
 
 
 def compute_init(device_type: str | None = None, seed: int = 42) -> Runtime:
@@ -149,7 +164,7 @@ def compute_init(device_type: str | None = None, seed: int = 42) -> Runtime:
         raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU (check drivers, or pick cpu)")
     if device_type == "mps" and not torch.backends.mps.is_available():
         raise RuntimeError("device 'mps' was asked for but is not available on this machine")
-    rank, local_rank, world_size = get_dist_info()
+    rank, local_rank, world_size = dist_info()
     torch.manual_seed(seed)
     if device_type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -173,7 +188,7 @@ def compute_cleanup() -> None:
 
 def print0(*args, **kwargs) -> None:
     """print on rank 0 only."""
-    if get_dist_info()[0] == 0:
+    if dist_info().rank == 0:
         print(*args, **kwargs, flush=True)
 
 
@@ -182,7 +197,7 @@ def get_logger(name: str = "nanochat") -> logging.Logger:
     logger = logging.getLogger(name)
     if not logger.handlers:
         handler = logging.StreamHandler()
-        rank = get_dist_info()[0]
+        rank = dist_info().rank
         handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(os.environ.get("NANOCHAT_LOG_LEVEL", "INFO"))

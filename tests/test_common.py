@@ -34,11 +34,11 @@ def test_cuda_dtype_follows_compute_capability(monkeypatch):
 def test_dist_info_reads_torchrun_environment(monkeypatch):
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
-    assert common.get_dist_info() == (0, 0, 1)
+    assert common.dist_info() == (0, 0, 1)
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert common.get_dist_info() == (3, 1, 4)
+    assert common.dist_info() == (3, 1, 4)
 
 
 def test_compute_init_on_cpu_single_process(monkeypatch):
