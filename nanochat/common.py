@@ -17,12 +17,14 @@ import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# torch is imported inside the functions that use it: the torch-free parts (base dir, atomic writes) serve quick
+# commands such as speedrun.sh's stage checks, which must not pay torch's import time (seconds) per stage.
+DTYPES = ("bfloat16", "float16", "float32")  # names of torch dtypes: getattr(torch, name)
 
 
 def get_base_dir() -> str:
@@ -80,6 +82,8 @@ def atomic_write(path: str, write: Callable, by_path: bool = False) -> None:
 
 def autodetect_device_type() -> str:
     """cuda > mps > cpu, unless NANOCHAT_DEVICE names one."""
+    import torch
+
     forced = os.environ.get("NANOCHAT_DEVICE")
     if forced:
         if forced not in ("cuda", "mps", "cpu"):
@@ -92,22 +96,24 @@ def autodetect_device_type() -> str:
     return "cpu"
 
 
-def autodetect_dtype(device_type: str) -> torch.dtype:
+def autodetect_dtype(device_type: str) -> "torch.dtype":
     """The compute dtype for a device type; NANOCHAT_DTYPE (bfloat16 | float16 | float32) overrides."""
+    import torch
+
     forced = os.environ.get("NANOCHAT_DTYPE")
     if forced:
         if forced not in DTYPES:
             raise ValueError(f"NANOCHAT_DTYPE must be one of {', '.join(DTYPES)}, got {forced!r}")
-        return DTYPES[forced]
+        return getattr(torch, forced)
     if device_type == "cuda":
         # bf16 needs Ampere (SM 8.0) or newer; older GPUs get fp16 with loss scaling.
         return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
     return torch.float32
 
 
-def needs_grad_scaler(dtype: torch.dtype) -> bool:
+def needs_grad_scaler(dtype: "torch.dtype") -> bool:
     """fp16 gradients underflow without loss scaling; bf16 and fp32 have fp32's exponent range."""
-    return dtype == torch.float16
+    return str(dtype) == "torch.float16"
 
 
 # ---------------------------------------------------------------------------- processes
@@ -117,8 +123,8 @@ def needs_grad_scaler(dtype: torch.dtype) -> bool:
 class Runtime:
     """What a process knows about where it runs: returned by compute_init, passed to whoever needs it."""
 
-    device: torch.device
-    dtype: torch.dtype
+    device: "torch.device"
+    dtype: "torch.dtype"
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
@@ -149,6 +155,8 @@ class DistInfo(NamedTuple):
 def dist_info() -> DistInfo:
     """The one answer to "am I distributed": the joined process group's rank and size, else torchrun's
     environment (before compute_init joins), else rank 0 of 1."""
+    import torch.distributed as dist
+
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), local_rank, dist.get_world_size())
@@ -159,6 +167,9 @@ def dist_info() -> DistInfo:
 
 def compute_init(device_type: str | None = None, seed: int = 42) -> Runtime:
     """Pick device and dtype, seed, and join the process group when launched by torchrun."""
+    import torch
+    import torch.distributed as dist
+
     device_type = device_type or autodetect_device_type()
     if device_type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU (check drivers, or pick cpu)")
@@ -182,6 +193,8 @@ def compute_init(device_type: str | None = None, seed: int = 42) -> Runtime:
 
 
 def compute_cleanup() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -263,6 +276,8 @@ def describe_environment(runtime: Runtime) -> dict:
     """Versions, git commit and hardware, printed at the start of every run so its log can reproduce it."""
     import platform
     import subprocess
+
+    import torch
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
