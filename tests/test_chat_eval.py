@@ -1,4 +1,5 @@
-"""scripts.chat_eval: categorical and generative scoring on real rows of ../shared/data, ChatCORE, the CLI.
+"""tasks.evaluate and scripts.chat_eval: categorical and generative scoring on real rows of the local data,
+ChatCORE, the CLI.
 
 Scripted models make the right answer known by construction: a letter oracle whose logits at a prompt's last
 position favour that question's answer (or a wrong letter), and a model that, after a prompt, says a chosen
@@ -19,7 +20,8 @@ from nanochat.engine import Completion, ContextFullError, Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer
 from scripts import chat_eval
-from scripts.chat_eval import (
+from tasks import evaluate
+from tasks.evaluate import (
     ALL_TASKS,
     TaskResult,
     chatcore,
@@ -289,7 +291,7 @@ def test_chatcore_is_the_mean_centered_accuracy_of_all_six():
         "SpellingBee": 0.4,
     }
     results = [
-        TaskResult(name, "x", 20, round(acc * 20), 0, chat_eval.BASELINES[name]) for name, acc in accuracies.items()
+        TaskResult(name, "x", 20, round(acc * 20), 0, evaluate.BASELINES[name]) for name, acc in accuracies.items()
     ]
     # centered: (0.55 - 0.25) / 0.75 = 0.4, 0, 1, 0.1, 0, 0.4 -> mean 1.9 / 6
     assert chatcore(results) == pytest.approx(1.9 / 6)

@@ -1,0 +1,206 @@
+"""Scoring a chat model on the evaluation tasks: categorical (answer-letter logits) and generative (pass@n).
+
+Contract:
+- `load_task(name, data_dir=None, arc_split="test")`: the evaluation split of one of ALL_TASKS; data_dir None
+  = $NANOCHAT_DATA_DIR, else the Hugging Face hub.
+- Categorical (ARC-Easy, ARC-Challenge, MMLU): each batch of `batch_size` prompts (rendered for completion,
+  right-padded with BOS) takes one forward pass; the logits at each prompt's last position, restricted to that
+  question's answer letters (each a single token, checked), pick the predicted letter, which `task.evaluate`
+  scores.
+- Generative (GSM8K, HumanEval, SpellingBee): each problem gets `num_samples` samples from
+  `Engine.generate_batch` (seed = the problem's index); it passes if any sample passes `task.evaluate` (pass@n).
+- A prompt too long for the model is skipped, never cropped (cropping would cut the question, which comes
+  first), and counted as failed: both evaluators return (passed, too long).
+- `evaluate_task` strides a task's problems over the ranks (rank r takes r, r+W, ...) and sums the counts with
+  all_reduce, so every rank holds the same TaskResult.
+- ChatCORE = the mean over the six tasks of centered accuracy, baseline 0.25 for the multiple-choice tasks and
+  0 for the generative ones; None unless all six have a result.
+
+Not here: the command line and result files (scripts/chat_eval.py), the tasks themselves, generation.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import dist_info
+from nanochat.core_eval import centered_accuracy
+from nanochat.engine import ContextFullError, Engine
+
+ALL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
+# Random-guess accuracy: four choices (ARC has a few 3- and 5-choice rows; karpathy/nanochat keeps 0.25), or none.
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
+SPELLING_BEE_SIZE = 256  # test examples, as in karpathy/nanochat
+
+
+def load_task(name: str, data_dir: str | None = None, arc_split: str = "test"):
+    """The evaluation split of a task by name; data_dir None = $NANOCHAT_DATA_DIR, else the hub."""
+    if name in ("ARC-Easy", "ARC-Challenge"):
+        from tasks.arc import ARC
+
+        return ARC(name, arc_split, data_dir=data_dir)
+    if name == "MMLU":
+        from tasks.mmlu import MMLU
+
+        return MMLU("all", "test", data_dir=data_dir)
+    if name == "GSM8K":
+        from tasks.gsm8k import GSM8K
+
+        return GSM8K("main", "test", data_dir=data_dir)
+    if name == "HumanEval":
+        from tasks.humaneval import HumanEval
+
+        return HumanEval()
+    if name == "SpellingBee":
+        from tasks.spellingbee import SpellingBee
+
+        return SpellingBee(SPELLING_BEE_SIZE, "test", data_dir=data_dir)
+    raise ValueError(f"unknown task {name!r}; the tasks are {', '.join(ALL_TASKS)}")
+
+
+# ---------------------------------------------------------------------------- categorical
+
+
+def letter_token_ids(tokenizer, letters: list[str]) -> list[int]:
+    """The token id of each answer letter; the categorical scoring needs every letter to be one token."""
+    ids = []
+    for letter in letters:
+        tokens = tokenizer.encode(letter)
+        if len(tokens) != 1:
+            raise ValueError(f"answer letter {letter!r} is {len(tokens)} tokens with this tokenizer, not 1")
+        ids.append(tokens[0])
+    return ids
+
+
+@torch.inference_mode()
+def last_position_logits(model, prompts: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    """fp32 logits (B, V) at each prompt's last position, from one forward pass over the batch.
+
+    Rows are right-padded with `pad_id`: attention is causal, so padding never reaches a prompt's last
+    position. Only the last (longest - shortest + 1) positions get logits, the window holding every row's
+    last position (a batch of similar lengths then skips most of the (B, T, V) logits).
+    """
+    lengths = [len(prompt) for prompt in prompts]
+    longest, shortest = max(lengths), min(lengths)
+    idx = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        idx[row, : len(prompt)] = torch.tensor(prompt)
+    logits = model(idx.to(device), logits_to_keep=longest - shortest + 1)  # (B, longest - shortest + 1, V)
+    last = torch.tensor(lengths) - shortest  # each row's last prompt position, counted within the window
+    return logits[torch.arange(len(prompts)), last.to(logits.device)].float()
+
+
+def predict_choices(model, prompts: list[list[int]], letter_ids: list[list[int]], pad_id: int, device) -> list[int]:
+    """For each prompt, the index of its highest-scoring answer letter (ties: the first), among its letters only."""
+    logits = last_position_logits(model, prompts, pad_id, device)  # (B, V)
+    return [int(logits[row, ids].argmax()) for row, ids in enumerate(letter_ids)]
+
+
+def evaluate_categorical(model, tokenizer, task, indices, batch_size: int, device) -> tuple[int, int]:
+    """(passed, too long) over the problems `indices` of a categorical task."""
+    context_len = model.config.sequence_len
+    pad_id = tokenizer.get_bos_token_id()
+    passed = too_long = 0
+    pending = []  # (conversation, prompt) of the prompts that fit, evaluated batch_size at a time
+    for position, index in enumerate(indices):
+        conversation = task[index]
+        prompt = tokenizer.render_for_completion(conversation)
+        if len(prompt) > context_len:
+            too_long += 1
+        else:
+            pending.append((conversation, prompt))
+        if pending and (len(pending) == batch_size or position == len(indices) - 1):
+            letters = [conversation["letters"] for conversation, _ in pending]
+            letter_ids = [letter_token_ids(tokenizer, row_letters) for row_letters in letters]
+            choices = predict_choices(model, [prompt for _, prompt in pending], letter_ids, pad_id, device)
+            for (conversation, _), row_letters, choice in zip(pending, letters, choices):
+                passed += bool(task.evaluate(conversation, row_letters[choice]))
+            pending = []
+    return passed, too_long
+
+
+# ---------------------------------------------------------------------------- generative
+
+
+def evaluate_generative(
+    engine, tokenizer, task, indices, num_samples: int, max_new_tokens: int, temperature: float, top_k: int | None
+) -> tuple[int, int]:
+    """(passed, too long) over the problems `indices` of a generative task; pass@num_samples."""
+    passed = too_long = 0
+    for index in indices:
+        conversation = task[index]
+        prompt = tokenizer.render_for_completion(conversation)
+        try:
+            completions = engine.generate_batch(
+                prompt, num_samples, max_new_tokens, temperature=temperature, top_k=top_k, seed=index
+            )
+        except ContextFullError:
+            too_long += 1
+            continue
+        # any() stops at the first pass, so HumanEval runs no more sandboxed programs than it must.
+        passed += any(task.evaluate(conversation, tokenizer.decode(c.tokens)) for c in completions)
+    return passed, too_long
+
+
+# ---------------------------------------------------------------------------- one task, all ranks
+
+
+@dataclass
+class TaskResult:
+    name: str
+    eval_type: str
+    problems: int  # evaluated, over all ranks (after max_problems)
+    passed: int
+    too_long: int  # skipped for not fitting the context, counted as failed
+    baseline: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.passed / self.problems if self.problems else 0.0
+
+    @property
+    def centered(self) -> float:
+        return centered_accuracy(self.accuracy, self.baseline)
+
+
+def chatcore(results: list[TaskResult]) -> float | None:
+    """Mean centered accuracy over the six tasks, or None unless each of them has a result."""
+    by_name = {result.name: result for result in results}
+    if any(name not in by_name for name in ALL_TASKS):
+        return None
+    return sum(by_name[name].centered for name in ALL_TASKS) / len(ALL_TASKS)
+
+
+def evaluate_task(
+    name: str,
+    task,
+    model,
+    tokenizer,
+    device,
+    max_problems: int = -1,
+    batch_size: int = 8,
+    num_samples: int = 1,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_k: int | None = 50,
+    engine=None,
+) -> TaskResult:
+    """One task's result, its problems strided over the ranks when a process group is up."""
+    num_problems = len(task) if max_problems < 0 else min(len(task), max_problems)
+    rank, _, world_size = dist_info()
+    indices = range(rank, num_problems, world_size)
+    if task.eval_type == "categorical":
+        passed, too_long = evaluate_categorical(model, tokenizer, task, indices, batch_size, device)
+    elif task.eval_type == "generative":
+        engine = engine or Engine(model, tokenizer)
+        passed, too_long = evaluate_generative(
+            engine, tokenizer, task, indices, num_samples, max_new_tokens, temperature, top_k
+        )
+    else:
+        raise ValueError(f"{name} has eval_type {task.eval_type!r}: only categorical and generative tasks evaluate")
+    counts = torch.tensor([passed, too_long], dtype=torch.long, device=device)
+    if world_size > 1:
+        dist.all_reduce(counts)  # every problem was evaluated by exactly one rank
+    passed, too_long = counts.tolist()
+    return TaskResult(name, task.eval_type, num_problems, passed, too_long, BASELINES.get(name, 0.0))
