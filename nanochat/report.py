@@ -3,6 +3,8 @@
     python -m nanochat.report reset                          # at the start of a run: clear, stamp the start time
     python -m nanochat.report generate                       # at the end: report.md + PNGs beside the JSON
     python -m nanochat.report generate --hourly-cost 24      # the node's price in $/h (or NANOCHAT_HOURLY_COST)
+    python -m nanochat.report status base_eval --tag d20     # done / resume / run: speedrun.sh's one question
+    python -m nanochat.report time base_eval 312             # record a stage's wall time (seconds) for report.md
 
 Contract:
 - `write_stage_summary(stage, summary)` writes <base dir>/report/<stage>.json atomically (a crash never leaves
@@ -17,8 +19,12 @@ Contract:
   error); Environment and Summary are always there. A JSON file that cannot be read is named as unreadable in
   its section instead of crashing the report. Plots: <stage>.png for every stage with curves (base_train,
   mid_train, chat_sft, chat_rl) and chat_eval_<source>.png for every chat evaluation.
-- Cost = wall time from `reset` to `generate` x hourly cost; the default cost is $3 per GPU-hour (8xH100
-  node: $24/h, the reference's framing) and $0 on a CPU-only machine.
+- A stage is done when its summary is there for the model tag and, for an evaluation, for the step its training
+  stage ended at (so a retrained model is evaluated again); a training stage that is not done but left a checkpoint
+  is to be resumed. Stage summaries carry "model_tag" and "step" for this.
+- Cost = the recorded wall times of the stages that ran (times.json; a skipped stage keeps its first time, and idle
+  gaps between runs do not count) x hourly cost; the default cost is $3 per GPU-hour (8xH100 node: $24/h, the
+  reference's framing) and $0 on a CPU-only machine. No torch import on these paths: they answer in milliseconds.
 
 Not here: running or timing the stages (speedrun.sh), the metrics themselves (core_eval.py, scripts/chat_eval.py).
 """
@@ -42,6 +48,15 @@ SECTIONS = [
 ]
 SOURCES = ["base", "mid", "sft", "rl"]  # the summary table's columns
 CHAT_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
+CHECKPOINT_DIRS = {"base_train": "base_checkpoints", "mid_train": "mid_checkpoints", "chat_sft": "chatsft_checkpoints",
+                   "chat_rl": "chatrl_checkpoints"}  # fmt: skip
+EVALUATES = {
+    "base_loss": "base_train",
+    "base_eval": "base_train",
+    "chat_eval_mid": "mid_train",
+    "chat_eval_sft": "chat_sft",
+    "chat_eval_rl": "chat_rl",
+}  # evaluation stage -> the stage it evaluates
 LANGUAGES = {".py": "Python", ".rs": "Rust", ".sh": "Shell", ".html": "HTML", ".md": "Markdown"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,6 +86,31 @@ def read_stage(directory: str, stage: str):
     if not isinstance(summary, dict):
         return None, f"expected a JSON object, found {type(summary).__name__}"
     return summary, None
+
+
+def stage_status(stage: str, tag: str) -> str:
+    """'done: why' when `stage` need not run for model `tag`, 'resume: why' when a training stage left a checkpoint
+    to continue from, else 'run'."""
+    directory = report_dir()
+    summary, _ = read_stage(directory, stage)
+    if stage == "data":
+        shards = os.path.join(get_base_dir(), "base_data")
+        found = sorted(n for n in os.listdir(shards) if n.startswith("val")) if os.path.isdir(shards) else []
+        return f"done: {shards} has {found[0]}" if found else "run"
+    if summary is not None and (stage.startswith("tok_") or summary.get("model_tag") == tag):
+        source = EVALUATES.get(stage)
+        evaluated, _ = read_stage(directory, source) if source else (None, None)
+        if source is None or (evaluated and evaluated.get("step") == summary.get("step")):
+            return f"done: report/{stage}.json" + (f" for {tag} step {summary.get('step')}" if source else "")
+    checkpoints = os.path.join(get_base_dir(), CHECKPOINT_DIRS.get(stage, "-"), tag)
+    if os.path.isdir(checkpoints) and any(n.startswith("meta_") for n in os.listdir(checkpoints)):
+        return f"resume: {checkpoints}"
+    return "run"
+
+
+def record_time(stage: str, seconds: float) -> str:
+    times, _ = read_stage(report_dir(), "times")
+    return write_stage_summary("times", {**(times or {}), stage: seconds})
 
 
 # ---------------------------------------------------------------------------- reset
@@ -122,6 +162,10 @@ def fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:,.4f}" if abs(value) < 1e6 else f"{value:.4g}"
     return str(value)
+
+
+def fmt_seconds(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def bullets(summary: dict) -> list[str]:
@@ -297,12 +341,14 @@ def generate(cost_per_hour: float | None = None) -> str:
             + ", ".join(f"{s} {m:.1f}" for s, m in minutes.items())
             + ")"
         )
-    if header and isinstance(header.get("started_at"), (int, float)):
-        hours = (now - header["started_at"]) / 3600
-        out.append(f"- total wall time: {hours * 60:.1f} min ({hours:.2f} h)")
-        out.append(f"- estimated cost: ${hours * rate:,.2f} at ${rate:.2f}/h")
+    times, _ = read_stage(directory, "times")
+    if times:
+        hours = sum(times.values()) / 3600
+        out.append("- wall time by stage: " + ", ".join(f"{s} {fmt_seconds(t)}" for s, t in times.items()))
+        out.append(f"- total wall time: {hours * 60:.1f} min ({hours:.2f} h); estimated cost: ${hours * rate:,.2f} "
+                   f"at ${rate:.2f}/h")  # fmt: skip
     else:
-        out.append("- total wall time: unknown (no reset header); estimated cost: unknown")
+        out.append("- total wall time: unknown (no stage times recorded); estimated cost: unknown")
     text = "\n".join(out) + "\n"
     path = os.path.join(directory, "report.md")
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
@@ -311,7 +357,10 @@ def generate(cost_per_hour: float | None = None) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["reset", "generate"])
+    parser.add_argument("command", choices=["reset", "generate", "status", "time"])
+    parser.add_argument("stage", nargs="?", help="status/time: the stage (base_train, chat_eval_sft, ...)")
+    parser.add_argument("seconds", nargs="?", type=float, help="time: the stage's wall time in seconds")
+    parser.add_argument("--tag", default=None, help="status: the model tag (d20, ...)")
     parser.add_argument(
         "--hourly-cost",
         type=float,
@@ -319,8 +368,17 @@ def main(argv=None):
         help="$ per hour of the whole machine (default: $NANOCHAT_HOURLY_COST, else $3 per GPU, 0 on CPU)",
     )
     args = parser.parse_args(argv)
-    path = reset() if args.command == "reset" else generate(args.hourly_cost)
-    print(f"wrote {path}")
+    if args.command in ("status", "time") and (
+        args.stage is None or (args.command == "time") != (args.seconds is not None)
+    ):
+        parser.error(f"{args.command}: give the stage" + (" and its seconds" if args.command == "time" else ""))
+    if args.command == "status":
+        print(stage_status(args.stage, args.tag or ""))
+        return None
+    path = {"reset": reset, "generate": lambda: generate(args.hourly_cost),
+            "time": lambda: record_time(args.stage, args.seconds)}[args.command]()  # fmt: skip
+    if args.command != "time":
+        print(f"wrote {path}")
     return path
 
 

@@ -111,10 +111,9 @@ def base_dir(tmp_path, monkeypatch):
 
 def test_full_report_has_every_section_table_and_plot(base_dir):
     report.reset()
-    header = json.loads((base_dir / "report" / "header.json").read_text())
-    header["started_at"] -= 2 * 3600  # the run "started" two hours ago
-    write_stage_summary("header", header)
     write_every_stage()
+    report.record_time("base_train", 6000)
+    report.record_time("chat_sft", 1300)  # 2 h in all; the idle time between reset and generate does not count
     text = open(report.generate(cost_per_hour=24.0)).read()
 
     titles = ["# nanochat report card", "## Environment", "## Tokenizer", "## Base model", "## Midtraining",
@@ -136,6 +135,7 @@ def test_full_report_has_every_section_table_and_plot(base_dir):
     cost = re.search(r"estimated cost: \$([\d.]+)", text)
     assert cost and 47.9 < float(cost.group(1)) < 50
     assert "training time: 4.7 min" in text
+    assert "wall time by stage: base_train 100.0 min, chat_sft 21.7 min" in text
 
     for plot in ("base_train", "mid_train", "chat_sft", "chat_rl", "chat_eval_mid", "chat_eval_sft", "chat_eval_rl"):
         path = base_dir / "report" / f"{plot}.png"
@@ -180,6 +180,41 @@ def test_cli_reset_then_generate(base_dir):
     assert result.returncode == 0, result.stderr
     text = (base_dir / "report" / "report.md").read_text()
     assert table_rows(text)["CORE"] == ["0.1234", "-", "-", "-"] and "$10.00/h" in text
+
+
+def test_stage_status_is_speedruns_one_question(base_dir):
+    status = report.stage_status
+    assert status("base_train", "d4") == "run"
+    checkpoints = base_dir / "base_checkpoints" / "d4"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "meta_000040.json").write_text("{}")
+    assert status("base_train", "d4").startswith("resume: ")  # interrupted: continue it
+    assert status("base_train", "d6") == "run"  # another model's checkpoints are not ours
+    write_stage_summary("base_train", {"model_tag": "d4", "step": 80})
+    assert status("base_train", "d4").startswith("done: ") and status("base_train", "d6") == "run"
+    write_stage_summary("base_eval", {"model_tag": "d4", "step": 80, "core": 0.1})
+    assert status("base_eval", "d4") == "done: report/base_eval.json for d4 step 80"
+    write_stage_summary("base_train", {"model_tag": "d4", "step": 120})  # trained further: evaluate again
+    assert status("base_eval", "d4") == "run"
+    assert status("chat_eval_sft", "d4") == "run"  # no summary at all
+    write_stage_summary("tok_train", {"vocab_size": 4096})
+    assert status("tok_train", "anything").startswith("done: ")
+    assert status("data", "d4") == "run"
+    (base_dir / "base_data").mkdir()
+    (base_dir / "base_data" / "val_00000.parquet").write_bytes(b"")
+    assert status("data", "d4").startswith("done: ")
+
+
+def test_cli_status_and_time_do_not_import_torch(base_dir):
+    # speedrun.sh asks before every stage: a torch import would cost seconds each time.
+    code = (
+        "import sys; from nanochat import report; report.main(['status', 'base_train', '--tag', 'd4']); "
+        "report.main(['time', 'base_train', '12.5']); assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "run"
+    assert json.loads((base_dir / "report" / "times.json").read_text()) == {"base_train": 12.5}
 
 
 def test_chat_eval_partial_runs_merge_into_chatcore(base_dir):
