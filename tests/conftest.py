@@ -1,4 +1,4 @@
-"""Shared fixtures: the real datasets in ../shared/data, resolved relative to the repository, and a small
+"""Shared fixtures: the real datasets ($NANOCHAT_DATA_DIR, else ../shared/data beside the repository) and a small
 tokenizer trained on them."""
 
 import gzip
@@ -8,13 +8,13 @@ import os
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+SHARED_DATA = os.environ.get("NANOCHAT_DATA_DIR") or os.path.join(os.path.dirname(REPO), "shared", "data")
 WIKI_PATH = os.path.join(SHARED_DATA, "pretrain", "enwiki-sample.jsonl.gz")
 
 
 def require(path: str) -> str:
     if not os.path.exists(path):
-        pytest.skip(f"{path} is absent: these tests read the real datasets in ../shared/data beside the repo")
+        pytest.skip(f"{path} is absent: these tests read the real datasets (set NANOCHAT_DATA_DIR)")
     return path
 
 
