@@ -11,34 +11,28 @@ Contract:
 Not here: the test split locally (it was not downloaded), or any few-shot prompting.
 """
 
-import json
 import os
 
-from tasks.common import Task, evaluate_letter, load_hub_rows, mc_conversation, require_file, resolve_data_dir
+from tasks.common import MultipleChoice, check_choice, load_rows, mc_conversation, read_jsonl
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
 LOCAL_SPLIT_NAMES = {"train": "Train", "validation": "Dev"}
 
 
-class ARC(Task):
-    eval_type = "categorical"
-
+class ARC(MultipleChoice):
     def __init__(self, subset: str, split: str, data_dir: str | None = None, **slice_args):
         super().__init__(**slice_args)
-        if subset not in SUBSETS:
-            raise ValueError(f"ARC subset must be one of {SUBSETS}, got {subset!r}")
         split = "validation" if split == "dev" else split
-        if split not in ("train", "validation", "test"):
-            raise ValueError(f"ARC split must be train, validation (dev) or test, got {split!r}")
+        check_choice("ARC subset", subset, SUBSETS)
+        check_choice("ARC split", split, ("train", "validation", "test"))
         self.subset, self.split = subset, split
-        data_dir = resolve_data_dir(data_dir)
-        if data_dir is None:
-            self.rows = load_hub_rows("allenai/ai2_arc", subset, split)
-        else:
-            self.rows = _read_local(data_dir, subset, split)
+        self.rows = load_rows(data_dir, ("allenai/ai2_arc", subset, split), self._read_local)
 
-    def num_examples(self) -> int:
-        return len(self.rows)
+    def _read_local(self, data_dir: str) -> list[dict]:
+        if self.split not in LOCAL_SPLIT_NAMES:
+            raise FileNotFoundError(f"ARC {self.split!r} split has no local file (only train and validation/dev do)")
+        name = f"{self.subset}-{LOCAL_SPLIT_NAMES[self.split]}.jsonl"
+        return read_jsonl(os.path.join(data_dir, "arc", self.subset, name), f"ARC {self.subset} {self.split}")
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
@@ -51,14 +45,3 @@ class ARC(Task):
         else:
             question, choices, letters = row["question"], row["choices"]["text"], row["choices"]["label"]
         return mc_conversation(question, letters, choices, row["answerKey"], id=row["id"])
-
-    def evaluate(self, conversation: dict, completion: str) -> bool:
-        return evaluate_letter(conversation, completion)
-
-
-def _read_local(data_dir: str, subset: str, split: str) -> list[dict]:
-    if split not in LOCAL_SPLIT_NAMES:
-        raise FileNotFoundError(f"ARC {split!r} split has no local file (only train and validation/dev do)")
-    path = os.path.join(data_dir, "arc", subset, f"{subset}-{LOCAL_SPLIT_NAMES[split]}.jsonl")
-    with open(require_file(path, f"ARC {subset} {split}"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -7,14 +7,15 @@ Contract:
   "generative" (the completion is free text) or None (a training-only task: `evaluate` raises).
 - `TaskMixture` interleaves tasks in one deterministic shuffle (seeded); `TaskSequence` plays them in order.
   Both are Tasks themselves, so they can be sliced and nested.
-- Datasets load from a local directory laid out like ../shared/data/ when one is given (argument `data_dir`,
-  or the NANOCHAT_DATA_DIR environment variable), otherwise from the Hugging Face hub through `datasets`,
-  imported only then. Either way a task yields the same rows in the same order.
+- Datasets load from a local data directory when one is given (argument `data_dir`, or the NANOCHAT_DATA_DIR
+  environment variable; each task's docstring gives its files' layout there), otherwise from the Hugging Face
+  hub through `datasets`, imported only then. Either way a task yields the same rows in the same order.
 
 Not here: tokenization (nanochat/tokenizer.py renders the conversations), generation, or the eval loops.
 """
 
 import abc
+import json
 import os
 import random
 
@@ -31,9 +32,9 @@ class Task(abc.ABC):
             raise ValueError(f"need 0 <= start <= stop and step >= 1, got start={start} stop={stop} step={step}")
         self.start, self.stop, self.step = start, stop, step
 
-    # Subclasses implement these two over their full, unsliced rows.
-    @abc.abstractmethod
-    def num_examples(self) -> int: ...
+    # Subclasses implement these two over their full, unsliced rows (by default the list-like `self.rows`).
+    def num_examples(self) -> int:
+        return len(self.rows)
 
     @abc.abstractmethod
     def get_example(self, index: int) -> dict: ...
@@ -41,16 +42,16 @@ class Task(abc.ABC):
     def evaluate(self, conversation: dict, completion: str) -> bool:
         raise TypeError(f"{type(self).__name__} is a training-only task: it has no evaluate()")
 
-    def _rows(self) -> range:
+    def _indices(self) -> range:
         total = self.num_examples()
         stop = total if self.stop is None else min(self.stop, total)
         return range(min(self.start, stop), stop, self.step)
 
     def __len__(self) -> int:
-        return len(self._rows())
+        return len(self._indices())
 
     def __getitem__(self, index: int | slice) -> dict | list[dict]:
-        rows = self._rows()
+        rows = self._indices()
         if isinstance(index, slice):  # a list of conversations; to slice lazily, pass start/stop/step instead
             return [self.get_example(row) for row in rows[index]]
         if not -len(rows) <= index < len(rows):
@@ -123,9 +124,21 @@ def mc_conversation(question: str, letters: list[str], choices: list[str], answe
     return {"messages": messages, "letters": list(letters), **extra}
 
 
-def evaluate_letter(conversation: dict, completion: str) -> bool:
-    """Categorical scoring: the predicted letter equals the reference answer letter."""
-    return completion.strip() == conversation["messages"][-1]["content"]
+class MultipleChoice(Task):
+    """A task of `mc_conversation`s, scored categorically: the predicted letter equals the answer letter."""
+
+    eval_type = "categorical"
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        return completion.strip() == conversation["messages"][-1]["content"]
+
+
+def check_choice(what: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------- data
 
 
 def resolve_data_dir(data_dir: str | None) -> str | None:
@@ -138,11 +151,22 @@ def resolve_data_dir(data_dir: str | None) -> str | None:
 
 def require_file(path: str, what: str) -> str:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{what}: expected {path} (a data directory laid out like ../shared/data/)")
+        raise FileNotFoundError(f"{what}: expected {path} (the task's docstring gives the data directory's layout)")
     return path
 
 
-OFFLINE_HINT = f"Offline, pass data_dir= (or set ${DATA_DIR_ENV}) to a directory laid out like ../shared/data/."
+def read_jsonl(path: str, what: str) -> list[dict]:
+    with open(require_file(path, what), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_rows(data_dir: str | None, hub: tuple[str, str | None, str], read_local):
+    """`read_local(data_dir)` when there is a local data directory, else the hub's (path, config, split)."""
+    data_dir = resolve_data_dir(data_dir)
+    return load_hub_rows(*hub) if data_dir is None else read_local(data_dir)
+
+
+OFFLINE_HINT = f"Offline, pass data_dir= (or set ${DATA_DIR_ENV}) to a local data directory."
 
 
 def load_hub_rows(path: str, name: str | None, split: str, offline_hint: str = OFFLINE_HINT):

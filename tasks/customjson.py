@@ -42,7 +42,7 @@ class CustomJSON(Task):
     def __init__(self, path: str, **slice_args):
         super().__init__(**slice_args)
         self.path = path
-        self.conversations, errors = [], []
+        self.rows, errors = [], []
         with open(path, encoding="utf-8") as f:
             for line_number, line in enumerate(f, start=1):
                 if not line.strip():
@@ -56,14 +56,11 @@ class CustomJSON(Task):
                 if problem is not None:
                     errors.append(f"{path}:{line_number}: {problem}")
                 else:
-                    self.conversations.append(messages)
+                    self.rows.append(messages)
         if errors:
             shown = errors[:MAX_REPORTED_ERRORS]
             more = f"\n... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
             raise ValueError(f"{len(errors)} bad line(s) in {path}:\n" + "\n".join(shown) + more)
 
-    def num_examples(self) -> int:
-        return len(self.conversations)
-
     def get_example(self, index: int) -> dict:
-        return {"messages": self.conversations[index]}
+        return {"messages": self.rows[index]}

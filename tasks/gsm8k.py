@@ -14,11 +14,10 @@ Contract:
 Not here: running the python parts (the engine does, at inference).
 """
 
-import json
 import os
 import re
 
-from tasks.common import Task, load_hub_rows, require_file, resolve_data_dir
+from tasks.common import Task, check_choice, load_rows, read_jsonl
 
 CALCULATOR_SPAN = re.compile(r"<<([^<>]*)>>")
 FINAL_ANSWER = re.compile(r"#### (-?[0-9.,]+)")
@@ -61,24 +60,16 @@ class GSM8K(Task):
 
     def __init__(self, subset: str = "main", split: str = "train", data_dir: str | None = None, **slice_args):
         super().__init__(**slice_args)
-        if subset not in ("main", "socratic"):
-            raise ValueError(f"GSM8K subset must be main or socratic, got {subset!r}")
-        if split not in ("train", "test"):
-            raise ValueError(f"GSM8K split must be train or test, got {split!r}")
+        check_choice("GSM8K subset", subset, ("main", "socratic"))
+        check_choice("GSM8K split", split, ("train", "test"))
         self.subset, self.split = subset, split
-        data_dir = resolve_data_dir(data_dir)
-        if data_dir is None:
-            self.rows = load_hub_rows("openai/gsm8k", subset, split)
-        else:
-            if subset == "socratic" and split == "train":
-                raise FileNotFoundError("GSM8K socratic train has no local file (only test_socratic.jsonl)")
-            name = f"{split}_socratic.jsonl" if subset == "socratic" else f"{split}.jsonl"
-            path = require_file(os.path.join(data_dir, "gsm8k", name), f"GSM8K {subset} {split}")
-            with open(path, encoding="utf-8") as f:
-                self.rows = [json.loads(line) for line in f if line.strip()]
+        self.rows = load_rows(data_dir, ("openai/gsm8k", subset, split), self._read_local)
 
-    def num_examples(self) -> int:
-        return len(self.rows)
+    def _read_local(self, data_dir: str) -> list[dict]:
+        if self.subset == "socratic" and self.split == "train":
+            raise FileNotFoundError("GSM8K socratic train has no local file (only test_socratic.jsonl)")
+        name = f"{self.split}_socratic.jsonl" if self.subset == "socratic" else f"{self.split}.jsonl"
+        return read_jsonl(os.path.join(data_dir, "gsm8k", name), f"GSM8K {self.subset} {self.split}")
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]

@@ -16,36 +16,45 @@ Not here: few-shot prompts built from the dev split (nanochat evaluates chat mod
 import csv
 import os
 
-from tasks.common import Task, evaluate_letter, load_hub_rows, mc_conversation, require_file, resolve_data_dir
+from tasks.common import MultipleChoice, check_choice, load_rows, mc_conversation, require_file
 
 LETTERS = ("A", "B", "C", "D")
 LOCAL_SPLIT_NAMES = {"dev": "dev", "validation": "val", "test": "test"}
 
 
-class MMLU(Task):
-    eval_type = "categorical"
-
+class MMLU(MultipleChoice):
     def __init__(self, subset: str = "all", split: str = "test", data_dir: str | None = None, **slice_args):
         super().__init__(**slice_args)
         split = "validation" if split == "val" else split
-        if subset == "auxiliary_train" and split != "train":
-            raise ValueError(f"MMLU auxiliary_train has only a 'train' split, got {split!r}")
-        if subset != "auxiliary_train" and split not in LOCAL_SPLIT_NAMES:
-            raise ValueError(f"MMLU split must be dev, validation (val) or test, got {split!r}")
+        check_choice(f"MMLU {subset} split", split, ("train",) if subset == "auxiliary_train" else LOCAL_SPLIT_NAMES)
         self.subset, self.split = subset, split
-        data_dir = resolve_data_dir(data_dir)
-        if data_dir is None:
-            self.rows = load_hub_rows("cais/mmlu", subset, split)
-        elif subset == "auxiliary_train":
+        self.rows = load_rows(data_dir, ("cais/mmlu", subset, split), self._read_local)
+
+    def _read_local(self, data_dir: str) -> list[dict]:
+        """Local CSV rows in the hub's row format: {question, subject, choices, answer index}."""
+        if self.subset == "auxiliary_train":
             raise FileNotFoundError(
                 "MMLU auxiliary_train exists only on the Hugging Face hub (cais/mmlu), not in the local data "
                 "directory: load it without data_dir (and unset NANOCHAT_DATA_DIR) on a machine that can reach the hub"
             )
-        else:
-            self.rows = _read_local(data_dir, subset, split)
-
-    def num_examples(self) -> int:
-        return len(self.rows)
+        split_dir = os.path.join(data_dir, "mmlu", LOCAL_SPLIT_NAMES[self.split])
+        suffix = f"_{LOCAL_SPLIT_NAMES[self.split]}.csv"
+        require_file(split_dir, f"MMLU {self.split}")
+        subjects = sorted(name[: -len(suffix)] for name in os.listdir(split_dir) if name.endswith(suffix))
+        if self.subset != "all":
+            if self.subset not in subjects:
+                raise ValueError(f"MMLU has no subject {self.subset!r}; subjects: {', '.join(subjects)}")
+            subjects = [self.subset]
+        rows = []
+        for subject in subjects:
+            path = os.path.join(split_dir, subject + suffix)
+            with open(path, encoding="utf-8", newline="") as f:
+                for line, fields in enumerate(csv.reader(f), start=1):
+                    if len(fields) != 6 or fields[5] not in LETTERS:
+                        raise ValueError(f"{path}:{line}: expected question,A,B,C,D,answer letter; got {fields!r:.100}")
+                    answer = LETTERS.index(fields[5])
+                    rows.append({"question": fields[0], "subject": subject, "choices": fields[1:5], "answer": answer})
+        return rows
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
@@ -54,36 +63,3 @@ class MMLU(Task):
         return mc_conversation(
             row["question"], list(LETTERS), row["choices"], LETTERS[row["answer"]], subject=row["subject"]
         )
-
-    def evaluate(self, conversation: dict, completion: str) -> bool:
-        return evaluate_letter(conversation, completion)
-
-
-def _read_local(data_dir: str, subset: str, split: str) -> list[dict]:
-    """Local CSV rows in the hub's row format: {question, subject, choices, answer index}."""
-    split_dir = os.path.join(data_dir, "mmlu", LOCAL_SPLIT_NAMES[split])
-    suffix = f"_{LOCAL_SPLIT_NAMES[split]}.csv"
-    require_file(split_dir, f"MMLU {split}")
-    subjects = sorted(name[: -len(suffix)] for name in os.listdir(split_dir) if name.endswith(suffix))
-    if subset != "all":
-        if subset not in subjects:
-            raise ValueError(f"MMLU has no subject {subset!r}; subjects: {', '.join(subjects)}")
-        subjects = [subset]
-    rows = []
-    for subject in subjects:
-        path = os.path.join(split_dir, subject + suffix)
-        with open(path, encoding="utf-8", newline="") as f:
-            for line_number, fields in enumerate(csv.reader(f), start=1):
-                if len(fields) != 6 or fields[5] not in LETTERS:
-                    raise ValueError(
-                        f"{path}:{line_number}: expected question,A,B,C,D,answer letter; got {fields!r:.100}"
-                    )
-                rows.append(
-                    {
-                        "question": fields[0],
-                        "subject": subject,
-                        "choices": fields[1:5],
-                        "answer": LETTERS.index(fields[5]),
-                    }
-                )
-    return rows

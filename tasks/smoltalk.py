@@ -10,7 +10,7 @@ Contract:
 Not here: evaluation (training-only), or filtering of the conversations.
 """
 
-from tasks.common import Task, load_hub_rows
+from tasks.common import Task, check_choice, load_hub_rows
 
 HUB_PATH = "HuggingFaceTB/smol-smoltalk"
 OFFLINE_HINT = (
@@ -22,13 +22,9 @@ OFFLINE_HINT = (
 class SmolTalk(Task):
     def __init__(self, split: str = "train", **slice_args):
         super().__init__(**slice_args)
-        if split not in ("train", "test"):
-            raise ValueError(f"SmolTalk split must be train or test, got {split!r}")
+        check_choice("SmolTalk split", split, ("train", "test"))
         self.split = split
         self.rows = load_hub_rows(HUB_PATH, None, split, offline_hint=OFFLINE_HINT)
-
-    def num_examples(self) -> int:
-        return len(self.rows)
 
     def get_example(self, index: int) -> dict:
         messages = [{"role": m["role"], "content": m["content"]} for m in self.rows[index]["messages"]]

@@ -22,7 +22,7 @@ import os
 import random
 import string
 
-from tasks.common import Task, require_file, resolve_data_dir
+from tasks.common import Task, check_choice, require_file, resolve_data_dir
 from tasks.gsm8k import extract_answer, reference_text
 
 # Far apart so that train and test examples come from different random streams (same scheme per task; the
@@ -48,7 +48,7 @@ def load_words(data_dir: str | None = None) -> tuple[str, ...]:
     if resolved is None:
         raise FileNotFoundError(
             "the spelling tasks read words/words_alpha.txt from a local data directory (there is no hub copy): "
-            "pass data_dir= or set NANOCHAT_DATA_DIR to a directory laid out like ../shared/data/"
+            "pass data_dir= or set NANOCHAT_DATA_DIR to a data directory holding it"
         )
     path = require_file(os.path.join(resolved, "words", "words_alpha.txt"), "the English word list")
     with open(path, encoding="utf-8") as f:
@@ -62,8 +62,7 @@ class _GeneratedTask(Task):
 
     def __init__(self, size: int = 1000, split: str = "train", data_dir: str | None = None, **slice_args):
         super().__init__(**slice_args)
-        if split not in SPLIT_SEEDS:
-            raise ValueError(f"split must be one of {tuple(SPLIT_SEEDS)}, got {split!r}")
+        check_choice("split", split, SPLIT_SEEDS)
         self.size, self.split = size, split
         self.words = load_words(data_dir)
 
