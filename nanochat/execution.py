@@ -2,118 +2,161 @@
 restricted calculator behind the engine's `<|python_start|>` tool.
 
 Contract
-- `execute_code(code, ...) -> ExecutionResult`: `code` runs as `__main__` in a fresh interpreter (a new
-  process started by `subprocess.Popen`, never a fork of the caller), in a new empty temporary directory that
-  is deleted afterwards, with stdin closed, no inherited file descriptors and an environment of just `PATH`
-  and `LANG`. `success` is True only when the program exits 0 within every limit; otherwise `error` says why
-  (timeout, memory, output limit, exit status, or the last line of the traceback).
+- `execute_code(code, ...) -> ExecutionResult`: `code` runs as `__main__` (file `/tmp/program.py`, also the
+  working directory) in a fresh interpreter started by `subprocess.Popen`, never a fork of the caller, with
+  stdin at /dev/null and an environment of just `PATH` and `LANG`. `success` is True only when the program
+  exits 0 within every limit; otherwise `error` says why (timeout, memory, output limit, exit status, the last
+  line of the traceback, or "sandbox unavailable: ..." when the walls below could not be built).
 - `use_calculator(expression) -> int | float | None`: arithmetic and `"literal".count("literal")`, evaluated
   by walking an `ast` tree ourselves (nothing is `eval`ed), bounded in size and magnitude, thread-safe.
   Anything refused, invalid or undefined (division by zero) gives None.
 
-What the sandbox enforces, and where (Linux)
-- Enforced by the kernel in every case: wall-clock limit (the caller SIGKILLs the child's whole process
-  group), RLIMIT_CPU, RLIMIT_AS (allocations fail: `MemoryError` -> `memory_exceeded`), RLIMIT_FSIZE,
-  RLIMIT_NOFILE, RLIMIT_CORE=0, and an output cap (the caller stops reading and kills the child).
-- Enforced when the kernel lets us create namespaces (root, or unprivileged user namespaces enabled): a new
-  network namespace (no interfaces up, so no connection anywhere, loopback included) and a new PID namespace
-  (the program cannot see or signal the caller or anything else outside; when its init process dies the
-  kernel kills every process it spawned, which is how a fork bomb that calls `setsid` is still cleaned up).
-- When started as root, the bootstrap drops to user `nobody` before running the program: the program then
-  cannot read or write files that `nobody` cannot (e.g. anything under a 0700 root directory such as
-  pytest's `tmp_path`), cannot signal root processes, and RLIMIT_NPROC (which the kernel ignores for root)
-  caps its process count; that budget is shared by all executions running at once, as all are `nobody`.
-  When the interpreter lives where `nobody` cannot read (e.g. a pyenv install under root's home), the bootstrap first
-  pre-imports the stdlib modules in `PRELOADED_MODULES` (~50 ms); other imports then fail with
-  PermissionError.
-- Not root: the program runs as the caller's user, so it can read and write whatever that user can, and
-  RLIMIT_NPROC counts all of the user's processes (we set it to the current count plus `max_processes`).
-- Fallback when namespaces are unavailable: socket creation is disabled inside the child by replacing the
-  `socket` module's constructors. That is NOT a security boundary (ctypes or `_socket` get round it); the
-  result's `namespaces` flag tells the caller which case applied.
+The walls (Linux; every one is required: if one cannot be built the program does not run, it fails closed)
+- Namespaces of its own: PID (it sees and signals only its own processes; killing its init kills them all),
+  network (no interface up: no connection anywhere, loopback and abstract Unix sockets included), IPC (System V
+  segments die with it), mount, and a user namespace per execution in which it may not create another.
+- Its own filesystem: an empty read-only root holding read-only bind mounts of the system's /usr, /bin, /lib*
+  and /sbin and of the interpreter's install, a fresh /proc, /dev/{null,zero,full,random,urandom}, and one
+  writable tmpfs of `max_file_bytes` at /tmp (/var/tmp and /dev/shm point to it). The repository, the
+  checkpoints, /etc, /home, /root, /run, /sys and the host's /tmp, /dev/shm and path-based sockets are not in it.
+  The tmpfs and everything in it vanish with the execution's last process.
+- No privileges: a root caller switches to user `nobody` before the program's user namespace is made; every
+  capability is dropped and no_new_privs set (setuid binaries and file capabilities give nothing).
+- Kernel limits: wall clock (the caller SIGKILLs the process group and the namespace's init), RLIMIT_CPU,
+  RLIMIT_AS (`MemoryError` -> `memory_exceeded`), RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0, an output cap,
+  and RLIMIT_NPROC, which the kernel counts per user namespace (since Linux 5.14), so each execution has its
+  own process budget: a fork bomb in one cannot starve another.
+- Needs: root, or unprivileged user namespaces (Ubuntu 24.04 restricts them with AppArmor for non-root users:
+  sysctl kernel.apparmor_restrict_unprivileged_userns=0, or run as root), and x86_64 or aarch64 (pivot_root).
 
 What it deliberately does not do
-- No seccomp, no chroot, no read-only view of the filesystem: world-readable files stay readable.
+- No cgroup: memory is bounded per process (RLIMIT_AS) and by the tmpfs size, not per execution; up to
+  `max_processes` processes may each use `memory_limit_bytes`. CPU is bounded per process by RLIMIT_CPU.
+- No seccomp: the program may make any system call its lack of privileges allows. System files in the read-only
+  views stay readable. The program can read its own source (a grader's marker in it is not secret from it).
 - No in-process "guard" that deletes `os.kill`, `os.system` and friends: the reference did that and was
   escaped by walking frames back to its saved references (karpathy/nanoGPT#717). Containment here rests on
-  the process boundary and the kernel limits above, and the tests attack those directly.
+  the process boundary and the kernel, and the tests attack those directly.
 """
 
 import ast
 import dataclasses
+import functools
 import json
 import math
 import os
 import pwd
 import re
 import selectors
-import shutil
 import signal
-import stat
 import subprocess
 import sys
-import tempfile
 import time
 
 # -----------------------------------------------------------------------------
 # Sandbox
 
-# Modules the program may import even when the interpreter's files are unreadable to `nobody`: covers every
-# import in HumanEval (typing, math, random, copy, string, collections, re, hashlib) and the usual extras,
-# plus the system modules a hostile program reaches for, so the tests exercise the kernel's limits rather
-# than an accidental PermissionError on import.
-PRELOADED_MODULES = (
-    "typing collections collections.abc math cmath random copy string re hashlib itertools functools heapq "
-    "bisect operator fractions decimal statistics datetime json array dataclasses enum numbers textwrap "
-    "unicodedata traceback io struct base64 time socket ctypes subprocess shutil pathlib glob tempfile "
-    "encodings.idna encodings.latin_1 encodings.ascii"
-).split()
-
-# Runs in the child as `python -I -c BOOTSTRAP <json settings>`, with cwd = the temporary directory.
-# Order matters: namespaces need privileges we are about to drop; rlimits go on before anything untrusted runs.
+# Runs in the child as `python -I -S -c BOOTSTRAP <json settings>` with the program's source on stdin. Order
+# matters: mounts need privileges the program must not have, and limits go on before anything untrusted runs.
 BOOTSTRAP = r"""
 import ctypes, json, os, resource, signal, sys
 settings = json.loads(sys.argv[1])
-CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+source = sys.stdin.buffer.read()
 libc = ctypes.CDLL(None, use_errno=True)
-is_root = os.geteuid() == 0
-namespace_flags = CLONE_NEWNET | CLONE_NEWPID | (0 if is_root else CLONE_NEWUSER)
-network_isolated = libc.unshare(namespace_flags) == 0
-report = os.fdopen(settings["report_fd"], "w")  # to the caller: which walls are up, and the program's pid
-report.write(json.dumps({"namespaces": network_isolated}) + "\n")
-report.flush()
-for name in settings["preload"]:
-    try:
-        __import__(name)
-    except ImportError:
-        pass
-import traceback
-for limit, value in settings["rlimits"].items():
-    resource.setrlimit(getattr(resource, limit), (value, value))
-if is_root:
-    os.setgroups([])
-    os.setgid(settings["gid"])
-    os.setuid(settings["uid"])
-if not network_isolated:
-    import socket
-    def refuse(*args, **kwargs):
-        raise PermissionError("network access is disabled in this sandbox")
-    for name in ("socket", "create_connection", "create_server", "socketpair", "fromfd"):
-        setattr(socket, name, refuse)
+NEWNS, NEWIPC, NEWUSER, NEWPID, NEWNET = 0x20000, 0x8000000, 0x10000000, 0x20000000, 0x40000000
+RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+uid, gid, is_root = settings["uid"], settings["gid"], os.geteuid() == 0
+report = os.fdopen(settings["report_fd"], "w")  # to the caller: the walls are up (or why not), program pid
+def check(result, what):
+    if result != 0:
+        raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
+def mount(source, target, fstype, flags, data=None):
+    encode = lambda text: text and text.encode()
+    check(libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data)), f"mount {target}")
+def enter_user_namespace(extra_flags):  # unprivileged: it may map only our own uid and gid (user_namespaces(7))
+    check(libc.unshare(NEWUSER | extra_flags), "unshare")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+def fail(error):
+    report.write(json.dumps({"error": str(error)}) + "\n")
+    report.flush()
+    os._exit(125)
+def build_root():
+    mount(None, "/", None, REC | PRIVATE)  # nothing we mount leaks back to the host
+    root = "/tmp"  # any directory: in this private mount namespace the new root is mounted over it
+    mount("tmpfs", root, "tmpfs", NOSUID | NODEV, "size=1m,mode=755")
+    for path in settings["visible"]:
+        if os.path.islink(path):
+            os.makedirs(os.path.dirname(root + path), exist_ok=True)
+            os.symlink(os.readlink(path), root + path)
+        else:
+            os.makedirs(root + path)
+            mount(path, root + path, None, BIND | REC)
+            kept = os.statvfs(path).f_flag & (NOEXEC | 1024 | 2048)  # noexec, noatime, nodiratime: may be locked
+            mount(None, root + path, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV | kept)
+    os.makedirs(root + "/dev")
+    for device in ("null", "zero", "full", "random", "urandom"):
+        open(root + "/dev/" + device, "w").close()
+        mount("/dev/" + device, root + "/dev/" + device, None, BIND)
+    for link, target in (("/dev/fd", "/proc/self/fd"), ("/dev/shm", "/tmp"), ("/var/tmp", "/tmp")):
+        os.makedirs(os.path.dirname(root + link), exist_ok=True)
+        os.symlink(target, root + link)
+    for directory in ("/proc", "/tmp"):
+        os.mkdir(root + directory)
+    mount("proc", root + "/proc", "proc", NOSUID | NODEV | NOEXEC)  # shows only this PID namespace
+    mount("tmpfs", root + "/tmp", "tmpfs", NOSUID | NODEV, f"size={settings['tmp_bytes']},mode=1777")
+    with open(root + "/tmp/program.py", "wb") as f:
+        f.write(source)
+    os.chdir(root)
+    pivot_root = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine, -1)  # no libc wrapper
+    check(libc.syscall(pivot_root, b".", b"."), "pivot_root")
+    check(libc.umount2(b".", 2), "detach the host's root")  # MNT_DETACH: the host filesystem is gone from view
+    mount(None, "/", None, REMOUNT | BIND | RDONLY | NOSUID | NODEV)
+    os.chdir("/tmp")
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+try:
+    # A user namespace's processes also count against its creator's RLIMIT_NPROC as it was at creation.
+    resource.setrlimit(resource.RLIMIT_NPROC, (resource.getrlimit(resource.RLIMIT_NPROC)[1],) * 2)
+    namespaces = NEWNS | NEWPID | NEWNET | NEWIPC
+    if is_root:
+        check(libc.unshare(namespaces), "unshare")
+    else:  # the user namespace gives the rights to make the others
+        enter_user_namespace(namespaces)
+except Exception as error:
+    fail(error)
 # After unshare(CLONE_NEWPID) only our children enter the new namespace; the first one is its init (pid 1).
 program_pid = os.fork()
-if program_pid != 0:
-    report.write(json.dumps({"program_pid": program_pid}) + "\n")
-report.close()  # in the program too, before any of its code runs
 if program_pid == 0:
-    PR_SET_PDEATHSIG = 1
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # if this bootstrap is killed, take the program down too
-    del settings, libc, ctypes, namespace_flags, network_isolated, report
-    source = open("program.py", encoding="utf-8").read()
-    sys.argv = ["program.py"]
-    program_globals = {"__name__": "__main__", "__file__": "program.py", "__builtins__": __builtins__}
     try:
-        exec(compile(source, "program.py", "exec"), program_globals)
+        build_root()
+        if is_root:  # become nobody, then take a user namespace of our own, counted apart for RLIMIT_NPROC
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            libc.prctl(4, 1)  # PR_SET_DUMPABLE: let nobody write its own /proc/self/uid_map
+            enter_user_namespace(0)
+        with open("/proc/sys/user/max_user_namespaces", "w") as f:
+            f.write("0")  # a nested user namespace would give back the power to mount (an unbounded tmpfs)
+        for limit, value in settings["rlimits"].items():
+            resource.setrlimit(getattr(resource, limit), (value, value))
+        check(libc.capset((ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()), "capset")
+        check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")
+        check(libc.prctl(1, signal.SIGKILL), "pdeathsig")  # if this bootstrap is killed, so is the program
+    except Exception as error:
+        fail(error)
+    report.write(json.dumps({"namespaces": True}) + "\n")
+    report.close()  # before any of the program's code runs
+    del settings, libc, ctypes, report, source
+    sys.argv = ["program.py"]
+    program_globals = {"__name__": "__main__", "__file__": "/tmp/program.py", "__builtins__": __builtins__}
+    import traceback
+    try:
+        with open("program.py", encoding="utf-8") as f:
+            code = compile(f.read(), "/tmp/program.py", "exec")
+        exec(code, program_globals)
         exit_code = 0
     except SystemExit as exit_request:
         code = exit_request.code
@@ -128,6 +171,8 @@ if program_pid == 0:
         sys.stderr.flush()
     finally:
         os._exit(exit_code & 0xFF)
+report.write(json.dumps({"program_pid": program_pid}) + "\n")
+report.close()
 def forward_termination(signum, frame):
     os.kill(program_pid, signal.SIGKILL)  # killing the namespace's init kills everything inside it
 signal.signal(signal.SIGTERM, forward_termination)
@@ -147,31 +192,17 @@ class ExecutionResult:
     output_truncated: bool = False
     exit_code: int | None = None
     duration_s: float = 0.0
-    namespaces: bool = False  # True when the network and PID namespaces were in force for this run
+    namespaces: bool = False  # True when every wall of the module docstring was up for this run
 
 
-def _stdlib_readable_by_others() -> bool:
-    """Can an unrelated user (here: `nobody`) import the stdlib? Only then can we skip preloading it, which
-    costs ~50 ms per run. Checks that every directory above the stdlib is searchable by others."""
-    directory = os.path.dirname(os.path.abspath(os.__file__))
-    while True:
-        if not os.stat(directory).st_mode & stat.S_IXOTH:
-            return False
-        parent = os.path.dirname(directory)
-        if parent == directory:
-            return True
-        directory = parent
-
-
-def _count_user_processes(uid: int) -> int:
-    count = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                count += os.stat(f"/proc/{entry}").st_uid == uid
-            except OSError:
-                pass
-    return count
+@functools.cache
+def _visible_paths() -> tuple[str, ...]:
+    """What the program sees of the host, read-only: system directories and the interpreter's install."""
+    paths = [path for path in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32") if os.path.lexists(path)]
+    prefix = os.path.realpath(sys.base_prefix)
+    if not any(prefix == path or prefix.startswith(path + "/") for path in paths):
+        paths.append(prefix)
+    return tuple(paths)
 
 
 def _kill_group(process_group: int) -> None:
@@ -189,77 +220,75 @@ def execute_code(
     max_file_bytes: int = 16 * 2**20,
     max_processes: int = 64,
 ) -> ExecutionResult:
-    """Run `code` in a contained child process; see the module docstring for what is enforced."""
+    """Run `code` in a contained child process; see the module docstring for what is enforced.
+    `max_file_bytes` bounds each file and, as the size of /tmp, all of them together."""
     started = time.monotonic()
-    workdir = tempfile.mkdtemp(prefix="nanochat_exec_")
-    is_root = os.geteuid() == 0
-    sandbox_user = pwd.getpwnam("nobody") if is_root else None
+    sandbox_user = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
+    report_read, report_write = os.pipe()  # the bootstrap's messages back: walls up or why not, program pid
+    settings = {
+        "report_fd": report_write,
+        "uid": sandbox_user.pw_uid if sandbox_user else os.getuid(),
+        "gid": sandbox_user.pw_gid if sandbox_user else os.getgid(),
+        "visible": list(_visible_paths()),
+        "tmp_bytes": max_file_bytes,
+        "rlimits": {
+            "RLIMIT_AS": memory_limit_bytes,
+            "RLIMIT_CPU": max(1, math.ceil(timeout)) + 1,  # backstop; the wall clock usually fires first
+            "RLIMIT_FSIZE": max_file_bytes,
+            "RLIMIT_NOFILE": 64,
+            "RLIMIT_CORE": 0,
+            "RLIMIT_NPROC": max_processes + 1,  # counted in this execution's user namespace (+1: the bootstrap)
+        },
+    }
+    process = subprocess.Popen(
+        # The real interpreter, not a venv's link to it: the venv lives in the repository, which is hidden.
+        [os.path.realpath(sys.executable), "-I", "-S", "-c", BOOTSTRAP, json.dumps(settings)],
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        close_fds=True,
+        start_new_session=True,  # its own process group, so one killpg reaches everything it forks
+        pass_fds=(report_write,),
+    )
+    os.close(report_write)
     try:
-        with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as f:
-            f.write(code)
-        if is_root:
-            os.chown(workdir, sandbox_user.pw_uid, sandbox_user.pw_gid)
-        # Root is exempt from RLIMIT_NPROC; a non-root user's limit counts all its processes, so add ours.
-        process_budget = max_processes + (0 if is_root else _count_user_processes(os.getuid()))
-        report_read, report_write = os.pipe()  # the bootstrap's one message back: were namespaces created
-        settings = {
-            "report_fd": report_write,
-            "preload": list(PRELOADED_MODULES) if is_root and not _stdlib_readable_by_others() else [],
-            "uid": sandbox_user.pw_uid if is_root else -1,
-            "gid": sandbox_user.pw_gid if is_root else -1,
-            "rlimits": {
-                "RLIMIT_AS": memory_limit_bytes,
-                "RLIMIT_CPU": max(1, math.ceil(timeout)) + 1,  # backstop; the wall clock usually fires first
-                "RLIMIT_FSIZE": max_file_bytes,
-                "RLIMIT_NOFILE": 64,
-                "RLIMIT_CORE": 0,
-                "RLIMIT_NPROC": process_budget,
-            },
-        }
-        process = subprocess.Popen(
-            [sys.executable, "-I", "-c", BOOTSTRAP, json.dumps(settings)],
-            cwd=workdir,
-            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            close_fds=True,
-            start_new_session=True,  # its own process group, so one killpg reaches everything it forks
-            pass_fds=(report_write,),
-        )
-        os.close(report_write)
-        try:
-            captured, output_truncated, timed_out = _collect_output(process, started + timeout, max_output_bytes)
-            if not timed_out and not output_truncated:
-                try:
-                    process.wait(timeout=max(0.0, started + timeout - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-        finally:
-            # Ask the bootstrap to kill the PID namespace's init (that reaches processes which left our
-            # process group), give it a moment, then kill the group anyway. Harmless if all have exited.
+        try:  # the bootstrap reads all of stdin before anything else, so this cannot deadlock
+            process.stdin.write(code.encode("utf-8", errors="surrogatepass"))
+            process.stdin.close()
+        except BrokenPipeError:
+            pass
+        captured, output_truncated, timed_out = _collect_output(process, started + timeout, max_output_bytes)
+        if not timed_out and not output_truncated:
             try:
-                process.send_signal(signal.SIGTERM)
-                process.wait(timeout=1.0)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-            _kill_group(process.pid)
-            process.wait()
-            for stream in (process.stdout, process.stderr):
-                stream.close()
-            bootstrap_report = _read_report(report_read)
-            # The program may have killed the bootstrap itself (kill(0, ...) reaches the whole group) after
-            # moving to a new session and clearing its death signal; its namespace's init then still runs.
-            _kill_namespace_init(bootstrap_report.get("program_pid"))
+                process.wait(timeout=max(0.0, started + timeout - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        # Ask the bootstrap to kill the PID namespace's init (that reaches processes which left our
+        # process group), give it a moment, then kill the group anyway. Harmless if all have exited.
+        try:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=1.0)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        _kill_group(process.pid)
+        process.wait()
+        for stream in (process.stdout, process.stderr):
+            stream.close()
+        bootstrap_report = _read_report(report_read)
+        # The program may have killed the bootstrap itself (kill(0, ...) reaches the whole group) after
+        # moving to a new session and clearing its death signal; its namespace's init then still runs.
+        _kill_namespace_init(bootstrap_report.get("program_pid"))
 
     stdout = captured[0].decode("utf-8", errors="replace")
     stderr = captured[1].decode("utf-8", errors="replace")
     exit_code = process.returncode
     last_line = stderr.strip().splitlines()[-1] if stderr.strip() else ""
-    memory_exceeded = last_line.startswith("MemoryError")
-    if timed_out:
+    memory_exceeded = exit_code != 0 and last_line.startswith("MemoryError")
+    if "error" in bootstrap_report:
+        error = f"sandbox unavailable: {bootstrap_report['error']}"
+    elif timed_out:
         error = f"timed out after {timeout} s"
     elif output_truncated:
         error = f"output exceeded {max_output_bytes} bytes"

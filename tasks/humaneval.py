@@ -9,7 +9,9 @@ Contract:
 - `evaluate` takes the first ```python fenced block of the completion (or the whole completion when there is
   none), prepends the stub's import lines (the stub's own code may rely on them), appends the problem's tests
   and `check(<entry point>)`, and passes if that program runs cleanly in `nanochat.execution.execute_code`
-  (imported only when evaluating).
+  (imported only when evaluating) and its last line of output is a marker drawn fresh for the run and printed
+  after `check` returns: a completion that exits early (`sys.exit(0)`, `os._exit(0)`) fails. The marker is in
+  the program's source, so it stops early exits and guesses, not a program written to search for it.
 
 Not here: the sandbox itself (nanochat/execution.py) or pass@k over many samples (the eval script).
 """
@@ -17,6 +19,7 @@ Not here: the sandbox itself (nanochat/execution.py) or pass@k over many samples
 import gzip
 import json
 import re
+import secrets
 
 from tasks.common import Task
 
@@ -91,4 +94,6 @@ class HumanEval(Task):
     def evaluate(self, conversation: dict, completion: str) -> bool:
         from nanochat.execution import execute_code  # the sandbox, imported only when code must run
 
-        return bool(execute_code(self.program_for(conversation, completion)).success)
+        marker = f"all checks ran {secrets.token_hex(16)}"
+        result = execute_code(self.program_for(conversation, completion) + f"\nprint({marker!r})\n")
+        return result.success and result.stdout.splitlines()[-1:] == [marker]
