@@ -1,13 +1,7 @@
-"""Chat data for the stages after pretraining: named mixture components, and conversations turned into batches.
+"""Chat data for the stages after pretraining: conversations turned into batches, and their losses.
 
 Contract:
-- A mixture is a list of component names (`COMPONENTS`). `build_mixture(names, split, sources, recipe)` loads
-  each one (`split` "train" or "val": every component knows its held-out split, or has none) and returns one
-  `TaskMixture` (deterministic shuffle, seed 42) plus the (name, rows) it holds. A component that cannot be
-  loaded (no network for a hub-only dataset, a missing file) raises `MixtureError` naming every such component
-  and the `--mixture` value that leaves them out; nothing is dropped silently.
-- `recipe` is the stage's choice of sizes: {name: {"epochs": n, "size": n, "stop": n}} (epochs = the component
-  listed n times; size = generated examples of the spelling tasks; stop = the first n rows).
+- Any Task works as input (a mixture from tasks/mixture.py, usually); nothing here imports tasks/.
 - Midtraining: `PackedChatLoader` renders conversations and packs them into full (B, T) rows like pretraining
   (BOS-aligned best fit; every token is a target). Its state is small JSON (cursor and buffered indices) and
   a loader rebuilt from it yields exactly the rows that would have followed.
@@ -16,129 +10,11 @@ Contract:
   resuming needs only the step. `supervised_backward` normalises the summed loss by the number of supervised
   tokens in the WHOLE step (all micro-batches, all ranks), so the gradient is the same however the step is
   split into micro-batches and processes (reference nanochat divided per micro-batch; PRs #59/#400).
-Not here: the tasks themselves (tasks/), the training loops (scripts/mid_train.py, scripts/chat_sft.py).
+Not here: the tasks and mixtures (tasks/), the training loops (scripts/mid_train.py, scripts/chat_sft.py).
 """
-
-import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-from tasks.common import Task, TaskMixture
-
-
-class MixtureError(RuntimeError):
-    """A mixture component cannot be loaded; the message says which and how to leave it out."""
-
-
-@dataclass(frozen=True)
-class Sources:
-    """Where components read from: a local data dir (None = the Hugging Face hub), the identity file, user data."""
-
-    data_dir: str | None = None
-    identity_path: str | None = None
-    user_data: str | None = None
-
-
-# name -> what it teaches; the loading is in component_tasks
-COMPONENTS = {
-    "smoltalk": "SmolTalk general chat (hub only; val: its test split)",
-    "mmlu-aux": "MMLU auxiliary_train multiple choice (hub only; val: MMLU test, first 5,200)",
-    "gsm8k": "GSM8K train with calculator tool calls (val: GSM8K test, first 420)",
-    "arc": "ARC-Easy and ARC-Challenge train, multiple choice (val: their validation splits)",
-    "identity": "identity conversations, CustomJSON (no val split)",
-    "simplespelling": "SimpleSpelling: spell a word letter by letter (val: its test split)",
-    "spelling": "SpellingBee: count letters, check with the python tool (val: its test split)",
-    "data": "your own conversations from --data PATH.jsonl, CustomJSON (no val split)",
-}
-VAL_SPELLING_SIZE = 1000  # generated held-out spelling examples; the val loaders only read the first tokens
-
-
-def default_identity_path(data_dir: str | None) -> str:
-    """The identity conversations: <data dir>/chat/ (the offline layout), else <base dir>/ (reference layout)."""
-    from nanochat.common import get_base_dir
-
-    if data_dir is not None:
-        return os.path.join(data_dir, "chat", "identity_conversations.jsonl")
-    return os.path.join(get_base_dir(), "identity_conversations.jsonl")
-
-
-def parse_mixture(text: str, allowed: list[str]) -> list[str]:
-    """Comma-separated component names, in order, each known to the stage and listed once."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in allowed]
-    if unknown or not names:
-        raise ValueError(f"unknown mixture component(s) {unknown}; choose among {','.join(allowed)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"a mixture component is listed twice in {text!r}")
-    return names
-
-
-def component_tasks(name: str, split: str, sources: Sources, size: int = 1000, stop: int | None = None) -> list[Task]:
-    """The tasks of one component for `split` ("train" or "val"); [] when it has no held-out split."""
-    from tasks.arc import ARC
-    from tasks.customjson import CustomJSON
-    from tasks.gsm8k import GSM8K
-    from tasks.mmlu import MMLU
-    from tasks.smoltalk import SmolTalk
-    from tasks.spellingbee import SimpleSpelling, SpellingBee
-
-    train, data_dir = split == "train", sources.data_dir
-    if name == "smoltalk":
-        return [SmolTalk("train" if train else "test", stop=stop if train else None)]
-    if name == "mmlu-aux":
-        if train:
-            return [MMLU("auxiliary_train", "train", data_dir=data_dir, stop=stop)]  # hub only: errors with a data dir
-        return [MMLU("all", "test", data_dir=data_dir, stop=5200)]
-    if name == "gsm8k":
-        return (
-            [GSM8K("main", "train", data_dir=data_dir, stop=stop)]
-            if train
-            else [GSM8K("main", "test", data_dir=data_dir, stop=420)]
-        )
-    if name == "arc":
-        arc_split = "train" if train else "validation"
-        return [ARC(subset, arc_split, data_dir=data_dir, stop=stop) for subset in ("ARC-Easy", "ARC-Challenge")]
-    if name == "simplespelling":
-        return [SimpleSpelling(size if train else VAL_SPELLING_SIZE, "train" if train else "test", data_dir)]
-    if name == "spelling":
-        return [SpellingBee(size if train else VAL_SPELLING_SIZE, "train" if train else "test", data_dir)]
-    if name in ("identity", "data"):
-        path = sources.identity_path if name == "identity" else sources.user_data
-        if path is None or not os.path.exists(path):
-            raise FileNotFoundError(f"no conversations file at {path!r}")
-        return [CustomJSON(path, stop=stop)] if train else []
-    raise ValueError(f"unknown mixture component {name!r}; the components are {', '.join(COMPONENTS)}")
-
-
-def build_mixture(names: list[str], split: str, sources: Sources, recipe: dict, seed: int = 42):
-    """(TaskMixture of the named components, [(name, rows)]); MixtureError naming every component that fails."""
-    tasks, rows, failures = [], [], []
-    for name in names:
-        options = recipe.get(name, {})
-        try:
-            component = component_tasks(name, split, sources, options.get("size", 1000), options.get("stop"))
-        except Exception as e:  # hub, file and format errors all mean the same thing here: it cannot be used
-            failures.append(f"  {name} ({COMPONENTS.get(name, '?')}): {type(e).__name__}: {e}")
-            continue
-        epochs = options.get("epochs", 1) if split == "train" else 1
-        tasks += component * epochs
-        rows.append((name, sum(len(task) for task in component) * epochs))
-    if failures:
-        kept = [name for name in names if not any(line.startswith(f"  {name} (") for line in failures)]
-        raise MixtureError(
-            f"{len(failures)} mixture component(s) cannot be loaded for {split}:\n" + "\n".join(failures) + "\n"
-            f"Leave them out with --mixture {','.join(kept) or '<components that load>'}, or make their data reachable"
-        )
-    return TaskMixture(tasks, seed=seed), rows
-
-
-def describe_mixture(title: str, rows: list[tuple[str, int]]) -> str:
-    lines = [f"{title}: {sum(n for _, n in rows):,} conversations"]
-    lines += [f"  {name:<15} {n:>9,}" for name, n in rows]
-    return "\n".join(lines)
-
 
 # ---------------------------------------------------------------------------- midtraining: packed rows
 
@@ -216,22 +92,25 @@ class PackedChatLoader:
 # ---------------------------------------------------------------------------- SFT: padded rows, masked targets
 
 
-def conversation_batch(tokenizer, conversations, seq_len: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets), each (B, L) with L the longest rendered row - 1 (at most seq_len).
-
-    Targets are the next tokens where the render mask is 1, else -1; padding (inputs <|assistant_end|>, as the
-    reference; causal attention keeps it from reaching real tokens) has targets -1.
-    """
-    pad_id = tokenizer.encode_special("<|assistant_end|>")
-    rendered = [tokenizer.render_conversation(c, max_tokens=seq_len + 1) for c in conversations]
-    width = max(len(ids) for ids, _ in rendered) - 1
-    inputs = torch.full((len(rendered), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(rendered), width), -1, dtype=torch.long)
-    for row, (ids, mask) in enumerate(rendered):
+def padded_batch(rows, pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each (B, L) with L the longest row - 1, from rows of (ids, mask): targets are the next
+    tokens where the mask is 1, else -1; padding (inputs `pad_id`; causal attention keeps it from reaching real
+    tokens) has targets -1."""
+    width = max(len(ids) for ids, _ in rows) - 1
+    inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), width), -1, dtype=torch.long)
+    for row, (ids, mask) in enumerate(rows):
         ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
         inputs[row, : len(ids) - 1] = ids_t[:-1]
         targets[row, : len(ids) - 1] = torch.where(mask_t[1:], ids_t[1:], -1)
     return inputs.to(device), targets.to(device)
+
+
+def conversation_batch(tokenizer, conversations, seq_len: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """padded_batch of the rendered conversations (at most seq_len + 1 tokens each), padded with
+    <|assistant_end|> as the reference."""
+    rendered = [tokenizer.render_conversation(c, max_tokens=seq_len + 1) for c in conversations]
+    return padded_batch(rendered, tokenizer.encode_special("<|assistant_end|>"), device)
 
 
 def sft_micro_batches(tokenizer, task, step, examples_per_step, batch_size, seq_len, rank, world_size, device):
@@ -285,27 +164,3 @@ def evaluate_loss(model, batches) -> float:
         totals[1] += (targets >= 0).sum()
     totals = _all_reduce_sum(totals)
     return (totals[0] / totals[1].clamp(min=1)).item()
-
-
-# ---------------------------------------------------------------------------- shared by the chat stages
-
-
-def lr_multiplier(progress: float, warmdown_ratio: float, final_lr_frac: float) -> float:
-    """Constant, then linear to final_lr_frac over the last warmdown_ratio of the run (progress 0..1)."""
-    if progress <= 1 - warmdown_ratio:
-        return 1.0
-    remaining = max(0.0, 1 - progress) / max(warmdown_ratio, 1e-9)
-    return remaining + (1 - remaining) * final_lr_frac
-
-
-def source_settings(meta: dict) -> dict:
-    """Batch and LR settings a chat stage inherits from the checkpoint it starts from (base, mid or sft meta)."""
-    user = meta.get("user_config", {})
-    return {
-        "max_seq_len": meta["model_config"]["sequence_len"],
-        "device_batch_size": meta.get("device_batch_size", user.get("device_batch_size", 32)),
-        "total_batch_size": meta.get("total_batch_size", 2**19),
-        "matrix_lr": meta.get("matrix_lr", 0.02),
-        "embedding_lr": meta.get("embedding_lr", 0.2),
-        "unembedding_lr": meta.get("unembedding_lr", 0.004),
-    }

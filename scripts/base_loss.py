@@ -23,7 +23,7 @@ from nanochat.dataset import default_pretrain_paths
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import write_stage_summary
 from nanochat.tokenizer import get_tokenizer
-from scripts.base_train import sample
+from nanochat.train import sample
 
 
 def main(argv=None):
@@ -51,7 +51,7 @@ def main(argv=None):
         results[f"{split}_bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
         print0(f"{split} bpb: {results[f'{split}_bpb']:.4f} ({steps * args.device_batch_size * seq_len:,} tokens/rank)")
     if runtime.is_master:
-        results["samples"] = sample(model, tokenizer, runtime.device)
+        results["samples"] = sample(model, tokenizer)
         for text in results["samples"]:
             print0(f"  sample: {text!r}")
         tag = args.model_tag or f"d{meta['model_config']['n_layer']}"
@@ -60,7 +60,7 @@ def main(argv=None):
         atomic_write(out, lambda f: f.write(json.dumps(results, indent=2).encode("utf-8")))
         print0(f"wrote {out}")
         tokens = steps * args.device_batch_size * seq_len * runtime.world_size
-        write_stage_summary("base_loss", {"model": tag, **results, "tokens_per_split": tokens})
+        write_stage_summary("base_loss", {"model_tag": tag, **results, "tokens_per_split": tokens})
     compute_cleanup()
     return results
 

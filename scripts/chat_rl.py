@@ -3,12 +3,12 @@
     python -m scripts.chat_rl                                                          # from sft, one GPU
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- --run rl-d20        # one 8-GPU node
     python -m scripts.chat_rl --source sft --device-type cpu --examples-per-step 2 --num-samples 2 \\
-        --max-new-tokens 16 --num-steps 2 --eval-every -1 --eval-examples 2 --data-dir ../shared/data  # tiny, CPU
+        --max-new-tokens 16 --num-steps 2 --eval-every -1 --eval-examples 2 --data-dir /path/to/data  # tiny, CPU
 
 Each step takes `--examples-per-step` GSM8K train questions (a fixed seeded shuffle; rank r takes every W-th of
 the step's questions), samples `--num-samples` answers to each with the engine (calculator on), and scores each
 answer 1 when its `#### N` equals the reference's (tasks/gsm8k.py reward), else 0. This is the reference's
-"GRPO simplified to REINFORCE" (shared/reference/nanochat.md §1.12): on-policy, so no PPO ratio or clipping; no
+"GRPO simplified to REINFORCE" (karpathy/nanochat scripts/chat_rl.py): on-policy, so no PPO ratio or clipping; no
 KL term or reference model; advantage = reward - the mean reward of the question's group, without dividing by
 the group's standard deviation (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783 §3.1: the division over-weights
 questions that are nearly always or nearly never solved); the loss is normalised per token over the whole step
@@ -30,28 +30,28 @@ Not here: other tasks or reward models, PPO/KL machinery, torch.compile (every s
 """
 
 import argparse
-import json
 import os
 import random
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint, load_model, save_checkpoint
-from nanochat.common import (
-    compute_cleanup,
-    compute_init,
-    describe_environment,
-    needs_grad_scaler,
-    print0,
-)
+from nanochat.chat_data import padded_batch
+from nanochat.checkpoint import build_model, checkpoint_dir, find_last_step, load_model
+from nanochat.common import compute_init, needs_grad_scaler, print0
 from nanochat.engine import ContextFullError, Engine
-from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizer
-from nanochat.report import write_stage_summary
 from nanochat.tokenizer import get_tokenizer
+from nanochat.train import (
+    StageLog,
+    StageRecord,
+    optimizer_step,
+    resume_stage,
+    save_stage,
+    set_schedule,
+    warmdown_multiplier,
+)
 from tasks.common import resolve_data_dir
 from tasks.gsm8k import GSM8K
 
@@ -76,6 +76,7 @@ def parse_args(argv=None):
     parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head at width 768")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
     parser.add_argument("--init-lr-frac", type=float, default=0.05, help="starting LR as a fraction of the above")
+    parser.add_argument("--grad-clip", type=float, default=-1, help="max global grad norm (-1 = off)")
     # Evaluation and saving
     parser.add_argument("--eval-every", type=int, default=60, help="steps between GSM8K test pass@k (-1 = end only)")
     parser.add_argument("--eval-examples", type=int, default=400, help="GSM8K test problems per evaluation")
@@ -138,21 +139,9 @@ def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
 
 
 def build_batch(prompt: list[int], rollouts: list[Rollout], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded next-token inputs and targets (N, T) of prompt + rollout for each rollout; T = longest - 1.
-
-    targets[i, t] is the token at position t + 1 when the rollout sampled it, else -1: prompt positions, the
-    calculator's forced output (mask 0) and the padding (inputs padded with `pad_id`) are never trained.
-    """
-    sequences = [prompt + r.tokens for r in rollouts]
-    trained = [[0] * len(prompt) + r.masks for r in rollouts]
-    T = max(len(s) for s in sequences) - 1
-    inputs = torch.full((len(rollouts), T), pad_id, dtype=torch.long)
-    targets = torch.full((len(rollouts), T), -1, dtype=torch.long)
-    for row, (sequence, mask) in enumerate(zip(sequences, trained)):
-        ids, keep = torch.tensor(sequence), torch.tensor(mask, dtype=torch.bool)
-        inputs[row, : len(sequence) - 1] = ids[:-1]
-        targets[row, : len(sequence) - 1] = torch.where(keep[1:], ids[1:], -1)
-    return inputs, targets
+    """Padded inputs and targets (N, T) of prompt + rollout: only the sampled tokens are targets (not the prompt,
+    the calculator's forced output (mask 0) or the padding)."""
+    return padded_batch([(prompt + r.tokens, [0] * len(prompt) + r.masks) for r in rollouts], pad_id)
 
 
 def policy_gradient_loss(
@@ -240,11 +229,6 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_problems: int, k: int, max_t
 # ---------------------------------------------------------------------------- the run
 
 
-def lr_multiplier(step: int, num_steps: int) -> float:
-    """Linear decay from 1 to 0 over the run (the reference's RL schedule)."""
-    return 1.0 - step / num_steps
-
-
 def main(argv=None):
     args = parse_args(argv)
     # Derived values
@@ -257,7 +241,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- init
     runtime = compute_init(args.device_type, seed=args.seed)
-    device, master, world_size = runtime.device, runtime.is_master, runtime.world_size
+    device, world_size = runtime.device, runtime.world_size
     if args.examples_per_step % world_size:
         raise SystemExit(f"--examples-per-step {args.examples_per_step} must divide by the {world_size} processes")
     tokenizer = get_tokenizer()
@@ -271,82 +255,56 @@ def main(argv=None):
     # ---------------------------------------------------------------- model
     model_tag = args.model_tag or os.path.basename(checkpoint_dir(args.source))
     out_dir = checkpoint_dir("rl", model_tag)
-    start_step, loop, optim_state = 0, {"rewards": [], "training_seconds": 0.0}, None
-    if args.resume:
-        last = find_last_step(out_dir)
-        if last is None:
+    if args.resume:  # the weights come from our own last checkpoint (resume_stage loads them with the optimizer)
+        if find_last_step(out_dir) is None:
             raise SystemExit(f"--resume: no checkpoint in {out_dir}; start without --resume")
-        model_state, optim_state, meta = load_checkpoint(
-            out_dir, last, device, load_optimizer=True, rank=runtime.rank, world_size=world_size
-        )
-        saved = meta["user_config"]
-        changed = [k for k in ("examples_per_step", "num_samples", "seed", "num_steps") if saved[k] != getattr(args, k)]
-        if changed:
-            raise SystemExit(f"--resume: {changed} differ from the checkpoint's; the run would not replay exactly")
-        model = GPT.build(GPTConfig.from_dict(meta["model_config"]), device)
-        model.load_state_dict(model_state)
-        start_step, loop, source = meta["step"], meta["loop"], meta["source"]
-        del model_state
+        model, meta = build_model(out_dir, device=device)
+        source = meta["source"]
     else:
         model, meta = load_model(args.source, device, "train", model_tag, args.source_step)
         source = {"stage": args.source, "model_tag": model_tag, "step": meta["step"]}
     model.compute_dtype = runtime.dtype  # fp32 master weights, computing in the compute dtype
     engine = Engine(model, tokenizer)  # the same weights: rollouts are always on-policy
     pad_id = tokenizer.encode_special("<|assistant_end|>")
+    record = StageRecord("rl", model_tag, 0, args.device_batch_size, StageRecord.from_meta(meta).total_batch_size,
+                         args.matrix_lr, args.embedding_lr, args.unembedding_lr)  # fmt: skip
 
     # ---------------------------------------------------------------- optimizer
-    optimizer = build_optimizer(
-        model,
-        args.matrix_lr * args.init_lr_frac,
-        args.embedding_lr * args.init_lr_frac,
-        args.unembedding_lr * args.init_lr_frac,
-        weight_decay=args.weight_decay,
-    )
-    if optim_state is not None:
-        optimizer.load_state_dict(optim_state)
-        del optim_state
+    frac = args.init_lr_frac
+    optimizer = build_optimizer(model, args.matrix_lr * frac, args.embedding_lr * frac, args.unembedding_lr * frac,
+                                weight_decay=args.weight_decay)  # fmt: skip
     scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(runtime.dtype) else None
+    start_step, loop = 0, {"rewards": []}
+    if args.resume:  # rollouts depend only on (weights, seed, step, question): these settings must not change
+        layout = {key: getattr(args, key) for key in ("examples_per_step", "num_samples", "seed", "num_steps")}
+        start_step, loop, _, _ = resume_stage(out_dir, model, optimizer, runtime, layout)
 
     resolved = {**vars(args), "num_steps": num_steps, "source": source, "model_tag": model_tag, "data_dir": data_dir}
-    environment = describe_environment(runtime)
-    print0(json.dumps({"config": resolved, "environment": environment}, indent=2, default=str))
+    log = StageLog("chat_rl", runtime, resolved, args.run, loop, num_steps, start_step=start_step)
     print0(
         f"parameters: {model.num_params():,}; {num_steps} steps x {args.examples_per_step} questions x "
         f"{args.num_samples} samples; start at step {start_step}"
     )
-    wandb_run = None
-    if args.run and master:
-        import wandb
 
-        wandb_run = wandb.init(project="nanochat-rl", name=args.run, config={**resolved, **environment})
-
-    def evaluate() -> list[float]:
-        return evaluate_pass_at_k(
-            engine, tokenizer, test_task, args.eval_examples, args.eval_samples, args.max_new_tokens,
-            args.temperature, top_k,
-        )  # fmt: skip
+    def evaluate() -> dict:
+        pass_at_k = evaluate_pass_at_k(engine, tokenizer, test_task, args.eval_examples, args.eval_samples,
+                                       args.max_new_tokens, args.temperature, top_k)  # fmt: skip
+        return {f"pass@{j + 1}": p for j, p in enumerate(pass_at_k)}
 
     # ---------------------------------------------------------------- loop
-    step, pass_at_k = start_step, None
+    step, pass_at_k = start_step, {}
     while True:
         last_step = step == num_steps
         if (args.eval_every > 0 and step % args.eval_every == 0) or last_step:
             pass_at_k = evaluate()
-            print0(
-                f"step {step:05d} | GSM8K test " + ", ".join(f"pass@{j + 1} {p:.4f}" for j, p in enumerate(pass_at_k))
-            )
-            if wandb_run:
-                wandb_run.log({"step": step, **{f"eval/pass@{j + 1}": p for j, p in enumerate(pass_at_k)}})
+            log.evaluated(step, pass_at_k)
         if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
-            meta = {"loop": loop, "source": source, "user_config": vars(args), "pass_at_k": pass_at_k}
-            save_checkpoint(out_dir, step, model, optimizer, meta, runtime.rank, world_size)
-            print0(f"saved checkpoint step {step} to {out_dir}")
+            save_stage(out_dir, step, model, optimizer, runtime, record, log, source=source, user_config=vars(args),
+                       pass_at_k=list(pass_at_k.values()))  # fmt: skip
         if last_step:
             break
 
-        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        synchronize()
-        started = time.time()
+        log.start()
         # 1. rollouts: this rank's questions of the step, strided over ranks
         groups, reward_sum, num_rollouts, length_sum = [], 0.0, 0, 0
         for i in range(examples_per_rank):
@@ -369,57 +327,25 @@ def main(argv=None):
             dist.all_reduce(stats)
         mean_reward, mean_length = (stats[0] / stats[1].clamp(min=1)).item(), (stats[2] / stats[1].clamp(min=1)).item()
 
-        # 2. the policy gradient and one optimizer step
-        lrm = lr_multiplier(step, num_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
+        # 2. the policy gradient and one optimizer step; the LR decays linearly to 0 (the reference's RL schedule)
+        lrm = warmdown_multiplier(step / num_steps, 1.0, 0.0)
+        set_schedule(optimizer, lrm)
         model.train()
         loss = backward_groups(
             model, groups, args.device_batch_size, pad_id, world_size, scaler.scale if scaler else None
         )
-        if scaler:
-            scaler.unscale_(optimizer)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, scaler, loss, runtime, args.grad_clip, "lower --init-lr-frac, --resume")
         model.eval()
-        synchronize()
-        step_seconds = time.time() - started
         step += 1
-
-        loop["rewards"].append(mean_reward)
-        loop["training_seconds"] += step_seconds
-        print0(
-            f"step {step:05d}/{num_steps} | reward {mean_reward:.4f} | loss {loss:.6f} | answer length "
-            f"{mean_length:.1f} | lrm {lrm:.3f} | {step_seconds:.1f} s"
-        )
-        if wandb_run:
-            wandb_run.log(
-                {"step": step, "train/reward": mean_reward, "train/loss": loss, "train/answer_length": mean_length,
-                 "train/lrm": lrm}
-            )  # fmt: skip
+        log.state["rewards"].append(mean_reward)
+        log.step(step, loss, smooth=False, reward=mean_reward, answer_length=mean_length, lrm=lrm)
 
     # ---------------------------------------------------------------- report
-    summary = {
-        "source": source,
-        "model_tag": model_tag,
-        "steps": num_steps,
-        "final_mean_reward": loop["rewards"][-1] if loop["rewards"] else None,
-        "mean_reward_by_step": loop["rewards"],
-        "eval_problems": min(args.eval_examples, len(test_task)),
-        "pass_at_k": {f"pass@{j + 1}": p for j, p in enumerate(pass_at_k or [])},
-        "training_minutes": loop["training_seconds"] / 60,
-    }
-    if master:
-        write_stage_summary("chat_rl", {**summary, "config": resolved})
-    print0(f"done: {json.dumps({k: v for k, v in summary.items() if k != 'mean_reward_by_step'})}")
-    if wandb_run:
-        wandb_run.summary.update({k: v for k, v in summary.items() if k != "mean_reward_by_step"})
-        wandb_run.finish()
-    compute_cleanup()
-    return summary
+    rewards = log.state["rewards"]
+    summary = {"model_tag": model_tag, "step": step, "source": source, "steps": num_steps,
+               "final_mean_reward": rewards[-1] if rewards else None, **log.summary(),
+               "eval_problems": min(args.eval_examples, len(test_task)), "pass_at_k": pass_at_k}  # fmt: skip
+    return log.finish(summary | {"mean_reward_by_step": rewards, "config": resolved}, curves=())
 
 
 if __name__ == "__main__":

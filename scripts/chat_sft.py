@@ -3,66 +3,61 @@
 One conversation per row, right-padded to the longest in its micro-batch; targets are -1 where the render mask
 is 0 (user turns, tool output) and on padding. The loss of a step is the sum over its supervised tokens divided
 by their number in the WHOLE step (every micro-batch, every process; nanochat.chat_data.supervised_backward),
-so the gradient does not depend on how the step is split. The LR starts at `--init-lr-frac` of the source's
-LRs and decays linearly to `--final-lr-frac` (reference: 0.02, to 0). Sequence length and device batch are
-inherited from the source checkpoint unless set. No torch.compile: rows have variable lengths.
+so the gradient does not depend on how the step is split. The LR starts at `--init-lr-frac` of the source
+stage's LRs (its StageRecord) and decays linearly to `--final-lr-frac`. The device batch is the source's unless
+set, the sequence length the model's. No torch.compile: rows have variable lengths.
 
-Mixture (`--mixture`): arc, gsm8k, smoltalk (first 10K), identity, simplespelling (300), spelling (300), as in
-reference nanochat; `--data PATH.jsonl` adds your own conversations (CustomJSON lines) as the component "data".
+The recipe (MIXTURE below, as reference nanochat): arc, gsm8k, smoltalk (first 10K), identity, simplespelling
+(300), spelling (300); `--data PATH.jsonl` adds your own conversations (CustomJSON lines) as the component
+"data". With a local data dir the default recipe leaves out (and prints) smoltalk, which is hub-only.
 
     python -m scripts.chat_sft                                                       # one GPU, from mid
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run sft-d20
-    NANOCHAT_DATA_DIR=../shared/data python -m scripts.chat_sft --device-type cpu \\
-        --mixture gsm8k,identity,spelling,simplespelling,arc --num-iterations 20 --device-batch-size 2 \\
-        --examples-per-step 4 --eval-every 10 --eval-steps 4 --eval-metrics-max-problems 16   # tiny, CPU, offline
+    NANOCHAT_DATA_DIR=/path/to/data python -m scripts.chat_sft --device-type cpu --num-iterations 20 \
+        --device-batch-size 2 --examples-per-step 4 --eval-every 10 --eval-steps 4 \
+        --eval-metrics-max-problems 16                                                # tiny, CPU, offline
 
-Offline (../shared/data) the mixture above is what loads: smoltalk is hub-only, and asking for it without the
-hub is an error that says to leave it out.
-
-Writes <base dir>/chatsft_checkpoints/<model tag>/ (model, per-rank optimizer, meta; `--resume` continues
-exactly) and <base dir>/report/chat_sft.json. Not here: full chat evaluation (scripts/chat_eval.py -i sft).
+Writes <base dir>/chatsft_checkpoints/<model tag>/ (`--resume` continues exactly) and
+<base dir>/report/chat_sft.json. Not here: full chat evaluation (scripts/chat_eval.py -i sft).
 """
 
 import argparse
-import json
 import os
-import time
+from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
 
-from nanochat.chat_data import (
+from nanochat.chat_data import evaluate_loss, sft_micro_batches, supervised_backward
+from nanochat.checkpoint import build_model, checkpoint_dir
+from nanochat.common import compute_init, needs_grad_scaler, print0
+from nanochat.optim import build_optimizer
+from nanochat.tokenizer import get_tokenizer
+from nanochat.train import (
+    StageLog,
+    StageRecord,
+    optimizer_step,
+    resume_stage,
+    save_stage,
+    set_schedule,
+    warmdown_multiplier,
+)
+from tasks.common import resolve_data_dir
+from tasks.evaluate import evaluate_categorical, load_task
+from tasks.mixture import (
     COMPONENTS,
     MixtureError,
     Sources,
     build_mixture,
     default_identity_path,
     describe_mixture,
-    evaluate_loss,
-    lr_multiplier,
     parse_mixture,
-    sft_micro_batches,
-    source_settings,
-    supervised_backward,
 )
-from nanochat.checkpoint import build_model, checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
-from nanochat.common import (
-    compute_cleanup,
-    compute_init,
-    describe_environment,
-    needs_grad_scaler,
-    print0,
-)
-from nanochat.optim import build_optimizer
-from nanochat.report import write_stage_summary
-from nanochat.tokenizer import get_tokenizer
-from scripts.chat_eval import evaluate_categorical, load_task
-from tasks.common import resolve_data_dir
 
-DEFAULT_MIXTURE = "arc,gsm8k,smoltalk,identity,simplespelling,spelling"
-OFFLINE_MIXTURE = "gsm8k,identity,spelling,simplespelling,arc"
-# Sizes of reference nanochat's SFT mixture (§1.11): SmolTalk's first 10K, 300 of each spelling task.
-RECIPE = {"smoltalk": {"stop": 10_000}, "simplespelling": {"size": 300}, "spelling": {"size": 300}}
+# The recipe: component -> sizes (stop: the first n rows; size: generated examples). Reference nanochat's SFT
+# mixture: SmolTalk's first 10K, 300 of each spelling task. `--mixture` picks among all but mmlu-aux.
+MIXTURE = {"arc": {}, "gsm8k": {}, "smoltalk": {"stop": 10_000}, "identity": {},
+           "simplespelling": {"size": 300}, "spelling": {"size": 300}}  # fmt: skip
 STAGE_COMPONENTS = [name for name in COMPONENTS if name not in ("mmlu-aux", "data")]
 METRIC_TASKS = ("MMLU", "ARC-Easy")
 
@@ -74,7 +69,8 @@ def parse_args(argv=None):
     parser.add_argument("--model-tag", default=None, help="source checkpoint dir, and ours (default: largest d<N>)")
     parser.add_argument("--model-step", type=int, default=-1, help="source checkpoint step (-1 = last)")
     # Data
-    parser.add_argument("--mixture", default=DEFAULT_MIXTURE, help=f"components (offline: {OFFLINE_MIXTURE})")
+    parser.add_argument("--mixture", default=None, help="components, comma-separated (default: MIXTURE's, the "
+                        "ones a local --data-dir holds)")  # fmt: skip
     parser.add_argument("--data", default=None, help="your conversations, JSONL (adds the component 'data')")
     parser.add_argument(
         "--data-dir", default=None, help="data like ../shared/data (default: $NANOCHAT_DATA_DIR, else hub)"
@@ -95,6 +91,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmdown-ratio", type=float, default=1.0, help="fraction of the run decaying the LR")
     parser.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    parser.add_argument("--grad-clip", type=float, default=-1, help="max global grad norm (-1 = off)")
     # Evaluation and saving
     parser.add_argument("--eval-every", type=int, default=100, help="steps between validation loss (-1 = end only)")
     parser.add_argument("--eval-steps", type=int, default=100, help="validation micro-batches per process")
@@ -108,7 +105,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
     try:
-        args.mixture_names = parse_mixture(args.mixture, STAGE_COMPONENTS) + (["data"] if args.data else [])
+        names = parse_mixture(args.mixture or ",".join(MIXTURE), STAGE_COMPONENTS)
+        args.mixture_names = names + (["data"] if args.data else [])
     except ValueError as e:
         parser.error(str(e))
     return args
@@ -118,7 +116,7 @@ def main(argv=None):
     args = parse_args(argv)
     # ---------------------------------------------------------------- init
     runtime = compute_init(args.device_type, seed=args.seed)
-    device, master = runtime.device, runtime.is_master
+    device = runtime.device
     tokenizer = get_tokenizer()
 
     # ---------------------------------------------------------------- model
@@ -128,29 +126,26 @@ def main(argv=None):
     model_tag = os.path.basename(source_dir)
     output_dir = checkpoint_dir("sft", model_tag)
 
-    # Derived values: inherited from the source checkpoint unless given
-    inherited = source_settings(source_meta)
-    seq_len = args.max_seq_len if args.max_seq_len > 0 else inherited["max_seq_len"]
-    per_process = args.examples_per_step // runtime.world_size
-    device_batch = args.device_batch_size if args.device_batch_size > 0 else min(inherited["device_batch_size"],
-                                                                                 max(1, per_process))  # fmt: skip
+    # Derived values: the source stage's record unless given (sequence length: the model's context)
+    source = StageRecord.from_meta(source_meta)
+    seq_len = args.max_seq_len if args.max_seq_len > 0 else model.config.sequence_len
+    per_process = max(1, args.examples_per_step // runtime.world_size)
+    device_batch = args.device_batch_size if args.device_batch_size > 0 else min(source.device_batch_size, per_process)
     if seq_len > model.config.sequence_len:
         raise SystemExit(f"--max-seq-len {seq_len} exceeds the model's context {model.config.sequence_len}")
     if args.examples_per_step % (device_batch * runtime.world_size):
         raise SystemExit(f"--examples-per-step {args.examples_per_step} must be a multiple of device batch "
                          f"{device_batch} x {runtime.world_size} processes")  # fmt: skip
-    hp = {
-        "max_seq_len": seq_len, "device_batch_size": device_batch, "examples_per_step": args.examples_per_step,
-        "grad_accum_steps": args.examples_per_step // (device_batch * runtime.world_size),
-        **{key: inherited[key] for key in ("matrix_lr", "embedding_lr", "unembedding_lr")},
-    }  # fmt: skip
+    grad_accum = args.examples_per_step // (device_batch * runtime.world_size)
+    record = replace(source, stage="sft", model_tag=model_tag, device_batch_size=device_batch)
 
     # ---------------------------------------------------------------- data
     data_dir = resolve_data_dir(args.data_dir)
     sources = Sources(data_dir, args.identity or default_identity_path(data_dir), args.data)
-    try:
-        train_mixture, train_rows = build_mixture(args.mixture_names, "train", sources, RECIPE)
-        val_mixture, val_rows = build_mixture(args.mixture_names, "val", sources, RECIPE)
+    try:  # the default mixture read from a local data dir leaves out what it lacks (smoltalk)
+        drop = args.mixture is None and data_dir is not None
+        train_mixture, train_rows = build_mixture(args.mixture_names, "train", sources, MIXTURE, drop_failing=drop)
+        val_mixture, val_rows = build_mixture([name for name, _ in train_rows], "val", sources, MIXTURE)
     except MixtureError as e:
         raise SystemExit(f"chat_sft: {e}") from e
     print0(describe_mixture("train mixture", train_rows))
@@ -160,39 +155,22 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- optimizer
     frac = args.init_lr_frac
-    optimizer = build_optimizer(model, hp["matrix_lr"] * frac, hp["embedding_lr"] * frac,
-                                hp["unembedding_lr"] * frac, weight_decay=args.weight_decay)  # fmt: skip
+    optimizer = build_optimizer(model, source.matrix_lr * frac, source.embedding_lr * frac,
+                                source.unembedding_lr * frac, weight_decay=args.weight_decay)  # fmt: skip
     scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(runtime.dtype) else None
 
     # ---------------------------------------------------------------- resume
-    start_step, loop = 0, {"smooth_loss": 0.0, "training_seconds": 0.0, "min_val_loss": None}
-    loop.update(train_loss_curve=[], val_loss_curve=[])  # [[step, value], ...] for the report card
-    if args.resume:
-        last = find_last_step(output_dir)
-        if last is None:
-            raise SystemExit(f"--resume: no checkpoint in {output_dir}; start without --resume")
-        model_state, optim_state, meta = load_checkpoint(
-            output_dir, last, device, load_optimizer=True, rank=runtime.rank, world_size=runtime.world_size
-        )
-        if meta["examples_per_step"] != args.examples_per_step:
-            raise SystemExit("--resume: --examples-per-step changed since the checkpoint")
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
-        # Batches are a function of the step: nothing else to restore. Older checkpoints lack the curves.
-        start_step, loop = meta["step"], {**loop, **meta["loop"]}
-        del model_state, optim_state
+    start_step, loop = 0, None
+    if args.resume:  # batches are a function of the step: nothing else to restore
+        layout = {"examples_per_step": args.examples_per_step}
+        start_step, loop, _, _ = resume_stage(output_dir, model, optimizer, runtime, layout)
 
-    resolved = {**vars(args), **hp, "num_iterations": num_iterations, "model_tag": model_tag, "source_dir": source_dir,
-                "data_dir": data_dir, "train_mixture": train_rows, "val_mixture": val_rows}  # fmt: skip
-    environment = describe_environment(runtime)
-    print0(json.dumps({"config": resolved, "environment": environment}, indent=2, default=str))
+    resolved = {**vars(args), **asdict(record), "max_seq_len": seq_len, "grad_accum_steps": grad_accum,
+                "num_iterations": num_iterations, "source_dir": source_dir, "data_dir": data_dir,
+                "train_mixture": train_rows}  # fmt: skip
+    log = StageLog("chat_sft", runtime, resolved, args.run, loop, num_iterations, model.estimate_flops(), start_step)
     print0(f"parameters: {model.num_params():,}; {num_iterations:,} steps x {args.examples_per_step} conversations "
-           f"(grad accumulation {hp['grad_accum_steps']}); start at step {start_step}")  # fmt: skip
-    wandb_run = None
-    if args.run and master:
-        import wandb
-
-        wandb_run = wandb.init(project="nanochat-sft", name=args.run, config={**resolved, **environment})
+           f"(grad accumulation {grad_accum}); start at step {start_step}")  # fmt: skip
 
     def batches(task, step):
         return sft_micro_batches(tokenizer, task, step, args.examples_per_step, device_batch, seq_len,
@@ -200,7 +178,7 @@ def main(argv=None):
 
     def validate() -> float:
         model.eval()
-        steps = -(-args.eval_steps // hp["grad_accum_steps"])  # enough optimizer-step layouts for eval_steps
+        steps = -(-args.eval_steps // grad_accum)  # enough optimizer-step layouts for eval_steps
         micro = [batch for step in range(steps) for batch in batches(val_mixture, step)]
         loss = evaluate_loss(model, micro[: args.eval_steps])
         model.train()
@@ -220,85 +198,37 @@ def main(argv=None):
         model.train()
         return results
 
-    def save(step: int, val_loss: float | None, accuracies: dict):
-        meta = {"loop": loop, "val_loss": val_loss, "metrics": accuracies, "user_config": vars(args), **hp}
-        save_checkpoint(output_dir, step, model, optimizer, meta, runtime.rank, runtime.world_size)
-        print0(f"saved checkpoint step {step} to {output_dir}")
-
     # ---------------------------------------------------------------- loop
     step, val_loss, accuracies = start_step, None, {}
     while True:
         last_step = step == num_iterations
         if (args.eval_every > 0 and step % args.eval_every == 0) or last_step:
             val_loss = validate()
-            best = loop["min_val_loss"]
-            loop["min_val_loss"] = val_loss if best is None else min(best, val_loss)
-            if not loop["val_loss_curve"] or loop["val_loss_curve"][-1][0] != step:  # a resume re-evaluates its step
-                loop["val_loss_curve"].append([step, val_loss])
-            print0(f"step {step:05d} | validation loss {val_loss:.4f}")
-            if wandb_run:
-                wandb_run.log({"step": step, "val/loss": val_loss})
+            log.evaluated(step, {"val_loss": val_loss})
         if (args.eval_metrics_every > 0 and step % args.eval_metrics_every == 0) or last_step:
             accuracies = metrics()
-            print0(f"step {step:05d} | " + " | ".join(f"{name} {acc:.4f}" for name, acc in accuracies.items()))
-            if wandb_run:
-                wandb_run.log({"step": step, **{f"val/{name}": acc for name, acc in accuracies.items()}})
+            log.evaluated(step, accuracies)
         if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
-            save(step, val_loss, accuracies)
+            save_stage(output_dir, step, model, optimizer, runtime, record, log, val_loss=val_loss, metrics=accuracies,
+                       user_config=vars(args), max_seq_len=seq_len, grad_accum_steps=grad_accum)  # fmt: skip
         if last_step:
             break
 
-        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        synchronize()
-        started = time.time()
-        lrm = lr_multiplier(step / num_iterations, args.warmdown_ratio, args.final_lr_frac)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-        train_loss, supervised = supervised_backward(
-            model, batches(train_mixture, step), scaler.scale if scaler else None
-        )
-        if not torch.isfinite(train_loss):
-            print0(f"step {step}: loss is {train_loss.item()}; stopping. Lower the LRs (--init-lr-frac) and resume.")
-            compute_cleanup()
-            raise SystemExit(1)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
-        synchronize()
-        step_seconds = time.time() - started
+        log.start()
+        lrm = warmdown_multiplier(step / num_iterations, args.warmdown_ratio, args.final_lr_frac)
+        set_schedule(optimizer, lrm)  # Muon's momentum stays 0.95 here, as in reference nanochat's SFT
+        micro_batches = batches(train_mixture, step)
+        train_loss, supervised = supervised_backward(model, micro_batches, scaler.scale if scaler else None)
+        optimizer_step(model, optimizer, scaler, train_loss, runtime, args.grad_clip, "lower --init-lr-frac, --resume")
         step += 1
+        tokens = sum(inputs.numel() for inputs, _ in micro_batches) * runtime.world_size
+        log.step(step, train_loss.item(), tokens, lrm=lrm, supervised_tokens=supervised)
 
-        loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss.item()
-        smooth = loop["smooth_loss"] / (1 - 0.9**step)
-        if step - start_step > 2:
-            loop["training_seconds"] += step_seconds
-        loop["train_loss_curve"].append([step, round(smooth, 5)])
-        print0(f"step {step:05d}/{num_iterations} | loss {smooth:.4f} | lrm {lrm:.3f} | supervised tokens "
-               f"{supervised:,} | {step_seconds * 1000:.0f} ms")  # fmt: skip
-        if wandb_run:
-            wandb_run.log({"step": step, "train/loss": smooth, "train/lrm": lrm, "train/supervised": supervised})
-
-    summary = {
-        "val_loss": val_loss,
-        "min_val_loss": loop["min_val_loss"],
-        **{f"{name}_acc": acc for name, acc in accuracies.items()},
-        "steps": step,
-        "training_minutes": loop["training_seconds"] / 60,
-        "train_mixture": dict(train_rows),
-        "source": source_dir,
-    }
-    print0(f"done: {json.dumps(summary)}")
-    if master:
-        curves = {key: loop[key] for key in ("train_loss_curve", "val_loss_curve")}
-        write_stage_summary("chat_sft", {**summary, **curves})
-    if wandb_run:
-        wandb_run.summary.update(summary)
-        wandb_run.finish()
-    compute_cleanup()
-    return summary
+    summary = {"model_tag": model_tag, "step": step, "val_loss": val_loss,
+               "min_val_loss": log.state.get("min_val_loss"),
+               **{f"{name}_acc": acc for name, acc in accuracies.items()}, "steps": step, **log.summary(),
+               "train_mixture": dict(train_rows), "source": source_dir}  # fmt: skip
+    return log.finish(summary, curves=("train_loss", "val_loss"))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from nanochat import train
 from nanochat.checkpoint import build_model, find_last_step
 from nanochat.tokenizer import Tokenizer
 from scripts import base_train
@@ -57,17 +58,17 @@ def test_killed_and_resumed_equals_uninterrupted(base_dir, monkeypatch):
     args = ["--num-iterations", "20", "--save-every", "10", "--eval-every", "-1"]
     run(base_dir, monkeypatch, *args, tag="whole")
 
-    real_save = base_train.save_checkpoint
+    real_save = train.save_checkpoint
 
     def save_then_die(checkpoint_dir, step, *rest, **kwargs):
         real_save(checkpoint_dir, step, *rest, **kwargs)
         if step == 10:
             raise KeyboardInterrupt("killed right after the step-10 checkpoint")
 
-    monkeypatch.setattr(base_train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(base_dir, monkeypatch, *args, tag="resumed")
-    monkeypatch.setattr(base_train, "save_checkpoint", real_save)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
     run(base_dir, monkeypatch, *args, "--resume", tag="resumed")
 
     whole, whole_meta = final_weights(base_dir, "whole")
@@ -146,5 +147,5 @@ def test_base_loss_reports_the_checkpoints_validation_bpb(base_dir, monkeypatch)
     results = base_loss.main(["--model-tag", "d2", "--device-batch-size", "4", "--split-tokens", "1024"])
     # Same val batches (a fresh val loader), same weights -> the number base_train printed at its end.
     assert results["val_bpb"] == pytest.approx(summary["val_bpb"], rel=1e-6)
-    assert results["train_bpb"] > 0 and len(results["samples"]) == len(base_train.SAMPLE_PROMPTS)
+    assert results["train_bpb"] > 0 and len(results["samples"]) == len(train.SAMPLE_PROMPTS)
     assert (base_dir / "base_eval" / "loss_d2_000005.json").exists()

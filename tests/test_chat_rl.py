@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, SHARED_DATA, require
+from nanochat import train
 from nanochat.checkpoint import build_model, find_last_step, save_checkpoint
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
@@ -204,8 +205,8 @@ def test_cli_two_steps_saves_a_checkpoint_the_engine_loads(base_dir, data_dir, s
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert launched.returncode == 0, launched.stderr[-3000:]
-    assert re.search(r"step 00002/2 \| reward [\d.]+ \| loss", launched.stdout)
-    assert "GSM8K test pass@1 " in launched.stdout and '"git_commit"' in launched.stdout
+    assert re.search(r"step 00002/2 \| loss -?[\d.]+ \| reward [\d.]+", launched.stdout)
+    assert re.search(r"step 00002 \| pass@1 [\d.]+ \| pass@2", launched.stdout) and '"git_commit"' in launched.stdout
     rl_dir = base_dir / "chatrl_checkpoints" / "cli"
     assert find_last_step(str(rl_dir)) == 2
     model, meta = build_model(str(rl_dir), phase="eval")
@@ -226,27 +227,27 @@ def test_resume_continues_exactly(base_dir, data_dir, monkeypatch, capsys):
     chat_rl.main([*args, "--model-tag", "whole"])
     whole_out = capsys.readouterr().out
 
-    real_save = chat_rl.save_checkpoint
+    real_save = train.save_checkpoint
 
     def save_then_die(checkpoint_dir, step, *rest, **kwargs):
         real_save(checkpoint_dir, step, *rest, **kwargs)
         if step == 2:
             raise KeyboardInterrupt("killed right after the step-2 checkpoint")
 
-    monkeypatch.setattr(chat_rl, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         chat_rl.main([*args, "--model-tag", "resumed"])
-    monkeypatch.setattr(chat_rl, "save_checkpoint", real_save)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
     capsys.readouterr()
     chat_rl.main([*args, "--model-tag", "resumed", "--resume"])
     resumed_out = capsys.readouterr().out
 
     def step_lines(out):
-        return re.findall(r"step (\d+)/3 \| reward ([\d.]+) \| loss (-?[\d.]+)", out)
+        return re.findall(r"step (\d+)/3 \| loss (-?[\d.]+) \| reward ([\d.]+)", out)
 
     assert [line[0] for line in step_lines(resumed_out)] == ["00003"]  # only step 3 ran
     assert step_lines(resumed_out)[0] == step_lines(whole_out)[2]
-    assert any(float(loss) != 0 for _, _, loss in step_lines(whole_out))  # the steps did train
+    assert any(float(loss) != 0 for _, loss, _ in step_lines(whole_out))  # the steps did train
     whole, _ = build_model(str(base_dir / "chatrl_checkpoints" / "whole"))
     resumed, _ = build_model(str(base_dir / "chatrl_checkpoints" / "resumed"))
     source, _ = build_model(str(base_dir / "chatsft_checkpoints" / "whole"))
@@ -295,10 +296,10 @@ def test_torchrun_two_processes_match_one_process(base_dir, data_dir, tmp_path):
             cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         assert launched.returncode == 0, launched.stderr[-3000:]
-        outputs[tag] = re.findall(r"reward ([\d.]+) \| loss (-?[\d.]+) \| answer length ([\d.]+)", launched.stdout)
+        outputs[tag] = re.findall(r"loss (-?[\d.]+) \| reward ([\d.]+) \| answer length ([\d.]+)", launched.stdout)
     assert len(outputs["one"]) == len(outputs["two"]) == 2
-    assert any(float(loss) != 0 for _, loss, _ in outputs["one"])
-    for (reward_one, loss_one, length_one), (reward_two, loss_two, length_two) in zip(outputs["one"], outputs["two"]):
+    assert any(float(loss) != 0 for loss, _, _ in outputs["one"])
+    for (loss_one, reward_one, length_one), (loss_two, reward_two, length_two) in zip(outputs["one"], outputs["two"]):
         assert (reward_one, length_one) == (reward_two, length_two)
         assert float(loss_one) == pytest.approx(float(loss_two), abs=1e-5)
     one, _ = build_model(str(base_dir / "chatrl_checkpoints" / "one"))

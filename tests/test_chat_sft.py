@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA, make_base_dir, require, torchrun_matches_accumulation
-from nanochat.chat_data import Sources, build_mixture, conversation_batch, supervised_backward
+from nanochat import train
+from nanochat.chat_data import conversation_batch, supervised_backward
 from nanochat.checkpoint import build_model, find_last_step, load_model
 from nanochat.engine import Engine
+from nanochat.train import StageRecord
 from scripts import chat_sft, mid_train
+from tasks.mixture import Sources, build_mixture
 
 OFFLINE = "gsm8k,identity,spelling,simplespelling,arc"
 TINY = ["--device-type", "cpu", "--device-batch-size", "2", "--examples-per-step", "4", "--eval-steps", "2",
@@ -57,6 +60,8 @@ def test_runs_from_mid_with_user_data_saves_and_the_engine_generates(base_dir, t
     assert json.loads((base_dir / "report" / "chat_sft.json").read_text())["steps"] == 3
     model, meta = load_model("sft", "cpu", "eval")
     assert meta["max_seq_len"] == 128 and meta["grad_accum_steps"] == 2  # seq len inherited, 4 = 2 x 2
+    record = StageRecord.from_meta(meta)  # mid's record, read and passed on: its token batch and LRs
+    assert (record.stage, record.total_batch_size, record.matrix_lr) == ("sft", 512, 0.02)
     tokenizer = chat_sft.get_tokenizer()
     prompt = tokenizer.render_for_completion(
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}
@@ -125,17 +130,17 @@ def test_stopped_and_resumed_equals_uninterrupted(base_dir, monkeypatch):
     whole, whole_meta = build_model(str(directory))
     for name in os.listdir(directory):
         os.remove(directory / name)
-    real_save = chat_sft.save_checkpoint
+    real_save = train.save_checkpoint
 
     def save_then_die(path, step, *rest, **kwargs):
         real_save(path, step, *rest, **kwargs)
         if step == 2:
             raise KeyboardInterrupt("stopped right after the step-2 checkpoint")
 
-    monkeypatch.setattr(chat_sft, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         chat_sft.main(args)
-    monkeypatch.setattr(chat_sft, "save_checkpoint", real_save)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
     chat_sft.main([*args, "--resume"])
     resumed, resumed_meta = build_model(str(directory))
     assert all(torch.equal(whole.state_dict()[k], v) for k, v in resumed.state_dict().items())
@@ -143,13 +148,29 @@ def test_stopped_and_resumed_equals_uninterrupted(base_dir, monkeypatch):
 
 
 def test_mixture_errors_and_selection(capsys):
-    with pytest.raises(SystemExit, match=r"smoltalk[\s\S]*Leave them out with --mixture arc,gsm8k,identity"):
-        chat_sft.main([*TINY[:-2], "--num-iterations", "1"])  # the default mixture needs the hub
+    with pytest.raises(SystemExit, match=r"smoltalk[\s\S]*Leave them out with --mixture arc,gsm8k"):
+        chat_sft.main([*TINY[:-2], "--mixture", "arc,smoltalk,gsm8k", "--num-iterations", "1"])  # hub only
     with pytest.raises(SystemExit, match="data"):
         chat_sft.main([*TINY, "--data", "/nonexistent.jsonl"])
     chat_sft.main([*TINY[:-2], "--mixture", "arc", "--source", "base", "--num-iterations", "1", "--eval-every", "-1",
                    "--eval-metrics-every", "-1", "--model-tag", "d1"])  # fmt: skip
     assert "train mixture: 3,370 conversations\n  arc " in capsys.readouterr().out
+
+
+def test_grad_clip_bounds_the_global_norm_of_what_the_optimizer_sees(monkeypatch):
+    real_clip, norms = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_and_measure(parameters, max_norm, *rest, **kwargs):
+        parameters = list(parameters)
+        before = real_clip(parameters, max_norm, *rest, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+        norms.append((before.item(), after.item()))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_measure)
+    chat_sft.main([*TINY, "--num-iterations", "2", "--eval-every", "-1", "--eval-metrics-every", "-1",
+                   "--grad-clip", "0.05", "--model-tag", "d1"])  # fmt: skip
+    assert len(norms) == 2 and all(before > 0.05 and after <= 0.05 * (1 + 1e-4) for before, after in norms), norms
 
 
 @pytest.mark.slow  # two torchrun processes and one plain one, each importing torch

@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA, make_base_dir, require, torchrun_matches_accumulation
-from nanochat.chat_data import PackedChatLoader, Sources, build_mixture
+from nanochat import train
+from nanochat.chat_data import PackedChatLoader
 from nanochat.checkpoint import build_model, find_last_step, load_model
 from nanochat.engine import Engine
+from nanochat.train import StageRecord
 from scripts import mid_train
+from tasks.mixture import Sources, build_mixture
 
 OFFLINE = "gsm8k,identity,spelling,simplespelling,arc"
 TINY = ["--device-type", "cpu", "--compile", "off", "--eval-tokens", "512", "--mixture", OFFLINE]
@@ -40,7 +43,10 @@ def test_runs_inherits_batch_saves_and_the_engine_generates(base_dir, capsys):
     directory = base_dir / "mid_checkpoints" / "d1"
     assert find_last_step(str(directory)) == 4
     meta = json.loads((directory / "meta_000004.json").read_text())
-    assert meta["device_batch_size"] == 4 and meta["total_batch_size"] == 512 and meta["max_seq_len"] == 128
+    # inherited from the base checkpoint's meta, written before StageRecord existed (conftest.make_base_dir)
+    record = StageRecord.from_meta(meta)
+    assert (record.stage, record.step, record.device_batch_size, record.total_batch_size) == ("mid", 4, 4, 512)
+    assert meta["max_seq_len"] == 128 and record.matrix_lr == 0.02
     report = json.loads((base_dir / "report" / "mid_train.json").read_text())
     assert report["val_bpb"] == summary["val_bpb"] and report["steps"] == 4
     model, _ = load_model("mid", "cpu", "eval")
@@ -59,17 +65,17 @@ def test_stopped_and_resumed_equals_uninterrupted(base_dir, monkeypatch):
     for name in os.listdir(base_dir / "mid_checkpoints" / "d1"):
         os.remove(base_dir / "mid_checkpoints" / "d1" / name)
 
-    real_save = mid_train.save_checkpoint
+    real_save = train.save_checkpoint
 
     def save_then_die(directory, step, *rest, **kwargs):
         real_save(directory, step, *rest, **kwargs)
         if step == 3:
             raise KeyboardInterrupt("stopped right after the step-3 checkpoint")
 
-    monkeypatch.setattr(mid_train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         mid_train.main(args)
-    monkeypatch.setattr(mid_train, "save_checkpoint", real_save)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
     mid_train.main([*args, "--resume"])
     resumed, resumed_meta = build_model(str(base_dir / "mid_checkpoints" / "d1"))
     assert all(torch.equal(whole.state_dict()[k], v) for k, v in resumed.state_dict().items())
@@ -79,10 +85,25 @@ def test_stopped_and_resumed_equals_uninterrupted(base_dir, monkeypatch):
 
 def test_a_component_that_cannot_load_is_an_error_naming_it(capsys):
     with pytest.raises(SystemExit, match=r"smoltalk[\s\S]*mmlu-aux[\s\S]*--mixture gsm8k,identity"):
-        mid_train.main([*TINY[:-2], "--num-iterations", "1"])  # the default mixture needs the hub
+        mid_train.main([*TINY[:-2], "--mixture", "smoltalk,mmlu-aux,gsm8k,identity", "--num-iterations", "1"])
     with pytest.raises(SystemExit):
         mid_train.main([*TINY[:-2], "--mixture", "gsm8k,nonsense"])
     assert "unknown mixture component(s) ['nonsense']" in capsys.readouterr().err
+
+
+def test_the_default_mixture_keeps_what_a_local_data_dir_holds(capsys):
+    mid_train.main([*TINY[:-2], "--num-iterations", "1", "--eval-every", "-1", "--model-tag", "d1"])
+    out = capsys.readouterr().out
+    assert "left out (not available from" in out and "smoltalk, mmlu-aux" in out
+    assert "  identity            1,992" in out and "  spelling " in out and "  smoltalk" not in out
+
+
+def test_the_record_round_trips_and_old_metas_take_todays_values():
+    record = StageRecord("mid", "d4", 7, 8, 4096, 0.01, 0.1, 0.002)
+    meta = json.loads(json.dumps({"step": 7, "record": train.asdict(record), "total_batch_size": 1}))
+    assert StageRecord.from_meta(meta) == record  # the record wins over any flat key
+    old = {"step": 3, "model_config": {}, "user_config": {"device_batch_size": 16, "model_tag": None}}
+    assert StageRecord.from_meta(old) == StageRecord(step=3, device_batch_size=16)  # 2**19 tokens, default LRs
 
 
 def test_mixture_selects_components(capsys):

@@ -1,0 +1,134 @@
+"""Chat mixtures: the named components the chat stages train on, and how each one loads.
+
+Contract:
+- A mixture is a list of component names (`COMPONENTS`). `build_mixture(names, split, sources, recipe)` loads
+  each one (`split` "train" or "val": every component knows its held-out split, or has none) and returns one
+  `TaskMixture` (deterministic shuffle, seed 42) plus the (name, rows) it holds. A component that cannot be
+  loaded (no network for a hub-only dataset, a missing file) raises `MixtureError` naming every such component
+  and the `--mixture` value that leaves them out; with `drop_failing` (a stage's default mixture read from a
+  local data dir) such components are left out instead, and printed.
+- `recipe` is the stage's choice of sizes: {name: {"epochs": n, "size": n, "stop": n}} (epochs = the component
+  listed n times; size = generated examples of the spelling tasks; stop = the first n rows).
+Not here: batching and losses (nanochat/chat_data.py), the recipes themselves (each stage script).
+"""
+
+import os
+from dataclasses import dataclass
+
+from tasks.common import Task, TaskMixture
+
+
+class MixtureError(RuntimeError):
+    """A mixture component cannot be loaded; the message says which and how to leave it out."""
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where components read from: a local data dir (None = the Hugging Face hub), the identity file, user data."""
+
+    data_dir: str | None = None
+    identity_path: str | None = None
+    user_data: str | None = None
+
+
+# name -> what it teaches; the loading is in component_tasks
+COMPONENTS = {
+    "smoltalk": "SmolTalk general chat (hub only; val: its test split)",
+    "mmlu-aux": "MMLU auxiliary_train multiple choice (hub only; val: MMLU test, first 5,200)",
+    "gsm8k": "GSM8K train with calculator tool calls (val: GSM8K test, first 420)",
+    "arc": "ARC-Easy and ARC-Challenge train, multiple choice (val: their validation splits)",
+    "identity": "identity conversations, CustomJSON (no val split)",
+    "simplespelling": "SimpleSpelling: spell a word letter by letter (val: its test split)",
+    "spelling": "SpellingBee: count letters, check with the python tool (val: its test split)",
+    "data": "your own conversations from --data PATH.jsonl, CustomJSON (no val split)",
+}
+VAL_SPELLING_SIZE = 1000  # generated held-out spelling examples; the val loaders only read the first tokens
+
+
+def default_identity_path(data_dir: str | None) -> str:
+    """The identity conversations: <data dir>/chat/ (the offline layout), else <base dir>/ (reference layout)."""
+    from nanochat.common import get_base_dir
+
+    if data_dir is not None:
+        return os.path.join(data_dir, "chat", "identity_conversations.jsonl")
+    return os.path.join(get_base_dir(), "identity_conversations.jsonl")
+
+
+def parse_mixture(text: str, allowed: list[str]) -> list[str]:
+    """Comma-separated component names, in order, each known to the stage and listed once."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in allowed]
+    if unknown or not names:
+        raise ValueError(f"unknown mixture component(s) {unknown}; choose among {','.join(allowed)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a mixture component is listed twice in {text!r}")
+    return names
+
+
+def component_tasks(name: str, split: str, sources: Sources, size: int = 1000, stop: int | None = None) -> list[Task]:
+    """The tasks of one component for `split` ("train" or "val"); [] when it has no held-out split."""
+    from tasks.arc import ARC
+    from tasks.customjson import CustomJSON
+    from tasks.gsm8k import GSM8K
+    from tasks.mmlu import MMLU
+    from tasks.smoltalk import SmolTalk
+    from tasks.spellingbee import SimpleSpelling, SpellingBee
+
+    train, data_dir = split == "train", sources.data_dir
+    if name == "smoltalk":
+        return [SmolTalk("train" if train else "test", stop=stop if train else None)]
+    if name == "mmlu-aux":
+        if train:
+            return [MMLU("auxiliary_train", "train", data_dir=data_dir, stop=stop)]  # hub only: errors with a data dir
+        return [MMLU("all", "test", data_dir=data_dir, stop=5200)]
+    if name == "gsm8k":
+        return [GSM8K("main", "train" if train else "test", data_dir=data_dir, stop=stop if train else 420)]
+    if name == "arc":
+        arc_split = "train" if train else "validation"
+        return [ARC(subset, arc_split, data_dir=data_dir, stop=stop) for subset in ("ARC-Easy", "ARC-Challenge")]
+    if name == "simplespelling":
+        return [SimpleSpelling(size if train else VAL_SPELLING_SIZE, "train" if train else "test", data_dir)]
+    if name == "spelling":
+        return [SpellingBee(size if train else VAL_SPELLING_SIZE, "train" if train else "test", data_dir)]
+    if name in ("identity", "data"):
+        path = sources.identity_path if name == "identity" else sources.user_data
+        if path is None or not os.path.exists(path):
+            raise FileNotFoundError(f"no conversations file at {path!r}")
+        return [CustomJSON(path, stop=stop)] if train else []
+    raise ValueError(f"unknown mixture component {name!r}; the components are {', '.join(COMPONENTS)}")
+
+
+def build_mixture(names, split: str, sources: Sources, recipe: dict, seed: int = 42, drop_failing: bool = False):
+    """(TaskMixture of the named components, [(name, rows)]); MixtureError naming every component that fails,
+    or with `drop_failing` a printed line naming those left out."""
+    tasks, rows, failures = [], [], []
+    for name in names:
+        options = recipe.get(name, {})
+        try:
+            component = component_tasks(name, split, sources, options.get("size", 1000), options.get("stop"))
+        except Exception as e:  # hub, file and format errors all mean the same thing here: it cannot be used
+            failures.append((name, f"  {name} ({COMPONENTS.get(name, '?')}): {type(e).__name__}: {e}"))
+            continue
+        epochs = options.get("epochs", 1) if split == "train" else 1
+        tasks += component * epochs
+        rows.append((name, sum(len(task) for task in component) * epochs))
+    if failures and drop_failing:
+        from nanochat.common import print0
+
+        print0(f"mixture: left out (not available from {sources.data_dir}): {', '.join(n for n, _ in failures)}")
+    elif failures:
+        kept = ",".join(name for name, _ in rows) or "<components that load>"
+        raise MixtureError(
+            f"{len(failures)} mixture component(s) cannot be loaded for {split}:\n"
+            + "\n".join(line for _, line in failures)
+            + f"\nLeave them out with --mixture {kept}, or make their data reachable"
+        )
+    if not rows:
+        raise MixtureError(f"no mixture component could be loaded for {split}; check --data-dir and --mixture")
+    return TaskMixture(tasks, seed=seed), rows
+
+
+def describe_mixture(title: str, rows: list[tuple[str, int]]) -> str:
+    lines = [f"{title}: {sum(n for _, n in rows):,} conversations"]
+    lines += [f"  {name:<15} {n:>9,}" for name, n in rows]
+    return "\n".join(lines)
