@@ -17,21 +17,24 @@ The walls (Linux; every one is required: if one cannot be built the program does
   segments die with it), mount, and a user namespace per execution in which it may not create another.
 - Its own filesystem: an empty read-only root holding read-only bind mounts of the system's /usr, /bin, /lib*
   and /sbin and of the interpreter's install, a fresh /proc, /dev/{null,zero,full,random,urandom}, and one
-  writable tmpfs of `max_file_bytes` at /tmp (/var/tmp and /dev/shm point to it). The repository, the
-  checkpoints, /etc, /home, /root, /run, /sys and the host's /tmp, /dev/shm and path-based sockets are not in it.
-  The tmpfs and everything in it vanish with the execution's last process.
+  writable tmpfs of `max_file_bytes` at /tmp (/var/tmp and /dev/shm point to it). The repository and its venv,
+  the checkpoints, /etc (so: UTC, no user names, no DNS), /home, /run, /sys, /root (but for the interpreter's
+  install when it lives there) and the host's /tmp, /dev/shm and path-based sockets are not in it. The tmpfs
+  and everything in it vanish with the execution's last process.
 - No privileges: a root caller switches to user `nobody` before the program's user namespace is made; every
   capability is dropped and no_new_privs set (setuid binaries and file capabilities give nothing).
 - Kernel limits: wall clock (the caller SIGKILLs the process group and the namespace's init), RLIMIT_CPU,
   RLIMIT_AS (`MemoryError` -> `memory_exceeded`), RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0, an output cap,
   and RLIMIT_NPROC, which the kernel counts per user namespace (since Linux 5.14), so each execution has its
   own process budget: a fork bomb in one cannot starve another.
-- Needs: root, or unprivileged user namespaces (Ubuntu 24.04 restricts them with AppArmor for non-root users:
-  sysctl kernel.apparmor_restrict_unprivileged_userns=0, or run as root), and x86_64 or aarch64 (pivot_root).
+- Needs: x86_64 or aarch64 (pivot_root), and unprivileged user namespaces, even for a root caller (the
+  program's is made as nobody). Off by default under Docker's seccomp profile and Ubuntu >= 24.04's AppArmor
+  (sysctl kernel.apparmor_restrict_unprivileged_userns=0); there every execution fails, saying why.
 
 What it deliberately does not do
-- No cgroup: memory is bounded per process (RLIMIT_AS) and by the tmpfs size, not per execution; up to
-  `max_processes` processes may each use `memory_limit_bytes`. CPU is bounded per process by RLIMIT_CPU.
+- No cgroup: memory is bounded per process (RLIMIT_AS) and by the tmpfs size, not per execution: up to
+  `max_processes` processes may each use `memory_limit_bytes`, and System V segments are not capped (they
+  die with the execution's IPC namespace). CPU time is bounded per process by RLIMIT_CPU.
 - No seccomp: the program may make any system call its lack of privileges allows. System files in the read-only
   views stay readable. The program can read its own source (a grader's marker in it is not secret from it).
 - No in-process "guard" that deletes `os.kill`, `os.system` and friends: the reference did that and was
@@ -105,7 +108,7 @@ def build_root():
     for directory in ("/proc", "/tmp"):
         os.mkdir(root + directory)
     mount("proc", root + "/proc", "proc", NOSUID | NODEV | NOEXEC)  # shows only this PID namespace
-    mount("tmpfs", root + "/tmp", "tmpfs", NOSUID | NODEV, f"size={settings['tmp_bytes']},mode=1777")
+    mount("tmpfs", root + "/tmp", "tmpfs", NOSUID | NODEV, f"size={settings['tmp_bytes']},nr_inodes=4096,mode=1777")
     with open(root + "/tmp/program.py", "wb") as f:
         f.write(source)
     os.chdir(root)
@@ -287,7 +290,7 @@ def execute_code(
     last_line = stderr.strip().splitlines()[-1] if stderr.strip() else ""
     memory_exceeded = exit_code != 0 and last_line.startswith("MemoryError")
     if "error" in bootstrap_report:
-        error = f"sandbox unavailable: {bootstrap_report['error']}"
+        error = f"sandbox unavailable: {bootstrap_report['error']} (needs user namespaces: see nanochat/execution.py)"
     elif timed_out:
         error = f"timed out after {timeout} s"
     elif output_truncated:
