@@ -3,36 +3,30 @@
 Contract:
 - `PretrainLoader(...)` is an infinite iterator over epochs. `next(loader)` returns `(inputs, targets)`, each
   (batch_size, seq_len) int64 on `device`: views of one (B, T+1) tensor, so targets[b, t] == inputs[b, t + 1]
-  (views are not contiguous: use `.reshape`, not `.view`, to flatten them).
-- Every row is T+1 tokens of documents, starts with <|bos|> at the start of a document, and is full (no
-  padding). A row is filled best-fit from a buffer of `buffer_docs` tokenized documents: repeatedly the
-  largest buffered document that fits the space left; when none fits, the shortest is cropped to fill the
-  row exactly and its remainder discarded. A document longer than a row is cropped to one row (T+1 tokens)
-  when it enters the buffer. A document that has waited MAX_WAIT_ROW_GROUPS row groups opens the next row
-  (see there why). `tokens_cropped` / `cropped_fraction` count what was discarded.
-- Data: the parquet shards of `split` among `paths` (files or directories; `val*.parquet` is validation,
-  every other .parquet training; see nanochat.dataset), ordered by file name, read one row group at a time.
+  (not contiguous: flatten with `.reshape`, not `.view`).
+- Every row is T+1 tokens, starts with <|bos|> at the start of a document, and is full (no padding). Rows are
+  filled best-fit from a buffer of `buffer_docs` tokenized documents: repeatedly the largest that fits the
+  space left; when none fits, the shortest is cropped to fill the row and its remainder discarded. Documents
+  longer than a row are cropped to one row on entry; one that waited MAX_WAIT_ROW_GROUPS row groups opens
+  the next row. `tokens_cropped` / `cropped_fraction` count what was discarded.
+- Data: the parquet shards of `split` among `paths` (`val*.parquet` is validation; see nanochat.dataset),
+  ordered by file name, read one row group at a time. A shard that cannot be read raises
+  nanochat.dataset.ShardError naming it and the row group; missing data a MissingDataError.
 - Sharding: in epoch e the row groups of all shards are shuffled by a permutation drawn from (seed, e), and
-  rank r reads the row groups at positions r, r + W, r + 2W, ... of it (W = world size): ranks read disjoint
-  row groups that together cover the data once per epoch, and each epoch visits the data in a new order.
-  Documents keep their order inside a row group. Every rank must get the same seed (a per-rank seed would
-  break the disjointness). Batches are a pure function of the shards, the tokenizer,
-  seq_len, buffer_docs, seed, rank and world size (not of timing, threads or batch_size, which only cuts
-  the stream of rows into batches).
-- Resume: `state_dict()` is small JSON-able data (the cursor of the next document to read, the ids of the
-  buffered documents, counters). `PretrainLoader(..., state=saved)` re-reads and re-tokenizes the buffered
-  documents and yields exactly the rows that would have followed. The state belongs to one rank; it refuses
-  a loader with a different split, seq_len, buffer_docs, seed, rank, world size or set of shards (compared
-  by file names and row-group sizes).
-- On CUDA the batch is built in pinned host memory and copied with one non-blocking host-to-device copy;
-  on CPU the batch is returned where it was built.
-- Reading and tokenizing run `prefetch_row_groups` row groups ahead on a background thread (0 = in the
-  caller's thread); tiktoken's batch encode uses `tokenizer_threads` threads and releases the GIL.
+  rank r reads positions r, r + W, r + 2W, ... of it (W = world size): disjoint row groups that together
+  cover the data once per epoch, in a new order each epoch. Every rank must get the same seed. Batches are a
+  pure function of the shards, tokenizer, seq_len, buffer_docs, seed, rank and world size (not of timing,
+  threads or batch_size, which only cuts the stream of rows into batches).
+- Resume: `state_dict()` is small JSON-able data (the cursor, the ids of the buffered documents, counters).
+  `PretrainLoader(..., state=saved)` re-reads the buffered documents and yields exactly the rows that would
+  have followed. It refuses a loader with another split, seq_len, buffer_docs, seed, rank, world size or set
+  of shards (file names and row-group sizes).
+- On CUDA a batch is built in pinned memory and copied with one non-blocking copy. Reading and tokenizing
+  run `prefetch_row_groups` row groups ahead on a background thread (0 = in the caller's thread).
 
 Does not: read JSON lines or text files (build shards from them with `python -m nanochat.dataset build`);
-mask attention at document boundaries (documents in a row see each other; nanochat measured document
-masking on top of BOS-aligned best-fit rows at 0.0002 bpb and dropped it); pack chat data (SFT pads rows
-instead of cropping).
+mask attention at document boundaries (nanochat measured it on top of BOS-aligned best-fit rows at 0.0002
+bpb and dropped it); pack chat data (SFT pads rows instead of cropping).
 """
 
 import bisect
@@ -43,10 +37,17 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from nanochat.dataset import expand_paths, is_val_shard
+from nanochat.dataset import (
+    HOW_TO_GET_DATA,
+    DatasetError,
+    MissingDataError,
+    expand_paths,
+    is_val_shard,
+    open_shard,
+    read_row_group,
+)
 
 STATE_FORMAT = 1
 # A document that arrived more than this many row groups before the one being read opens the next row. Without
@@ -56,26 +57,18 @@ STATE_FORMAT = 1
 # the limit vs 11.3% without at seq_len 2048, 40.2% vs 41.2% at 512; the buffer holds documents of at most 7
 # row groups (vs 63), so a state names at most ~7 row groups to re-read on resume.
 MAX_WAIT_ROW_GROUPS = 4
-HOW_TO_GET_SHARDS = (
-    "download shards with `python -m nanochat.dataset download -n 8`, or build them from your own text with "
-    "`python -m nanochat.dataset build --input ... --out ...`"
-)
 
 
 def find_shards(paths: list[str], split: str) -> list[str]:
     """The parquet shards of `split` among `paths`, ordered by file name. Clear error if there are none."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    try:
-        files = expand_paths(paths)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}; {HOW_TO_GET_SHARDS}") from e
-    shards = [f for f in files if f.endswith(".parquet") and is_val_shard(f) == (split == "val")]
+    shards = [f for f in expand_paths(paths) if f.endswith(".parquet") and is_val_shard(f) == (split == "val")]
     if not shards:
         naming = "named val*.parquet" if split == "val" else "*.parquet not named val*"
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"no {split} parquet shards ({naming}) in {', '.join(paths)}; the pretraining loader reads only "
-            f"parquet shards: {HOW_TO_GET_SHARDS}"
+            f"parquet shards: {HOW_TO_GET_DATA}"
         )
     return sorted(shards, key=lambda path: (os.path.basename(path), path))
 
@@ -84,16 +77,10 @@ def list_row_groups(shards: list[str]) -> list[tuple[str, int, int]]:
     """(shard, row group index, rows) of every non-empty row group, shard by shard. Reads only the footers."""
     row_groups = []
     for shard in shards:
-        try:
-            parquet_file = pq.ParquetFile(shard)
-        except Exception as e:  # pyarrow raises several types for corrupt files
-            raise ValueError(f"{shard} is not a readable parquet file ({e}); delete it and get it again") from e
-        if "text" not in parquet_file.schema_arrow.names:
-            raise ValueError(f"{shard} has no 'text' column (columns: {parquet_file.schema_arrow.names})")
-        for index in range(parquet_file.num_row_groups):
-            rows = parquet_file.metadata.row_group(index).num_rows
-            if rows:  # an empty row group would be an epoch position with nothing in it
-                row_groups.append((shard, index, rows))
+        with open_shard(shard) as parquet_file:
+            sizes = [parquet_file.metadata.row_group(i).num_rows for i in range(parquet_file.num_row_groups)]
+        # An empty row group would be an epoch position with nothing in it.
+        row_groups.extend((shard, index, rows) for index, rows in enumerate(sizes) if rows)
     return row_groups
 
 
@@ -104,15 +91,9 @@ class RowGroupReader:
     """
 
     def __init__(self, row_groups, tokenizer, rank, world_size, seed, row_len, tokenizer_threads, tokenizer_batch):
-        self.row_groups = row_groups
-        self.tokenizer = tokenizer
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.row_len = row_len
-        self.tokenizer_threads = tokenizer_threads
-        self.tokenizer_batch = tokenizer_batch
-        self.bos = tokenizer.get_bos_token_id()
+        self.row_groups, self.tokenizer, self.bos = row_groups, tokenizer, tokenizer.get_bos_token_id()
+        self.rank, self.world_size, self.seed, self.row_len = rank, world_size, seed, row_len
+        self.tokenizer_threads, self.tokenizer_batch = tokenizer_threads, tokenizer_batch
         # Positions per epoch: the same every epoch, since only the order of the row groups changes.
         self.positions_per_epoch = len(range(rank, len(row_groups), world_size))
 
@@ -127,7 +108,8 @@ class RowGroupReader:
         Documents from `first_doc` on, or only those in `doc_indices` (to rebuild a saved buffer).
         """
         shard, index, _ = self.row_groups[self.order(epoch)[position]]
-        texts = pq.ParquetFile(shard).read_row_group(index, columns=["text"]).column("text").to_pylist()
+        with open_shard(shard) as parquet_file:
+            texts = read_row_group(parquet_file, shard, index)  # a corrupt page: ShardError naming both
         texts = [texts[i] for i in doc_indices] if doc_indices is not None else texts[first_doc:]
         documents = []
         for start in range(0, len(texts), self.tokenizer_batch):
@@ -141,23 +123,10 @@ class RowGroupReader:
 class PretrainLoader:
     """Infinite iterator of (inputs, targets) batches of BOS-aligned, best-fit packed rows; see the module doc."""
 
-    def __init__(
-        self,
-        tokenizer,
-        paths: list[str],
-        split: str,
-        batch_size: int,
-        seq_len: int,
-        device="cpu",
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        state: dict | None = None,
-        buffer_docs: int = 1000,
-        tokenizer_threads: int = 4,
-        tokenizer_batch_size: int = 128,
-        prefetch_row_groups: int = 2,
-    ):
+    def __init__(self, tokenizer, paths: list[str], split: str, batch_size: int, seq_len: int, device="cpu",
+                 rank: int = 0, world_size: int = 1, seed: int = 0, state: dict | None = None,
+                 buffer_docs: int = 1000, tokenizer_threads: int = 4, tokenizer_batch_size: int = 128,
+                 prefetch_row_groups: int = 2):  # fmt: skip
         for name, value in [("batch_size", batch_size), ("seq_len", seq_len), ("buffer_docs", buffer_docs),
                             ("world_size", world_size), ("tokenizer_threads", tokenizer_threads),
                             ("tokenizer_batch_size", tokenizer_batch_size)]:  # fmt: skip
@@ -171,15 +140,17 @@ class PretrainLoader:
             paths = [paths]
         row_groups = list_row_groups(find_shards(paths, split))
         if len(row_groups) < world_size:
-            raise ValueError(
+            raise DatasetError(
                 f"{len(row_groups)} non-empty row groups in the {split} shards cannot be shared by {world_size} "
                 f"ranks (each rank needs at least one); add shards or use fewer ranks"
             )
-        self.batch_size = batch_size
-        self.seq_len = seq_len
+        self.batch_size, self.seq_len, self.buffer_docs, self.device = (
+            batch_size,
+            seq_len,
+            buffer_docs,
+            torch.device(device),
+        )
         self.row_len = seq_len + 1  # inputs are the first T tokens of a row, targets the last T
-        self.device = torch.device(device)
-        self.buffer_docs = buffer_docs
         self._reader = RowGroupReader(
             row_groups, tokenizer, rank, world_size, seed, self.row_len, tokenizer_threads, tokenizer_batch_size
         )

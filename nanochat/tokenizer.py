@@ -21,17 +21,10 @@ import tiktoken
 import rustbpe
 from nanochat.common import atomic_write
 
-SPECIAL_TOKENS = [
-    "<|bos|>",  # starts every document and every conversation
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|python_start|>",  # the assistant calls the Python tool...
-    "<|python_end|>",
-    "<|output_start|>",  # ...and the tool's output is inserted (never trained on)
-    "<|output_end|>",
-]
+# <|bos|> starts every document and conversation; the assistant calls the Python tool between python_start/end,
+# and the tool's output is inserted between output_start/end (never trained on).
+SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                  "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]  # fmt: skip
 
 # GPT-4's pattern with numbers grouped 1-2 digits, not 1-3 (d12 val bpb 0.965 vs 0.972; nanochat dev/LOG.md).
 SPLIT_PATTERN = rustbpe.DEFAULT_PATTERN
@@ -66,23 +59,17 @@ class Tokenizer:
             )
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(iter(texts), vocab_size - len(SPECIAL_TOKENS), pattern=pattern, verbose=verbose)
-        ranks = [token for token, _ in trainer.get_mergeable_ranks()]
-        if len(ranks) + len(SPECIAL_TOKENS) < vocab_size and verbose:
-            print(f"note: the text ran out of pairs; vocab is {len(ranks) + len(SPECIAL_TOKENS)}, not {vocab_size}")
-        return cls.from_ranks(ranks, trainer.get_pattern())
+        # Text with too few distinct pairs yields fewer merges: the vocabulary is then smaller than asked.
+        return cls.from_ranks([token for token, _ in trainer.get_mergeable_ranks()], trainer.get_pattern())
 
     @classmethod
     def from_ranks(cls, ranks: list[bytes], pattern: str) -> "Tokenizer":
         if len(set(ranks)) != len(ranks):
             raise ValueError("token byte strings must be unique: the merge table is corrupt")
+        mergeable_ranks = {token: rank for rank, token in enumerate(ranks)}
         special_tokens = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
-        encoding = tiktoken.Encoding(
-            name="nanochat",
-            pat_str=pattern,
-            mergeable_ranks={token: rank for rank, token in enumerate(ranks)},
-            special_tokens=special_tokens,
-        )
-        return cls(encoding, pattern, "<|bos|>", ranks)
+        return cls(tiktoken.Encoding("nanochat", pat_str=pattern, mergeable_ranks=mergeable_ranks,
+                                     special_tokens=special_tokens), pattern, "<|bos|>", ranks)  # fmt: skip
 
     @classmethod
     def from_pretrained(cls, name: str) -> "Tokenizer":
@@ -106,9 +93,7 @@ class Tokenizer:
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise ValueError(f"{path} is not a {FORMAT_NAME} file")
         if data.get("version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path} has format version {data.get('version')}, this code reads version {FORMAT_VERSION}"
-            )
+            raise ValueError(f"{path} has format version {data.get('version')}, this code reads {FORMAT_VERSION}")
         if data.get("special_tokens") != SPECIAL_TOKENS:
             raise ValueError(f"{path} has special tokens {data.get('special_tokens')}, expected {SPECIAL_TOKENS}")
         ranks = [base64.b64decode(token) for token in data["tokens"]]
@@ -120,13 +105,10 @@ class Tokenizer:
             raise ValueError("only a tokenizer trained by nanochat can be saved")
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, FILENAME)
-        data = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "pattern": self.pattern,
-            "special_tokens": SPECIAL_TOKENS,  # ids follow the tokens, in this order
-            "tokens": [base64.b64encode(token).decode("ascii") for token in self._mergeable_ranks],
-        }
+        tokens = [base64.b64encode(token).decode("ascii") for token in self._mergeable_ranks]
+        # Special token ids follow the tokens, in the listed order.
+        data = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "pattern": self.pattern,
+                "special_tokens": SPECIAL_TOKENS, "tokens": tokens}  # fmt: skip
         atomic_write(path, lambda f: f.write(json.dumps(data).encode("utf-8")))
         return path
 
@@ -248,11 +230,6 @@ class Tokenizer:
         ids, _ = self.render_conversation(messages, max_tokens=1 << 62)
         return ids + [self.encode_special("<|assistant_start|>")]
 
-    def visualize(self, ids, mask) -> str:
-        """Tokens joined by '|', trained ones in green and the rest in red (ANSI), for eyeballing masks."""
-        colors = {1: "\033[92m", 0: "\033[91m"}
-        return "|".join(f"{colors[m]}{self.decode([i])}\033[0m" for i, m in zip(ids, mask, strict=True))
-
 
 PART_TYPES = ("text", "python", "python_output")
 
@@ -265,36 +242,34 @@ def _validated_messages(conversation) -> list[dict]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {message!r:.80}")
-    messages = list(messages)
     if messages[0]["role"] == "system":
         if len(messages) < 2 or messages[1]["role"] != "user":
             raise ValueError("a system message must be followed by a user message")
-        system, first = messages[0], messages[1]
-        if not isinstance(system["content"], str) or not isinstance(first["content"], str):
+        system, first = messages[0]["content"], messages[1]["content"]
+        if not isinstance(system, str) or not isinstance(first, str):
             raise ValueError("system and user message contents must be strings")
-        messages = [{"role": "user", "content": system["content"] + "\n\n" + first["content"]}] + messages[2:]
+        messages = [{"role": "user", "content": system + "\n\n" + first}] + messages[2:]
     for i, message in enumerate(messages):
-        expected = "user" if i % 2 == 0 else "assistant"
+        expected, content = ("user", "assistant")[i % 2], message["content"]
         if message["role"] != expected:
             raise ValueError(
                 f"message {i} has role {message['role']!r} where {expected!r} was expected: turns must alternate "
                 "user/assistant, starting with user (a system message may come first)"
             )
-        content = message["content"]
-        if expected == "user" and not isinstance(content, str):
-            raise ValueError(f"message {i}: user content must be a string, got {type(content).__name__}")
-        if expected == "assistant" and not isinstance(content, str):
-            if not isinstance(content, list):
-                raise ValueError(f"message {i}: assistant content must be a string or a list of parts")
-            for j, part in enumerate(content):
-                if (
-                    not isinstance(part, dict)
-                    or part.get("type") not in PART_TYPES
-                    or not isinstance(part.get("text"), str)
-                ):
-                    raise ValueError(
-                        f"message {i} part {j} must be {{'type': one of {PART_TYPES}, 'text': str}}, got {part!r:.80}"
-                    )
+        if isinstance(content, str):
+            continue
+        if expected == "user" or not isinstance(content, list):
+            kinds = "a string" if expected == "user" else "a string or a list of parts"
+            raise ValueError(f"message {i}: {expected} content must be {kinds}")
+        for j, part in enumerate(content):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") not in PART_TYPES
+                or not isinstance(part.get("text"), str)
+            ):
+                raise ValueError(
+                    f"message {i} part {j} must be {{'type': one of {PART_TYPES}, 'text': str}}, got {part!r:.80}"
+                )
     return messages
 
 

@@ -7,7 +7,7 @@ the table then says so and compares ours alone. Results go to <base dir>/tokeniz
 card's <base dir>/report/tok_eval.json.
 
     python -m scripts.tok_eval
-    python -m scripts.tok_eval --data ../shared/data/pretrain/enwiki-sample.jsonl.gz
+    python -m scripts.tok_eval --data my_texts.jsonl.gz     # held-out text: every 100th document
 
 Does not train anything (scripts.tok_train does).
 """
@@ -15,10 +15,9 @@ Does not train anything (scripts.tok_train does).
 import argparse
 import json
 import os
-from itertools import islice
 
-from nanochat.common import get_base_dir
-from nanochat.dataset import default_pretrain_paths, iter_documents
+from nanochat.common import atomic_write, get_base_dir
+from nanochat.dataset import DatasetError, add_data_argument, default_pretrain_paths, iter_documents, take_chars
 from nanochat.report import write_stage_summary
 from nanochat.tokenizer import Tokenizer
 
@@ -34,14 +33,8 @@ SAMPLES = {
     """Mean of each run of `window` consecutive values."""
     if window <= 0:
         raise ValueError(f"window must be positive, got {window}")
-    total, out = 0.0, []
-    for i, x in enumerate(values):
-        total += x
-        if i >= window:
-            total -= values[i - window]
-        if i >= window - 1:
-            out.append(total / window)
-    return out
+    sums = [0.0] + list(itertools.accumulate(values))
+    return [(sums[i + window] - sums[i]) / window for i in range(len(values) - window + 1)]
 ''',
     "math": (
         r"Let $f(x) = \sum_{n=0}^{\infty} \frac{x^n}{n!}$. Then $f'(x) = f(x)$ and $f(0) = 1$, so "
@@ -73,13 +66,7 @@ def load_reference(name: str):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        default=None,
-        help="pretraining files or directories whose validation split is the held-out text "
-        "(default: <base dir>/base_data, else $NANOCHAT_DATA_DIR/pretrain; skipped if absent)",
-    )
+    add_data_argument(parser, "held-out text, their validation split (skipped if absent)")
     parser.add_argument("--heldout-chars", type=int, default=5_000_000, help="characters of held-out text to encode")
     parser.add_argument("--tokenizer-dir", default=None, help="default: <base dir>/tokenizer")
     args = parser.parse_args(argv)
@@ -90,16 +77,10 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         parser.exit(1, f"tok_eval: {e}\n")
     texts = dict(SAMPLES)
-    data = args.data or default_pretrain_paths()
     try:
-        heldout, total = [], 0
-        for doc in islice(iter_documents(data, "val"), 100_000):
-            heldout.append(doc)
-            total += len(doc)
-            if total >= args.heldout_chars:
-                break
-        texts["heldout"] = "\n".join(heldout)[: args.heldout_chars]
-    except (FileNotFoundError, ValueError) as e:
+        heldout = take_chars(iter_documents(args.data or default_pretrain_paths(), "val"), args.heldout_chars)
+        texts["heldout"] = "\n".join(heldout)
+    except DatasetError as e:
         print(f"note: no held-out pretraining text ({e})")
 
     encoders = {"ours": ours}
@@ -117,31 +98,20 @@ def main(argv=None):
     results = {}
     for kind, text in texts.items():
         n_bytes = len(text.encode("utf-8"))
-        row = {"bytes": n_bytes}
-        for label, encoder in encoders.items():
-            n_tokens = len(encoder.encode(text))
-            row[label] = {"tokens": n_tokens, "bytes_per_token": round(n_bytes / n_tokens, 3)}
-        results[kind] = row
-
-    labels = list(encoders)
-    header = f"{'text':<10}{'bytes':>11}" + "".join(f"{label + ' B/tok':>14}" for label in labels)
-    if "gpt2" in encoders:
-        header += f"{'vs gpt2':>10}"
-    if "gpt4" in encoders:
-        header += f"{'vs gpt4':>10}"
+        counts = {label: len(encoder.encode(text)) for label, encoder in encoders.items()}
+        per_encoder = {label: {"tokens": n, "bytes_per_token": round(n_bytes / n, 3)} for label, n in counts.items()}
+        results[kind] = {"bytes": n_bytes, **per_encoder}
+    references = [label for label in ("gpt2", "gpt4") if label in encoders]
     print(f"vocab {ours.get_vocab_size():,}; bytes per token (higher is better); 'vs' = fewer tokens than them")
-    print(header)
+    print(f"{'text':<10}{'bytes':>11}" + "".join(f"{label + ' B/tok':>14}" for label in encoders)
+          + "".join(f"{'vs ' + label:>10}" for label in references))  # fmt: skip
     for kind, row in results.items():
-        line = f"{kind:<10}{row['bytes']:>11,}" + "".join(f"{row[label]['bytes_per_token']:>14.2f}" for label in labels)
-        for ref in ("gpt2", "gpt4"):
-            if ref in encoders:
-                saved = 1 - row["ours"]["tokens"] / row[ref]["tokens"]
-                line += f"{saved:>+10.1%}"
-        print(line)
+        cells = [f"{row[label]['bytes_per_token']:>14.2f}" for label in encoders]
+        cells += [f"{1 - row['ours']['tokens'] / row[label]['tokens']:>+10.1%}" for label in references]
+        print(f"{kind:<10}{row['bytes']:>11,}" + "".join(cells))
     out = os.path.join(tokenizer_dir, "eval.json")
-    table = {"vocab_size": ours.get_vocab_size(), "encoders": labels, "results": results}
-    with open(out, "w") as f:
-        json.dump(table, f, indent=2)
+    table = {"vocab_size": ours.get_vocab_size(), "encoders": list(encoders), "results": results}
+    atomic_write(out, lambda f: f.write(json.dumps(table, indent=2).encode()))
     write_stage_summary("tok_eval", table)
     print(f"wrote {out}")
 

@@ -1,26 +1,28 @@
 """Train the BPE tokenizer on pretraining text and save it to <base dir>/tokenizer/tokenizer.json.
 
-Reads the training split of parquet shards (`text` column) or JSON-lines / text files (see
-nanochat/dataset.py), caps each document, stops after --max-chars characters, trains with rustbpe and
-checks that the result round-trips text. Writes tokenizer.json, train_stats.json and the report card's
-<base dir>/report/tok_train.json.
+Reads the training split of --data (see nanochat/dataset.py), caps each document, stops after --max-chars
+characters, trains with rustbpe and checks that the result round-trips text. Writes tokenizer.json,
+train_stats.json and the report card's <base dir>/report/tok_train.json. Refuses, writing nothing, text too
+small to reach --vocab-size, and replacing a tokenizer that checkpoints in the same base dir
+(<base dir>/*_checkpoints) were trained with unless --force: their token ids would then mean other text.
 
-    python -m scripts.tok_train                                   # shards in <base dir>/base_data
-    NANOCHAT_DATA_DIR=../shared/data python -m scripts.tok_train  # offline: <data dir>/pretrain
-    python -m scripts.tok_train --data ../shared/data/pretrain/enwiki-sample.jsonl.gz --vocab-size 4096  # tiny, CPU
+    python -m scripts.tok_train                                      # shards in <base dir>/base_data
+    NANOCHAT_DATA_DIR=/path/to/data python -m scripts.tok_train      # offline: <data dir>/pretrain
+    python -m scripts.tok_train --data my_texts.jsonl.gz --max-chars 20000000 --vocab-size 4096  # tiny, CPU
 
-Does not download data (nanochat.dataset) or evaluate compression (scripts.tok_eval).
+Does not download data (nanochat.download) or evaluate compression (scripts.tok_eval).
 """
 
 import argparse
+import glob
 import json
 import os
 import time
 
-from nanochat.common import get_base_dir
-from nanochat.dataset import default_pretrain_paths, expand_paths, iter_documents
+from nanochat import dataset
+from nanochat.common import atomic_write, get_base_dir
 from nanochat.report import write_stage_summary
-from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from nanochat.tokenizer import FILENAME, SPECIAL_TOKENS, Tokenizer
 
 # Text that must survive encode -> decode unchanged: mixed scripts, emoji with joiners, odd whitespace,
 # and special-token lookalikes, which must stay plain text.
@@ -30,64 +32,48 @@ ROUND_TRIP_TEXT = (
 )
 
 
-def capped(texts, max_chars: int, doc_cap: int):
-    """Each text cut to `doc_cap` characters, stopping once `max_chars` characters have been yielded."""
-    total = 0
-    for text in texts:
-        text = text[: min(doc_cap, max_chars - total)]
-        if text:
-            yield text
-            total += len(text)
-        if total >= max_chars:
-            return
+def checkpoints_trained_with(out_dir: str) -> list[str]:
+    """Checkpoint directories (<base>/*_checkpoints/<tag>) beside the tokenizer in `out_dir`, if there is one."""
+    if not os.path.exists(os.path.join(out_dir, FILENAME)):
+        return []
+    base_dir = os.path.dirname(os.path.abspath(out_dir))
+    return sorted({os.path.dirname(p) for p in glob.glob(os.path.join(base_dir, "*_checkpoints", "*", "meta_*.json"))})
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        default=None,
-        help="parquet shards, .jsonl[.gz] or .txt files, or directories of them "
-        "(default: <base dir>/base_data, else $NANOCHAT_DATA_DIR/pretrain)",
-    )
-    parser.add_argument(
-        "--max-chars",
-        type=int,
-        default=2_000_000_000,
-        help="train on at most this many characters (default 2B, as the reference speedrun)",
-    )
+    dataset.add_data_argument(parser, "text to train on (its training split)")
+    parser.add_argument("--max-chars", type=int, default=2_000_000_000,
+                        help="characters to train on at most (2B as the reference speedrun)")  # fmt: skip
     parser.add_argument("--doc-cap", type=int, default=10_000, help="characters kept from the start of each document")
     # Tokenizer
-    parser.add_argument(
-        "--vocab-size",
-        type=int,
-        default=65_536,
-        help="total vocabulary: 256 bytes + merges + 9 special tokens (2^16 as the reference d20)",
-    )
+    parser.add_argument("--vocab-size", type=int, default=65_536,
+                        help="256 bytes + merges + 9 special tokens (2^16 as the reference d20)")  # fmt: skip
     parser.add_argument("--out", default=None, help="output directory (default: <base dir>/tokenizer)")
+    parser.add_argument("--force", action="store_true", help="replace a tokenizer checkpoints were trained with")
     args = parser.parse_args(argv)
 
-    data = args.data or default_pretrain_paths()
+    data = args.data or dataset.default_pretrain_paths()
     out_dir = args.out or os.path.join(get_base_dir(), "tokenizer")
     if args.max_chars <= 0 or args.doc_cap <= 0:
         parser.error("--max-chars and --doc-cap must be positive")
+    users = checkpoints_trained_with(out_dir)
+    if users and not args.force:
+        parser.exit(1, f"tok_train: the checkpoints in {', '.join(users)} were trained with "
+                       f"{os.path.join(out_dir, FILENAME)}; a new tokenizer would make them unusable. Train into "
+                       "another --out, or pass --force to replace it anyway.\n")  # fmt: skip
     try:
-        expand_paths(data)
-    except (FileNotFoundError, ValueError) as e:
-        parser.exit(
-            1,
-            f"tok_train: {e}\nPass --data with parquet shards, .jsonl[.gz] or .txt files, put shards in {data[0]}, "
-            "or set NANOCHAT_DATA_DIR to a local data directory with a pretrain/ folder.\n",
-        )
+        dataset.expand_paths(data)
+    except dataset.DatasetError as e:
+        parser.exit(1, f"tok_train: {e}\nOr set NANOCHAT_DATA_DIR to a data directory with a pretrain/ folder.\n")
     print(f"tok_train: vocab {args.vocab_size:,}, max {args.max_chars:,} chars, doc cap {args.doc_cap:,}, data {data}")
 
     # ---------------------------------------------------------------- train
     stats = {"chars": 0, "documents": 0}
 
     def texts():
-        for text in capped(iter_documents(data, "train"), args.max_chars, args.doc_cap):
+        for text in dataset.take_chars(dataset.iter_documents(data, "train"), args.max_chars, args.doc_cap):
             stats["chars"] += len(text)
             stats["documents"] += 1
             yield text
@@ -95,10 +81,16 @@ def main(argv=None):
     start = time.time()
     try:
         tokenizer = Tokenizer.train_from_iterator(texts(), args.vocab_size, verbose=True)
-    except (FileNotFoundError, ValueError) as e:  # unreadable data, bad vocab size
+    except ValueError as e:  # unreadable data (a DatasetError), bad vocab size
         parser.exit(1, f"tok_train: {e}\n")
     train_seconds = time.time() - start
-    print(f"trained on {stats['documents']:,} documents, {stats['chars']:,} chars in {train_seconds:.1f}s")
+    trained = f"{stats['documents']:,} documents, {stats['chars']:,} chars"
+    print(f"trained on {trained} in {train_seconds:.1f}s")
+    if tokenizer.get_vocab_size() < args.vocab_size:  # the text ran out of pairs to merge
+        parser.exit(1, f"tok_train: {trained} from {' '.join(data)} reach a vocabulary of only "
+                       f"{tokenizer.get_vocab_size():,}, not --vocab-size {args.vocab_size:,} (too few distinct "
+                       "pairs to merge); give more text (--data, --max-chars) or a smaller --vocab-size. Nothing "
+                       "was written.\n")  # fmt: skip
 
     # ---------------------------------------------------------------- check and save
     encoded = tokenizer.encode(ROUND_TRIP_TEXT)
@@ -117,8 +109,7 @@ def main(argv=None):
         "mean_token_bytes": round(sum(token_bytes) / len(token_bytes), 3),
         "max_token_bytes": max(token_bytes),
     }
-    with open(os.path.join(out_dir, "train_stats.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    atomic_write(os.path.join(out_dir, "train_stats.json"), lambda f: f.write(json.dumps(result, indent=2).encode()))
     write_stage_summary("tok_train", result)  # compression is measured by scripts.tok_eval
     print(f"saved {path}: " + ", ".join(f"{k}={v}" for k, v in result.items()))
 

@@ -12,8 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_dataset import corrupt_row_group
 
 from nanochat.dataloader import MAX_WAIT_ROW_GROUPS, PretrainLoader
+from nanochat.dataset import ShardError
 from nanochat.tokenizer import Tokenizer
 
 SEQ_LEN = 256
@@ -223,7 +225,7 @@ def test_state_refuses_a_different_stream(tokenizer, corpus):
 
 def test_clear_errors_for_missing_shards_and_bad_sizes(tokenizer, corpus, tmp_path):
     (tmp_path / "notes.jsonl").write_text('{"text": "not a shard"}\n')
-    with pytest.raises(FileNotFoundError, match="nanochat.dataset download -n 8"):
+    with pytest.raises(FileNotFoundError, match="nanochat.download -n 8"):
         make_loader(tokenizer, (str(tmp_path), None))
     with pytest.raises(FileNotFoundError, match="nanochat.dataset build"):
         make_loader(tokenizer, (str(tmp_path / "absent"), None))
@@ -240,6 +242,16 @@ def test_clear_errors_for_missing_shards_and_bad_sizes(tokenizer, corpus, tmp_pa
     with pytest.raises(ValueError, match="rank"):
         make_loader(tokenizer, corpus, rank=2, world_size=2)
     assert next(make_loader(tokenizer, corpus, split="val"))[0].shape == (BATCH, SEQ_LEN)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_a_corrupt_row_group_is_a_shard_error_naming_it(tokenizer, wiki_docs, tmp_path, prefetch):
+    shard = tmp_path / "shard_00000.parquet"
+    pq.write_table(pa.table({"text": wiki_docs[:64]}), shard, row_group_size=16)
+    corrupt_row_group(shard, 1)
+    loader = make_loader(tokenizer, (str(tmp_path), None), buffer_docs=4, prefetch_row_groups=prefetch)
+    with pytest.raises(ShardError, match=rf"^{shard}: row group 1 of 4 is corrupt .*nanochat.download"):
+        take(loader, 40)  # a document fills at most one row, so 160 rows read every row group
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,4 +1,4 @@
-"""nanochat.dataset download: a real HTTP server on 127.0.0.1 that fails, truncates, lies and goes missing.
+"""nanochat.download: a real HTTP server on 127.0.0.1 that fails, truncates, lies and goes missing.
 
 The server serves small shards built in the test under the published names (shard_00000.parquet ...,
 shard_01822.parquet = FineWeb-Edu's validation shard) and follows a per-file script of misbehaviours, so the
@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
-from nanochat.dataset import DatasetError, download_shards, iter_documents, main
+from nanochat.dataset import DatasetError, iter_documents
+from nanochat.download import download_shards, main
 
 VAL = "shard_01822.parquet"  # FineWeb-Edu's last shard, saved locally as val_01822.parquet
 FAST = dict(backoff_s=0.001, timeout_s=10)
@@ -55,6 +56,7 @@ class ShardServer:
                     "cut-with-full-length": (body[: len(body) // 2], len(body)),  # the connection closes early
                     "cut-no-length": (body[:-100], None),  # only the parquet check can tell
                     "cut-honest-length": (body[:-8], len(body) - 8),  # the length matches a body with no footer
+                    "corrupt-page": (corrupt(body), len(body)),  # whole, footer intact, a page header garbled
                 }[action]
                 self.send_response(200)
                 if length is not None:
@@ -74,6 +76,11 @@ class ShardServer:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def corrupt(body: bytes) -> bytes:
+    offset = pq.ParquetFile(pa.BufferReader(body)).metadata.row_group(1).column(0).data_page_offset
+    return body[:offset] + bytes(b ^ 0xFF for b in body[offset : offset + 8]) + body[offset + 8 :]
 
 
 def shard_bytes(path, texts) -> bytes:
@@ -105,14 +112,14 @@ def test_retries_and_checks_end_with_every_shard_valid(tmp_path, server):
     server.script["shard_00000.parquet"] = ["500", "500"]
     server.script["shard_00001.parquet"] = ["reset"]
     server.script["shard_00002.parquet"] = ["cut-with-full-length", "cut-no-length"]
-    server.script["shard_00003.parquet"] = ["cut-honest-length"]
+    server.script["shard_00003.parquet"] = ["cut-honest-length", "corrupt-page"]
     server.script[VAL] = ["cut-no-length"]
     out_dir = tmp_path / "base_data"
     summary = download_shards(4, out_dir=str(out_dir), base_url=server.url, workers=3, **FAST)
     assert sorted(summary.fetched) == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet",
                                        "shard_00003.parquet", "val_01822.parquet"]  # fmt: skip
     assert server.requests == {"shard_00000.parquet": 3, "shard_00001.parquet": 2, "shard_00002.parquet": 3,
-                               "shard_00003.parquet": 2, VAL: 2}  # fmt: skip
+                               "shard_00003.parquet": 3, VAL: 2}  # fmt: skip
     assert_local_copy(out_dir, server, server.files)
     assert sorted(os.listdir(out_dir)) == ["SOURCE", *sorted(summary.fetched)]  # no temp file left behind
     assert (
@@ -183,11 +190,30 @@ def test_sources_are_never_mixed_in_one_directory(tmp_path, server):
 def test_cli_downloads_from_the_mirror_in_nanochat_data_url(tmp_path, server, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     monkeypatch.setenv("NANOCHAT_DATA_URL", server.url)
-    assert main(["-n", "2", "-w", "2"]) == 0  # the reference's launch line, without the subcommand
+    assert main(["-n", "2", "-w", "2"]) == 0
     assert "done: 3 shards fetched" in capsys.readouterr().out
     assert_local_copy(tmp_path / "base_data", server, ["shard_00000.parquet", "shard_00001.parquet", VAL])
-    assert main(["download", "-n", "2", "--base-url", closed_port_url()]) == 0  # all present: no network needed
+    assert main(["-n", "2", "--base-url", closed_port_url()]) == 0  # all present: no network needed
     assert "0 shards fetched" in capsys.readouterr().out
+
+
+def test_check_says_where_text_comes_from_or_what_to_do(tmp_path, server, monkeypatch, capsys):
+    monkeypatch.delenv("NANOCHAT_DATA_DIR", raising=False)
+    assert main(["--check", "--base-url", server.url]) == 0
+    assert f"online: {server.url.rstrip('/')}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as error:
+        main(["--check", "--base-url", closed_port_url()])
+    assert error.value.code == 1
+    message = capsys.readouterr().err
+    assert "cannot reach" in message and "NANOCHAT_DATA_DIR is not set" in message and "--base-url" in message
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path))
+    with pytest.raises(SystemExit):
+        main(["--check"])
+    assert f"{tmp_path / 'pretrain'} does not exist" in capsys.readouterr().err
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "notes.txt").write_text("some text")
+    assert main(["--check", "--base-url", closed_port_url()]) == 0  # offline: the network is not asked
+    assert f"offline: {tmp_path / 'pretrain'}" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -197,17 +223,12 @@ def test_cli_errors_are_one_message_and_exit_1(tmp_path):
     bad_gzip = tmp_path / "broken.jsonl.gz"
     bad_gzip.write_bytes(b"not gzip at all")
     commands = [
-        ["download", "-n", "1", "--attempts", "1", "--base-url", closed_port_url()],
-        ["build", "--input", str(bad_gzip), "--out", str(tmp_path / "built")],
+        ["nanochat.download", "-n", "1", "--attempts", "1", "--base-url", closed_port_url()],
+        ["nanochat.dataset", "build", "--input", str(bad_gzip), "--out", str(tmp_path / "built")],
     ]
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "nanochat.dataset", *args],
-            cwd=REPO,
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            [sys.executable, "-m", *args], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )  # fmt: skip
         for args in commands
     ]
@@ -216,3 +237,4 @@ def test_cli_errors_are_one_message_and_exit_1(tmp_path):
     assert "Traceback" not in err_download + err_build
     assert "download: error: network unreachable" in err_download and "--base-url" in err_download
     assert f"build: error: {bad_gzip} is not readable as gzip UTF-8 text" in err_build
+    assert not [name for name in os.listdir(tmp_path) if "built" in name]  # no partial --out, no temp directory

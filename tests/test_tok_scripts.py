@@ -13,12 +13,13 @@ from conftest import REPO
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 
-def run_script(module, *args, base_dir):
+def run_script(module, *args, base_dir, returncode=0):
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir)}
     result = subprocess.run(
         [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == returncode, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
     return result.stdout + result.stderr
 
 
@@ -66,6 +67,29 @@ def test_tok_train_finds_offline_data_through_nanochat_data_dir(tmp_path, wiki_p
     out = run_script("scripts.tok_train", "--max-chars", "200000", "--vocab-size", "512", base_dir=tmp_path)
     assert os.path.join(data_dir, "pretrain") in out
     assert json.loads((tmp_path / "tokenizer" / "train_stats.json").read_text())["train_chars"] == 200_000
+
+
+def test_tok_train_never_replaces_the_tokenizer_with_a_worse_one_or_under_checkpoints(tmp_path, wiki_path, wiki_docs):
+    """Too little text for the vocabulary is refused, and so is replacing the tokenizer of trained checkpoints
+    (their token ids would mean other text) unless --force; in both refusals tokenizer.json is untouched."""
+    saved = Tokenizer.train_from_iterator(wiki_docs[:200], 600).save(str(tmp_path / "tokenizer"))
+    original = open(saved, "rb").read()
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n \n\t\n\n")
+    out = run_script("scripts.tok_train", "--data", str(tmp_path / "empty.txt"), str(tmp_path / "blank.txt"),
+                     "--vocab-size", "600", base_dir=tmp_path, returncode=1)  # fmt: skip
+    assert "0 documents, 0 chars" in out and "a vocabulary of only 265, not --vocab-size 600" in out
+    assert open(saved, "rb").read() == original
+
+    checkpoint = tmp_path / "base_checkpoints" / "d4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "meta_000100.json").write_text("{}")
+    args = ["--data", wiki_path, "--max-chars", "200000", "--vocab-size", "512"]
+    out = run_script("scripts.tok_train", *args, base_dir=tmp_path, returncode=1)
+    assert f"the checkpoints in {checkpoint} were trained with" in out and "--force" in out
+    assert open(saved, "rb").read() == original
+    run_script("scripts.tok_train", *args, "--force", base_dir=tmp_path)
+    assert get_tokenizer(str(tmp_path)).get_vocab_size() == 512
 
 
 def test_tok_train_without_data_says_where_it_looked(tmp_path):
