@@ -21,8 +21,9 @@ The walls (Linux; every one is required: if one cannot be built the program does
   the checkpoints, /etc (so: UTC, no user names, no DNS), /home, /run, /sys, /root (but for the interpreter's
   install when it lives there) and the host's /tmp, /dev/shm and path-based sockets are not in it. The tmpfs
   and everything in it vanish with the execution's last process.
-- No privileges: a root caller switches to user `nobody` before the program's user namespace is made; every
-  capability is dropped and no_new_privs set (setuid binaries and file capabilities give nothing).
+- No privileges: a root caller switches to user `nobody` (65534) before the program's user namespace is made;
+  every capability is dropped and no_new_privs set (setuid binaries and file capabilities give nothing). A new
+  session keyring of its own: the caller's keys are not in reach, and nothing left there reaches the next run.
 - Kernel limits: wall clock (the caller SIGKILLs the process group and the namespace's init), RLIMIT_CPU,
   RLIMIT_AS (`MemoryError` -> `memory_exceeded`), RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0, an output cap,
   and RLIMIT_NPROC, which the kernel counts per user namespace (since Linux 5.14), so each execution has its
@@ -48,7 +49,6 @@ import functools
 import json
 import math
 import os
-import pwd
 import re
 import selectors
 import signal
@@ -59,6 +59,8 @@ import time
 # -----------------------------------------------------------------------------
 # Sandbox
 
+NOBODY = 65534  # the uid and gid a root caller's programs run as: `nobody` on Debian, Ubuntu and Fedora
+
 # Runs in the child as `python -I -S -c BOOTSTRAP <json settings>` with the program's source on stdin. Order
 # matters: mounts need privileges the program must not have, and limits go on before anything untrusted runs.
 BOOTSTRAP = r"""
@@ -68,10 +70,11 @@ source = sys.stdin.buffer.read()
 libc = ctypes.CDLL(None, use_errno=True)
 NEWNS, NEWIPC, NEWUSER, NEWPID, NEWNET = 0x20000, 0x8000000, 0x10000000, 0x20000000, 0x40000000
 RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+PIVOT_ROOT, KEYCTL = {"x86_64": (155, 250), "aarch64": (41, 219)}.get(os.uname().machine, (-1, -1))  # no wrappers
 uid, gid, is_root = settings["uid"], settings["gid"], os.geteuid() == 0
 report = os.fdopen(settings["report_fd"], "w")  # to the caller: the walls are up (or why not), program pid
 def check(result, what):
-    if result != 0:
+    if result < 0:
         raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
 def mount(source, target, fstype, flags, data=None):
     encode = lambda text: text and text.encode()
@@ -112,8 +115,7 @@ def build_root():
     with open(root + "/tmp/program.py", "wb") as f:
         f.write(source)
     os.chdir(root)
-    pivot_root = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine, -1)  # no libc wrapper
-    check(libc.syscall(pivot_root, b".", b"."), "pivot_root")
+    check(libc.syscall(PIVOT_ROOT, b".", b"."), "pivot_root")
     check(libc.umount2(b".", 2), "detach the host's root")  # MNT_DETACH: the host filesystem is gone from view
     mount(None, "/", None, REMOUNT | BIND | RDONLY | NOSUID | NODEV)
     os.chdir("/tmp")
@@ -141,6 +143,7 @@ if program_pid == 0:
             os.setuid(uid)
             libc.prctl(4, 1)  # PR_SET_DUMPABLE: let nobody write its own /proc/self/uid_map
             enter_user_namespace(0)
+        check(libc.syscall(KEYCTL, 1, None), "keyctl")  # JOIN_SESSION_KEYRING: not the caller's, nor shared
         with open("/proc/sys/user/max_user_namespaces", "w") as f:
             f.write("0")  # a nested user namespace would give back the power to mount (an unbounded tmpfs)
         for limit, value in settings["rlimits"].items():
@@ -226,12 +229,11 @@ def execute_code(
     """Run `code` in a contained child process; see the module docstring for what is enforced.
     `max_file_bytes` bounds each file and, as the size of /tmp, all of them together."""
     started = time.monotonic()
-    sandbox_user = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
     report_read, report_write = os.pipe()  # the bootstrap's messages back: walls up or why not, program pid
     settings = {
         "report_fd": report_write,
-        "uid": sandbox_user.pw_uid if sandbox_user else os.getuid(),
-        "gid": sandbox_user.pw_gid if sandbox_user else os.getgid(),
+        "uid": NOBODY if os.geteuid() == 0 else os.getuid(),
+        "gid": NOBODY if os.geteuid() == 0 else os.getgid(),
         "visible": list(_visible_paths()),
         "tmp_bytes": max_file_bytes,
         "rlimits": {

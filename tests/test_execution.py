@@ -7,6 +7,7 @@ with the kernel's reason, and test_setup_failure_fails_closed checks that nothin
 tests are in tests/test_calculator.py."""
 
 import concurrent.futures
+import ctypes
 import functools
 import gzip
 import json
@@ -27,6 +28,7 @@ import nanochat.execution
 from nanochat.execution import execute_code
 
 IS_ROOT = os.geteuid() == 0
+KEYCTL, ADD_KEY = {"x86_64": (250, 248), "aarch64": (219, 217)}.get(os.uname().machine, (-1, -1))
 
 
 @functools.cache
@@ -139,6 +141,9 @@ def host():
     tcp.bind(("127.0.0.1", 0))
     for listener in (unix, abstract, tcp):
         listener.listen()
+    libc = ctypes.CDLL(None, use_errno=True)  # a session keyring holding a key, as a login or a service has
+    assert libc.syscall(KEYCTL, 1, b"nanochat-test") > 0  # KEYCTL_JOIN_SESSION_KEYRING (this process only)
+    assert libc.syscall(ADD_KEY, b"user", b"nanochat_api_key", secret.encode(), len(secret), -3) > 0
     decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", f"--api-key={secret}"])
     yield {
         "secret": secret,
@@ -151,6 +156,7 @@ def host():
         "caller_pid": os.getpid(),
         "caller_pgid": os.getpgid(0),
         "decoy_pid": decoy.pid,
+        "keyctl": KEYCTL,
     }
     decoy.kill()
     decoy.wait()
@@ -210,6 +216,7 @@ ATTACKS = {
     "setuid_binary_mount": "escaped = subprocess.run(['mount', '-t', 'tmpfs', 'x', '/tmp']).returncode == 0",
     "raise_memory_limit": "resource.setrlimit(resource.RLIMIT_AS, (-1, -1))\nescaped = True",
     "raise_process_limit": "resource.setrlimit(resource.RLIMIT_NPROC, (10**6, 10**6))\nescaped = True",
+    "caller_session_keyring": LIBC + "escaped = libc.syscall($keyctl, 10, -3, b'user', b'nanochat_api_key', 0) > 0",
     "inherited_descriptors": "escaped = sorted(os.listdir('/proc/self/fd')) != ['0', '1', '2', '3']",
     "caller_environment": "escaped = any('$secret' in v for v in os.environ.values()) or len(os.environ) > 3",
 }
@@ -240,12 +247,21 @@ def test_sigkill_to_everything_reaches_only_the_sandbox(host):
     os.kill(host["decoy_pid"], 0)  # the decoy outside survived (raises if it is gone)
 
 
-def test_files_do_not_persist_between_runs_or_reach_the_host():
+def test_files_and_keys_do_not_persist_between_runs_or_reach_the_host():
     name = "nanochat_" + uuid.uuid4().hex
-    write = f"for d in ('/tmp', '/var/tmp', '/dev/shm'):\n    open(f'{{d}}/{name}', 'w').write('x')\n"
+    keyrings = "(-3, -4)"  # KEY_SPEC_SESSION_KEYRING, KEY_SPEC_USER_KEYRING
+    write = (
+        f"import ctypes\nlibc = ctypes.CDLL(None)\nfor d in ('/tmp', '/var/tmp', '/dev/shm'):\n"
+        f"    open(f'{{d}}/{name}', 'w').write('x')\nfor keyring in {keyrings}:\n"
+        f"    assert libc.syscall({ADD_KEY}, b'user', b'{name}', b'x', 1, keyring) > 0\n"
+    )
     assert execute_code(write, timeout=2).success
-    look = f"import os\nprint([d for d in ('/tmp', '/var/tmp', '/dev/shm') if os.path.exists(f'{{d}}/{name}')])"
-    assert execute_code(look, timeout=2).stdout == "[]\n"
+    look = (
+        f"import ctypes, os\nlibc = ctypes.CDLL(None)\n"
+        f"print([d for d in ('/tmp', '/var/tmp', '/dev/shm') if os.path.exists(f'{{d}}/{name}')])\n"
+        f"print([k for k in {keyrings} if libc.syscall({KEYCTL}, 10, k, b'user', b'{name}', 0) > 0])\n"
+    )
+    assert execute_code(look, timeout=2).stdout == "[]\n[]\n"
     assert not any(os.path.exists(f"{d}/{name}") for d in ("/tmp", "/var/tmp", "/dev/shm"))
 
 
