@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanochat.engine import Engine, KVCache, RowState, row_keys, sample_next_token
+from nanochat.engine import Engine, KVCache, ToolState, finish_reason, row_keys, sample_next_token
 
 
 @dataclass
@@ -64,7 +64,7 @@ class _Slot:
     request: Request
     budget: int
     key: torch.Tensor  # () int64: the request's random stream
-    state: RowState = field(default_factory=RowState)
+    state: ToolState
     generated: int = 0
     last_token: int = 0
 
@@ -144,7 +144,7 @@ class BatchingWorker:
             row = len(self.slots)
             self.cache.copy_prefix_from(prompt_cache, rows=[row])
             key = row_keys(request.seed, request.sample_index + 1, self.device)[request.sample_index]
-            slot = _Slot(request, budget, key)
+            slot = _Slot(request, budget, key, ToolState(self.engine.tokenizer))
             self.slots.append(slot)
             self._emit_next_tokens([slot], logits)
             self._drop_finished()
@@ -187,11 +187,8 @@ class BatchingWorker:
             reason = None
             if slot.request.cancelled.is_set():
                 reason = "cancelled"
-            elif slot.state.done:
-                reason = "stop"
-            elif slot.generated >= slot.budget:
-                max_tokens = slot.request.max_tokens
-                reason = "length" if max_tokens is not None and slot.budget == max_tokens else "context"
+            elif slot.state.done or slot.generated >= slot.budget:
+                reason = finish_reason(slot.state.done, slot.budget, slot.request.max_tokens)
             if reason is None:
                 i += 1
                 continue

@@ -1,4 +1,4 @@
-"""Fast generation: a preallocated KV cache, batched sampling, the calculator tool, speculative decoding.
+"""Fast generation: a preallocated KV cache, batched sampling, the calculator tool, replies as text.
 
 Contract:
 - `Engine(model, tokenizer).generate(tokens, num_samples, max_tokens, temperature, top_k, top_p, seed)` prefills
@@ -12,26 +12,28 @@ Contract:
   counter-based hash of (seed, row, step, token id), so row i of a request is the same whether it runs alone,
   with other samples, or beside other requests, and the same on every device.
 - Tool use: a row that emits `<|python_start|> expr <|python_end|>` gets `<|output_start|> result
-  <|output_end|>` forced into it (mask 0) from `nanochat.execution.use_calculator`.
+  <|output_end|>` forced into it (mask 0) from `nanochat.execution.use_calculator`. `ToolState` is the one
+  reading of these markers: the engine's per-row state, and what `ReplyRenderer` turns into text and tool calls
+  for the server and the CLI. `finish_reason` is the one rule for "length" versus "context".
 - The model is used as given: load it with the compute dtype (`load_model(..., phase="eval", dtype=...)`) so
   decoding pays no per-step weight casts.
-- `speculative_generate` decodes greedily with a small draft model of the same tokenizer and returns exactly
-  what greedy decoding of the target alone returns, plus acceptance statistics.
+- `compile_decode=True` decodes through torch.compile over a static KV cache (CUDA graphs on a GPU).
 
-Not here: chat rendering (nanochat/tokenizer.py), serving many requests (the web server's batching worker
-drives a KVCache row by row), quantization (nanochat/quantize.py). The slow reference that tests hold this
-against is `GPT.generate` in nanochat/gpt.py.
+Not here: chat rendering (nanochat/tokenizer.py), serving many requests (nanochat/batching.py drives a KVCache
+row by row), quantization (nanochat/quantize.py), speculative decoding (measured slower at this size and
+removed: dev/LOG.md). The slow reference that tests hold this against is `GPT.generate` in nanochat/gpt.py.
 """
 
 import codecs
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from nanochat.execution import use_calculator
+from nanochat.tokenizer import SPECIAL_TOKENS
 
 STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
 
@@ -128,7 +130,7 @@ class KVCache:
         self.lengths += T
 
     def set_length(self, row: int, length: int) -> None:
-        """Forget everything in `row` past `length` (speculative rollback, or 0 to free a row)."""
+        """Forget everything in `row` past `length` (0 frees the row)."""
         if not 0 <= length <= self.lengths[row]:
             raise ValueError(f"row {row} holds {self.lengths[row]} positions; cannot set its length to {length}")
         self.lengths[row] = length
@@ -239,7 +241,63 @@ def check_sampling(temperature, top_k, top_p) -> None:
         raise ValueError(f"top_p must be in (0, 1] or None (off), got {top_p}")
 
 
-# ---------------------------------------------------------------------------- text
+# ---------------------------------------------------------------------------- tool use and text
+
+
+def finish_reason(stopped: bool, budget: int, max_tokens: int | None) -> str:
+    """Why a reply of at most `budget` tokens ended: "stop" (its own stop token), "length" (the max_tokens asked
+    for) or "context" (the model's context cut it shorter, see Engine.token_budget)."""
+    if stopped:
+        return "stop"
+    return "length" if max_tokens is not None and budget == max_tokens else "context"
+
+
+class ToolState:
+    """Where one reply stands in the calculator protocol: `<|python_start|> expression <|python_end|>`, then,
+    unless the tool refused it, `<|output_start|> result <|output_end|>`. The engine keeps one per row (it runs
+    the calculator when a call closes); ReplyRenderer reads replies with one, so the markers are parsed once."""
+
+    def __init__(self, tokenizer):
+        special = tokenizer.encode_special
+        self.tokenizer = tokenizer
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.expression: list[int] | None = None  # ids since <|python_start|>
+        self.output: list[int] | None = None  # ids since <|output_start|>
+        self.call: str | None = None  # a closed expression whose output may still follow
+        self.forced: deque[int] = deque()  # the engine's: tokens to force before sampling again
+        self.done = False  # the engine's: the row has stopped
+
+    def push(self, token: int) -> tuple[str, tuple | None]:
+        """Advance past `token`. Returns (kind, finished call): kind "text" (outside any tool block), "start",
+        "call" (it closed an expression, now in self.call) or "tool" (a marker or a token inside a block); the
+        finished call is (expression, output), output None when the tool refused it, or None."""
+        finished = None
+        if self.call is not None and self.output is None and token != self.output_start:
+            finished, self.call = (self.call, None), None  # no output followed: the tool refused it
+        if token == self.python_start:
+            self.expression, self.output = [], None
+            return "start", finished
+        if token == self.python_end and self.expression is not None:
+            self.call, self.expression = self.tokenizer.decode(self.expression), None
+            return "call", finished
+        if token == self.output_start and self.call is not None:
+            self.output = []
+        elif token == self.output_end and self.output is not None:
+            finished = (self.call, self.tokenizer.decode(self.output))
+            self.call, self.output = None, None
+        elif self.output is not None:
+            self.output.append(token)
+        elif self.expression is not None:
+            self.expression.append(token)
+        else:
+            return "text", finished
+        return "tool", finished
+
+    def finish(self) -> tuple | None:
+        """The call still waiting for an output when the reply ends: the tool refused it."""
+        finished, self.call = ((self.call, None) if self.call is not None else None), None
+        return finished
 
 
 class TextStream:
@@ -256,6 +314,33 @@ class TextStream:
         return self.decoder.decode(b"", final=True)
 
 
+class ReplyRenderer:
+    """One reply's tokens -> pieces `("text", str)` and `("tool", expression, output or None)` as they arrive.
+    hide_special=True drops the other special tokens (they are protocol, not text); the API keeps them."""
+
+    def __init__(self, tokenizer, hide_special: bool = False):
+        self.state, self.text = ToolState(tokenizer), TextStream(tokenizer)
+        self.hidden = {tokenizer.encode_special(name) for name in SPECIAL_TOKENS} if hide_special else set()
+
+    def push(self, token: int) -> list[tuple]:
+        kind, finished = self.state.push(token)
+        pieces = [("tool", *finished)] if finished else []
+        if kind == "start" or token in self.hidden:
+            pieces += self._flush()  # a marker ends any partial character before it
+        elif kind == "text":
+            text = self.text.push(token)
+            pieces += [("text", text)] if text else []
+        return pieces
+
+    def _flush(self) -> list[tuple]:
+        text = self.text.flush()
+        return [("text", text)] if text else []
+
+    def finish(self) -> list[tuple]:
+        finished = self.state.finish()
+        return self._flush() + ([("tool", *finished)] if finished else [])
+
+
 # ---------------------------------------------------------------------------- the engine
 
 
@@ -264,15 +349,6 @@ class Completion:
     tokens: list[int]  # generated tokens, the stop token excluded
     masks: list[int]  # 1 = sampled, 0 = forced by the tool
     finish_reason: str  # "stop" | "length" (max_tokens) | "context" (the model's context is full)
-
-
-@dataclass
-class RowState:
-    """Tool-use state of one row."""
-
-    forced: deque = field(default_factory=deque)  # tokens to force before sampling again
-    python_tokens: list | None = None  # collecting an expression since <|python_start|>
-    done: bool = False
 
 
 class Engine:
@@ -291,13 +367,11 @@ class Engine:
         self._decode = self._decode_step
         if compile_decode:
             mode = "reduce-overhead" if self.device.type == "cuda" and backend is None else None
-            self._decode = torch.compile(
-                self._decode_step, fullgraph=True, dynamic=False, mode=mode, backend=backend or "inductor"
-            )
+            backend = backend or "inductor"
+            self._decode = torch.compile(self._decode_step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
         self.compile_decode = compile_decode
         special = tokenizer.encode_special
         self.stop_ids = {special(name) for name in STOP_TOKENS}
-        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
 
     @property
@@ -352,7 +426,7 @@ class Engine:
         cache.copy_prefix_from(prompt_cache)
         del prompt_cache
         keys = row_keys(seed, num_samples, self.device)
-        rows = [RowState() for _ in range(num_samples)]
+        rows = [ToolState(self.tokenizer) for _ in range(num_samples)]
         last = [0] * num_samples
         for step in range(budget):
             steps = torch.full((num_samples,), step, dtype=torch.long, device=self.device)
@@ -389,27 +463,18 @@ class Engine:
             self._static_caches[batch_size] = cache
         return cache
 
-    def next_token(self, row: RowState, sampled: int) -> tuple[int, int]:
+    def next_token(self, row: ToolState, sampled: int) -> tuple[int, int]:
         """(token, mask) for a row: a token the tool forces (mask 0) or the sampled one (mask 1); the row's
-        tool state advances past it."""
+        tool state advances past it and, when a call closes, the calculator's result is queued to be forced."""
         forced = bool(row.forced)
         token = row.forced.popleft() if forced else sampled
-        self._advance_tool_state(row, token, forced)
-        return token, 0 if forced else 1
-
-    def _advance_tool_state(self, row: RowState, token: int, forced: bool) -> None:
         if token in self.stop_ids and not forced:
             row.done = True
-        elif token == self.python_start:
-            row.python_tokens = []
-        elif token == self.python_end and row.python_tokens is not None:
-            result = use_calculator(self.tokenizer.decode(row.python_tokens))
-            row.python_tokens = None
+        elif row.push(token)[0] == "call":
+            result = use_calculator(row.call)
             if result is not None:  # a refused expression gets no output; the model goes on by itself
-                output = self.tokenizer.encode(str(result))
-                row.forced.extend([self.output_start, *output, self.output_end])
-        elif row.python_tokens is not None:
-            row.python_tokens.append(token)
+                row.forced.extend([self.output_start, *self.tokenizer.encode(str(result)), self.output_end])
+        return token, 0 if forced else 1
 
     def generate_batch(self, tokens, num_samples=1, max_tokens=None, **sampling) -> list[Completion]:
         """Runs `generate` to the end: one Completion per sample (the prompt and the stop token excluded)."""
@@ -425,62 +490,5 @@ class Engine:
                     completion.tokens.append(token)
                     completion.masks.append(mask)
         for completion in completions:
-            if not completion.finish_reason:
-                hit_context = budget < (max_tokens or float("inf"))
-                completion.finish_reason = "context" if hit_context else "length"
+            completion.finish_reason = completion.finish_reason or finish_reason(False, budget, max_tokens)
         return completions
-
-    @torch.inference_mode()
-    def speculative_generate(self, tokens, draft_model, max_tokens=None, num_draft: int = 4):
-        """Greedy decoding of the target model, sped up by `draft_model` proposing `num_draft` tokens that the
-        target checks in one forward (Leviathan et al. 2023, arXiv 2211.17192, greedy case). Returns
-        (Completion, stats) where the completion equals `generate_batch(tokens, temperature=0)[0]` without
-        tool use (no calculator here), and stats counts proposed and accepted draft tokens and target forwards.
-        """
-        tokens = self._check_tokens(tokens)
-        if num_draft < 1:
-            raise ValueError(f"num_draft must be >= 1, got {num_draft}")
-        if draft_model.config.vocab_size != self.model.config.vocab_size:
-            raise ValueError("the draft model must share the target's tokenizer (vocab sizes differ)")
-        budget = self.token_budget(len(tokens), max_tokens)
-        capacity = len(tokens) + budget + num_draft
-        target_cache = KVCache.for_model(self.model, 1, capacity)
-        draft_cache = KVCache.for_model(draft_model, 1, capacity)
-        # Invariant at the top of each round: the target cache holds sequence[:-1]; the draft a prefix of it.
-        logits = self.prefill(target_cache, tokens)
-        sequence = tokens + [int(logits.argmax(dim=-1))]
-        stats = {"proposed": 0, "accepted": 0, "target_forwards": 1}
-        generated = sequence[len(tokens) :]
-        while generated[-1] not in self.stop_ids and len(generated) < budget:
-            k = min(num_draft, budget - len(generated))
-            # 1. the draft catches up on what it has not seen and proposes k tokens greedily
-            draft_ids = sequence[int(draft_cache.lengths[0]) :]
-            proposal = []
-            for _ in range(k):
-                chunk = torch.tensor([draft_ids], dtype=torch.long, device=self.device)
-                draft_logits = draft_model(chunk, kv_cache=draft_cache, logits_to_keep=1)
-                draft_ids = [int(draft_logits[0, -1].argmax())]
-                proposal += draft_ids
-            # 2. the target scores the last token and the k proposals in one forward
-            verify = torch.tensor([sequence[-1:] + proposal], dtype=torch.long, device=self.device)
-            predicted = self.model(verify, kv_cache=target_cache).argmax(dim=-1)[0].tolist()  # k + 1
-            accepted = 0
-            while accepted < k and proposal[accepted] == predicted[accepted]:
-                accepted += 1
-            new = proposal[:accepted] + [predicted[accepted]]
-            # 3. keep only what both caches computed on the accepted prefix
-            old_len = len(sequence)
-            target_cache.set_length(0, old_len + accepted)
-            draft_cache.set_length(0, min(int(draft_cache.lengths[0]), old_len + accepted))
-            stats["proposed"] += k
-            stats["accepted"] += accepted
-            stats["target_forwards"] += 1
-            for token in new:
-                sequence.append(token)
-                generated.append(token)
-                if token in self.stop_ids or len(generated) == budget:
-                    break
-        if generated[-1] in self.stop_ids:
-            return Completion(generated[:-1], [1] * (len(generated) - 1), "stop"), stats
-        hit_context = budget < (max_tokens or float("inf"))
-        return Completion(generated, [1] * len(generated), "context" if hit_context else "length"), stats

@@ -56,6 +56,7 @@ SLOW_KERNELS = {("cpu", torch.float32)}
 # differ only in summation order (~1e-6); half-precision ones round x, scales and the output (~4e-3 for bf16).
 KERNEL_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 3e-2}
 PROBE_ROWS = 3  # inputs per probe: a decode-sized batch; small so probing a d20 model takes well under a second
+SCHEMES = {"int8": 8, "int4": 4}  # the serving flags' names (chat_cli, chat_web --quantize) for quantize_model's bits
 
 # ---------------------------------------------------------------------------- the math (one copy of each)
 

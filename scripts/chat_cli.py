@@ -15,8 +15,10 @@ Contract:
 - Before each reply the oldest turns are dropped, whole, until the prompt leaves room for a reply
   (`reply_room`), and a notice says how many. A message that does not fit even alone is refused with a
   notice; the conversation is left as it was.
-- Replies stream through engine.TextStream, so a multi-byte character is never split; a calculator call
-  shows as `[calculator: 12*5 = 60]` and no other special token is shown.
+- Replies stream through engine.ReplyRenderer, so a multi-byte character is never split; a calculator call
+  shows as `[calculator: 12*5 = 60]` once its output is in, and no other special token is shown.
+- `--quantize int8|int4` chats with weight-only quantized weights (nanochat/quantize.py: decode 2-4x faster
+  on CPU, dev/BENCHMARKS.md); `--compile` decodes through torch.compile (CUDA graphs on a GPU).
 - Reply n of a session samples with seed `--seed` + n, so a scripted session replays exactly.
 - Replies and command answers go to stdout; the banner and notices to stderr. User errors (a missing
   checkpoint or tokenizer, a message too long for the context with -p) end with a one-line message and exit
@@ -38,8 +40,9 @@ from itertools import chain
 
 from nanochat.checkpoint import STAGES, CheckpointError, checkpoint_dir, load_model
 from nanochat.common import compute_init
-from nanochat.engine import ContextFullError, Engine, TextStream
-from nanochat.tokenizer import SPECIAL_TOKENS, get_tokenizer
+from nanochat.engine import ContextFullError, Engine, ReplyRenderer, finish_reason
+from nanochat.quantize import SCHEMES, quantize_model
+from nanochat.tokenizer import get_tokenizer
 
 QUIT_WORDS = ("quit", "exit", "/quit", "/exit")
 
@@ -155,34 +158,13 @@ def trim_to_fit(turns: list[list[int]], user_tokens: list[int], context_len: int
 # ---------------------------------------------------------------------------- replies
 
 
-class ReplyText:
-    """Reply ids -> printable text as they arrive: characters whole (TextStream), a calculator call shown as
-    `[calculator: 12*5 = 60]` (or `[calculator: expr]` when the tool refused it), other special tokens hidden:
-    they are protocol markers, not text."""
-
-    def __init__(self, tokenizer):
-        self.stream = TextStream(tokenizer)
-        special = tokenizer.encode_special
-        self.special_ids = {special(name) for name in SPECIAL_TOKENS}
-        self.python_end, self.output_start = special("<|python_end|>"), special("<|output_start|>")
-        self.markers = {special("<|python_start|>"): "[calculator: ", special("<|output_end|>"): "]"}
-        self.after_call = False  # just after <|python_end|>: the tool's output, or nothing if it refused
-
-    def push(self, token_id: int) -> str:
-        text = ""
-        if self.after_call:
-            self.after_call = False
-            if token_id == self.output_start:
-                return " = "
-            text = "]"  # no output came: the tool refused the expression; close the bracket
-        if token_id not in self.special_ids:
-            return text + self.stream.push(token_id)
-        text += self.stream.flush()  # a marker ends any partial character before it
-        self.after_call = token_id == self.python_end
-        return text + self.markers.get(token_id, "")
-
-    def flush(self) -> str:
-        return self.stream.flush() + ("]" if self.after_call else "")
+def terminal_text(piece: tuple) -> str:
+    """A rendered piece as printed: a calculator call as `[calculator: 12*5 = 60]`, or `[calculator: expr]` when
+    the tool refused it."""
+    if piece[0] == "text":
+        return piece[1]
+    _, expression, output = piece
+    return f"[calculator: {expression}]" if output is None else f"[calculator: {expression} = {output}]"
 
 
 FINISH_NOTICES = {
@@ -196,7 +178,7 @@ def stream_reply(engine: Engine, prompt: list[int], sampling: Sampling, seed: in
     """Generates one reply to `prompt`, writing its text as it comes. Returns (reply ids, the stop token
     excluded; finish reason: "stop" | "length" | "context" | "interrupted" by Ctrl-C)."""
     budget = engine.token_budget(len(prompt), sampling.max_tokens)
-    text = ReplyText(engine.tokenizer)
+    renderer = ReplyRenderer(engine.tokenizer, hide_special=True)  # special tokens are protocol, not text
     reply, finish = [], None
     steps = engine.generate(
         prompt, 1, sampling.max_tokens, sampling.temperature, sampling.top_k, sampling.top_p, seed=seed
@@ -207,15 +189,13 @@ def stream_reply(engine: Engine, prompt: list[int], sampling: Sampling, seed: in
                 finish = "stop"
                 break
             reply.append(column[0])
-            write(text.push(column[0]))
+            write("".join(map(terminal_text, renderer.push(column[0]))))
     except KeyboardInterrupt:
         finish = "interrupted"
     finally:
         steps.close()
-    write(text.flush())
-    if finish is None:
-        finish = "context" if budget < sampling.max_tokens else "length"
-    return reply, finish
+    write("".join(map(terminal_text, renderer.finish())))
+    return reply, finish or finish_reason(False, budget, sampling.max_tokens)
 
 
 def respond(engine: Engine, session: Session, message: str, write, notice, prefix: str = "") -> bool:
@@ -338,6 +318,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model-tag", default=None, help="checkpoint directory, e.g. d20 (default: largest depth)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last one)")
     parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
+    parser.add_argument("--quantize", choices=sorted(SCHEMES), default=None, help="int8/int4 weights; default float")
+    parser.add_argument("--compile", action="store_true", help="decode with torch.compile (the first reply compiles)")
     # Sampling
     parser.add_argument("--temperature", type=parse_temperature, default=0.6, help="sampling temperature (0 = greedy)")
     parser.add_argument("--top-k", type=parse_top_k, default=50, help="sample among the k likeliest tokens (0 = off)")
@@ -370,13 +352,20 @@ def main(argv=None) -> int:
             1, f"chat_cli: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model was trained on "
             f"{model.config.vocab_size}: this checkpoint was made with a different tokenizer\n",
         )  # fmt: skip
-    engine = Engine(model, tokenizer)
+    params = sum(p.numel() for p in model.parameters())  # before quantizing: quantized layers hold buffers
+    if args.quantize:
+        try:
+            quantize_model(model, SCHEMES[args.quantize])
+        except ValueError as e:  # int4: a layer width its group size does not divide
+            parser.exit(1, f"chat_cli: --quantize {args.quantize}: {e}\n")
+    engine = Engine(model, tokenizer, compile_decode=args.compile)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.max_tokens)
     session = Session(sampling, args.seed)
     tag = os.path.basename(checkpoint_dir(args.source, args.model_tag))
     write_notice(
-        f"chat_cli: {args.source} {tag} step {meta['step']}, {sum(p.numel() for p in model.parameters()):,} "
-        f"parameters, context {engine.context_len} tokens, on {runtime.device} in {runtime.dtype}; "
+        f"chat_cli: {args.source} {tag} step {meta['step']}, {params:,} "
+        f"parameters, context {engine.context_len} tokens, on {runtime.device} in {runtime.dtype}"
+        f"{' with ' + args.quantize + ' weights' if args.quantize else ''}{', compiled' if args.compile else ''}; "
         f"{sampling.describe()}, seed {args.seed}"
     )
 

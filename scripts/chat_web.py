@@ -3,6 +3,7 @@
     python -m scripts.chat_web                                   # the sft model on http://127.0.0.1:8000
     python -m scripts.chat_web --source base --port 8080         # tiny CPU models work too
     python -m scripts.chat_web --num-gpus 8 --host 0.0.0.0 --api-key "$KEY"   # one worker per GPU, public
+    python -m scripts.chat_web --source base --device-type cpu --quantize int8  # int8 weights: faster CPU decode
 
 Then open the page in a browser, or point any OpenAI client at it:
 
@@ -20,6 +21,7 @@ import sys
 import uvicorn
 
 from nanochat.checkpoint import checkpoint_dir, find_last_step
+from nanochat.quantize import SCHEMES
 from nanochat.server import Settings, create_app
 from nanochat.tokenizer import get_tokenizer
 
@@ -34,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
     parser.add_argument("-n", "--num-gpus", type=int, default=1, help="batching workers, one model copy per GPU")
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch, help="requests decoded together per GPU")
+    parser.add_argument("--quantize", choices=sorted(SCHEMES), default=None, help="int8/int4 weights; default float")
     # Serving
     parser.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 listens on every interface")
     parser.add_argument("-p", "--port", type=int, default=8000)
@@ -60,6 +63,7 @@ def main(argv=None) -> None:
         device_type=args.device_type,
         num_gpus=args.num_gpus,
         max_batch=args.max_batch,
+        quantize=args.quantize,
         api_key=args.api_key,
         max_concurrent=args.max_concurrent,
         temperature=args.temperature,

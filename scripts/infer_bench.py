@@ -212,7 +212,7 @@ def main(argv=None):
     # Derived values
     device_type = args.device_type or autodetect_device_type()
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device(device_type)
-    dtype = DTYPES[args.dtype] if args.dtype else autodetect_dtype(device_type)
+    dtype = getattr(torch, args.dtype) if args.dtype else autodetect_dtype(device_type)
     if min(args.batch_sizes) < 1 or args.repeats < 1 or args.prompt_len < 1:
         parser.error("--batch-sizes, --repeats and --prompt-len must be >= 1")
     if args.decode_tokens < 2:

@@ -12,12 +12,12 @@ import torch
 
 from conftest import REPO
 from nanochat.checkpoint import load_model, save_checkpoint
-from nanochat.engine import ContextFullError, Engine
+from nanochat.engine import ContextFullError, Engine, ReplyRenderer
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.quantize import quantize_model
 from scripts import chat_cli
 from scripts.chat_cli import (
     QuitChat,
-    ReplyText,
     Sampling,
     Session,
     apply_command,
@@ -25,6 +25,7 @@ from scripts.chat_cli import (
     render_prompt,
     reply_room,
     respond,
+    terminal_text,
     trim_to_fit,
     user_turn_tokens,
 )
@@ -62,9 +63,15 @@ def engine(base_dir, small_tokenizer, monkeypatch):
     return Engine(model, small_tokenizer)
 
 
+def pushed(tokenizer, tokens) -> list[str]:
+    """What the script writes for each token of a reply, then at its end."""
+    renderer = ReplyRenderer(tokenizer, hide_special=True)
+    pieces = [renderer.push(t) for t in tokens] + [renderer.finish()]
+    return ["".join(map(terminal_text, p)) for p in pieces]
+
+
 def shown(tokenizer, tokens) -> str:
-    text = ReplyText(tokenizer)
-    return "".join(text.push(t) for t in tokens) + text.flush()
+    return "".join(pushed(tokenizer, tokens))
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +167,7 @@ def test_reply_text_shows_the_calculator_and_hides_markers(small_tokenizer):
 
 def test_reply_text_never_splits_a_character(small_tokenizer):
     text = "naïve café — 日本語 🙂"
-    ids = small_tokenizer.encode(text)
-    stream = ReplyText(small_tokenizer)
-    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    pieces = pushed(small_tokenizer, small_tokenizer.encode(text))
     assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
     assert "" in pieces  # some tokens were parts of a character, held back until it was whole
 
@@ -280,6 +285,37 @@ def test_one_shot_prints_the_reply_and_exits_0(script_env, base_dir, engine, sma
     assert "sft d2 step 1" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_quantized_weights_answer_as_the_engine_on_them(script_env, base_dir, engine, small_tokenizer):
+    """--quantize int8: the reply is the engine's on an int8 copy of the checkpoint, printed the same way."""
+    quantize_model(engine.model, bits=8)
+    prompt = render_prompt(small_tokenizer, [], user_turn_tokens(small_tokenizer, "hello"))
+    expected = engine.generate_batch(prompt, max_tokens=16, temperature=0.6, top_k=50, seed=42)[0]
+    result = run_script(script_env, base_dir, "-p", "hello", "--max-tokens", "16", "--quantize", "int8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == shown(small_tokenizer, expected.tokens) + "\n"
+    assert "with int8 weights" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow  # ~15-30 s: tracing the model once
+def test_compile_decodes_through_torch_compile_with_the_same_reply(base_dir, engine, small_tokenizer, monkeypatch):
+    """--compile: the engine decodes through torch.compile (here its quick aot_eager backend; inductor needs a
+    C++ toolchain) and says the same reply as the eager engine."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    prompt = render_prompt(small_tokenizer, [], user_turn_tokens(small_tokenizer, "hello"))
+    expected = engine.generate_batch(prompt, max_tokens=12, temperature=0.6, top_k=50, seed=42)[0]
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    monkeypatch.setattr(chat_cli, "Engine", lambda *args, **kwargs: Engine(*args, **kwargs, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    written = []
+    monkeypatch.setattr(chat_cli, "write_stdout", written.append)
+    assert chat_cli.main(["--device-type", "cpu", "--max-tokens", "12", "--compile", "-p", "hello"]) == 0
+    assert "".join(written) == shown(small_tokenizer, expected.tokens) + "\n"
+    assert counters["stats"]["unique_graphs"] == 1  # the decode step ran as one compiled graph
+
+
 def test_interactive_session_through_stdin(script_env, base_dir):
     lines = [
         "hello", "/temperature 0", "/topk 5", "how are you?", "/clear", "",
@@ -316,6 +352,7 @@ def test_other_user_errors_exit_1_with_a_message(base_dir, monkeypatch, capsys, 
         (["--step", "7"], "step 7 has no complete checkpoint"),
         (["-p", LONG_MESSAGE * 5], "shorten it"),
         (["--temperature", "-1"], "temperature must be a number >= 0"),  # argparse's code 2, before any loading
+        (["--quantize", "int4", "-p", "hi"], "--quantize int4: .*group_size 128 does not divide in_features 64"),
     ]
     for args, message in cases:
         assert exit_code(*args) == (2 if "--temperature" in args else 1), args

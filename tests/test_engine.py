@@ -1,12 +1,10 @@
 """nanochat.engine on CPU: the engine against the slow reference `GPT.generate`, the KV cache, sampling, the
-calculator tool, stop conditions, the context limit and speculative decoding."""
-
-import math
+calculator tool, stop conditions, the context limit, finish reasons and the reply renderer."""
 
 import pytest
 import torch
 
-from nanochat.engine import Engine, KVCache, TextStream, row_keys, sample_next_token
+from nanochat.engine import Engine, KVCache, ReplyRenderer, TextStream, finish_reason, row_keys, sample_next_token
 from nanochat.gpt import GPT, GPTConfig
 
 VOCAB = 512
@@ -293,26 +291,6 @@ def test_never_runs_past_the_context(small_tokenizer):
         model(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
 
 
-# ---------------------------------------------------------------------------- speculative decoding
-
-
-def test_speculative_decoding_equals_greedy(small_tokenizer):
-    target = randomized(seed=8, n_layer=3)
-    draft = randomized(seed=9, n_layer=1, n_embd=32)
-    engine = Engine(target, small_tokenizer)
-    prompt = prompt_of(small_tokenizer)
-    reference = list(target.generate(prompt, max_tokens=30, temperature=0))
-    for num_draft in [1, 3, 5]:
-        completion, stats = engine.speculative_generate(prompt, draft, max_tokens=30, num_draft=num_draft)
-        assert completion.tokens == reference[: len(completion.tokens)]
-        assert len(completion.tokens) == 30 or completion.finish_reason == "stop"
-        assert 0 <= stats["accepted"] <= stats["proposed"]
-    # a draft identical to the target is always right: every proposal accepted, ~num_draft + 1 tokens a forward
-    completion, stats = engine.speculative_generate(prompt, target, max_tokens=30, num_draft=4)
-    assert stats["accepted"] == stats["proposed"] > 0
-    assert stats["target_forwards"] <= math.ceil(len(completion.tokens) / 5) + 1
-
-
 # ---------------------------------------------------------------------------- text
 
 
@@ -348,3 +326,44 @@ def test_compiled_decode_is_one_graph_and_equals_eager(small_tokenizer):
         assert [c.tokens for c in compiled.generate_batch(prompt, **kwargs)] == expected
     assert counters["stats"]["unique_graphs"] == 1  # no recompilation across requests
     assert compiled._static_caches[2].max_len == model.config.sequence_len
+
+
+# ---------------------------------------------------------------------------- replies as text and tool calls
+
+
+def test_reply_renderer_turns_tool_tokens_into_tool_pieces(small_tokenizer):
+    tok = small_tokenizer
+    special = tok.encode_special
+    tokens = [
+        *tok.encode("We get "), special("<|python_start|>"), *tok.encode("12*5"), special("<|python_end|>"),
+        special("<|output_start|>"), *tok.encode("60"), special("<|output_end|>"), *tok.encode(" so"),
+        special("<|python_start|>"), *tok.encode("bad"), special("<|python_end|>"), *tok.encode(" end"),
+        special("<|user_start|>"), special("<|python_start|>"), *tok.encode("1+"), special("<|python_end|>"),
+    ]  # fmt: skip
+    for hide_special, marker in [(False, "<|user_start|>"), (True, "")]:
+        renderer = ReplyRenderer(tok, hide_special)
+        pieces = [piece for t in tokens for piece in renderer.push(t)] + renderer.finish()
+        assert "".join(p[1] for p in pieces if p[0] == "text") == f"We get  so end{marker}"
+        assert [p for p in pieces if p[0] == "tool"] == [
+            ("tool", "12*5", "60"),
+            ("tool", "bad", None),
+            ("tool", "1+", None),
+        ]
+
+
+def test_the_renderer_reads_the_engines_replies_as_the_engine_ran_them(small_tokenizer):
+    """The engine and the renderer share ToolState: the tool call the engine answered is the one rendered."""
+    tok = small_tokenizer
+    special = tok.encode_special
+    plan = [special("<|python_start|>"), *tok.encode("7*6"), special("<|python_end|>"), tok.encode(" x")[0]]
+    completion = Engine(ScriptedModel(plan, tok), tok).generate_batch(prompt_of(tok), max_tokens=30, temperature=0)[0]
+    renderer = ReplyRenderer(tok)
+    pieces = [piece for t in completion.tokens for piece in renderer.push(t)] + renderer.finish()
+    assert pieces == [("tool", "7*6", "42")]
+
+
+def test_finish_reason_is_length_only_when_max_tokens_was_reached():
+    assert finish_reason(True, 10, 10) == "stop"
+    assert finish_reason(False, 10, 10) == "length"
+    assert finish_reason(False, 4, 10) == "context"  # the context left room for 4 of the 10 tokens asked
+    assert finish_reason(False, 4, None) == "context"  # no max_tokens: only the context ends a reply

@@ -3,7 +3,10 @@ official `openai` client, concurrent streams, dropped clients and schema-driven 
 
 import asyncio
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,9 +15,13 @@ import pytest
 import torch
 import uvicorn
 
-from nanochat.engine import Engine
+from conftest import REPO
+from nanochat.checkpoint import load_model, save_checkpoint
+from nanochat.engine import Engine, ReplyRenderer
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.server import ReplyRenderer, Settings, StopMatcher, create_app
+from nanochat.openai_api import StopMatcher, openai_text
+from nanochat.quantize import quantize_model
+from nanochat.server import Settings, create_app
 
 
 def tiny_model(seed=0) -> GPT:
@@ -198,31 +205,6 @@ def test_stop_matcher_holds_back_partial_matches():
     assert plain.push("hello E") == "hello " and plain.push("nd") == "End" and plain.flush() == ""
 
 
-def test_reply_renderer_turns_tool_tokens_into_tool_pieces(small_tokenizer):
-    tok = small_tokenizer
-    special = tok.encode_special
-    tokens = [
-        *tok.encode("We get "),
-        special("<|python_start|>"),
-        *tok.encode("12*5"),
-        special("<|python_end|>"),
-        special("<|output_start|>"),
-        *tok.encode("60"),
-        special("<|output_end|>"),
-        *tok.encode(" so"),
-        special("<|python_start|>"),
-        *tok.encode("bad"),
-        special("<|python_end|>"),
-        *tok.encode(" end"),
-    ]
-    renderer = ReplyRenderer(tok)
-    pieces = [piece for t in tokens for piece in renderer.push(t)] + renderer.finish()
-    text = "".join(p[1] for p in pieces if p[0] == "text")
-    tools = [p for p in pieces if p[0] == "tool"]
-    assert text == "We get  so end"
-    assert tools == [("tool", "12*5", "60"), ("tool", "bad", None)]
-
-
 # ---------------------------------------------------------------------------- validation
 
 
@@ -399,3 +381,45 @@ def test_requests_are_balanced_across_workers(model_and_tokenizer):
         workers = httpx.get(running.url + "/stats").json()["workers"]
     assert [w["name"] for w in workers] == ["worker-0", "worker-1"]
     assert all(w["requests"] >= 2 for w in workers) and sum(w["requests"] for w in workers) == 8
+
+
+# ---------------------------------------------------------------------------- quantized weights
+
+
+def greedy_text(model, tokenizer, max_tokens: int) -> str:
+    """The engine's greedy reply to USER as the OpenAI API renders it."""
+    prompt = tokenizer.render_for_completion(USER)
+    completion = Engine(model, tokenizer).generate_batch(prompt, 1, max_tokens, temperature=0)[0]
+    renderer = ReplyRenderer(tokenizer)
+    return "".join(openai_text(p) for t in completion.tokens for p in renderer.push(t)) + "".join(
+        openai_text(p) for p in renderer.finish()
+    )
+
+
+def test_chat_web_quantize_serves_int8_weights(tmp_path, small_tokenizer, monkeypatch):
+    """scripts.chat_web --quantize int8 as its own process: its replies are the engine's on an int8 copy."""
+    small_tokenizer.save(str(tmp_path / "tokenizer"))
+    save_checkpoint(str(tmp_path / "chatsft_checkpoints" / "d2"), 1, tiny_model())
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    quantized, _ = load_model("sft", "cpu", "eval", dtype=torch.float32)
+    expected = greedy_text(quantize_model(quantized, bits=8), small_tokenizer, 12)
+    port = free_port()
+    command = [sys.executable, "-m", "scripts.chat_web", "--device-type", "cpu", "--port", str(port)]
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path), "NANOCHAT_DTYPE": "float32"}
+    process = subprocess.Popen([*command, "--quantize", "int8"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=1).json()["ready"]:
+                    break
+            except (httpx.HTTPError, ValueError, KeyError):
+                time.sleep(0.2)
+        assert httpx.get(url + "/health").json()["model"].endswith("-step1-int8")  # int8 weights loaded
+        body = {"messages": USER, "max_tokens": 12, "temperature": 0}
+        reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+        assert reply["choices"][0]["message"]["content"] == expected
+    finally:
+        process.terminate()
+        process.wait(30)
