@@ -11,7 +11,7 @@ Answers, for dev/BENCHMARKS.md ("Pretraining dataloader"):
 
 Contract:
 - Shards are built for the run in a temporary directory from the Wikipedia sample (28,560 articles, default
-  ../shared/data/pretrain/enwiki-sample.jsonl.gz from the repo root) in the real shards' layout: row groups
+  $NANOCHAT_DATA_DIR/pretrain/enwiki-sample.jsonl.gz, or --data) in the real shards' layout: row groups
   of 1,024 documents, zstd; the first 1,024 articles are the validation shard, the rest three train shards.
 - The tokenizer is trained on the whole sample at --vocab-size (default 65,536, the real run's).
 - Throughput: each run builds a fresh loader on the train split (seed 0, one rank), times its first batch
@@ -50,7 +50,7 @@ from nanochat.dataloader import PretrainLoader
 from nanochat.tokenizer import Tokenizer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "pretrain", "enwiki-sample.jsonl.gz"))
+SAMPLE = os.path.join("pretrain", "enwiki-sample.jsonl.gz")  # the Wikipedia sample, in $NANOCHAT_DATA_DIR
 DOCS_PER_ROW_GROUP = 1024  # as in the real shards
 ROW_GROUPS_PER_SHARD = 10
 CPU_STEP_TOKENS_PER_S = 700  # the fastest CPU training step we have (depth 4), tokens/s
@@ -140,7 +140,8 @@ def time_beside_a_step(loader, step_s: float, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default=DEFAULT_DATA, help="JSON-lines file of {'text': ...} documents")
+    data_dir = os.environ.get("NANOCHAT_DATA_DIR") or "$NANOCHAT_DATA_DIR"
+    parser.add_argument("--data", default=os.path.join(data_dir, SAMPLE), help="JSON-lines file, a 'text' a line")
     parser.add_argument("--max-docs", type=int, default=-1, help="use only the first N documents (-1 = all)")
     parser.add_argument("--vocab-size", type=int, default=65_536, help="tokenizer vocabulary size")
     parser.add_argument("--repeats", type=int, default=3, help="epochs timed per configuration; the median is shown")
@@ -148,6 +149,8 @@ def main() -> None:
     parser.add_argument("--tokenizer-threads", type=int, default=4, help="threads of tiktoken's batch encode")
     parser.add_argument("--configs", nargs="+", default=["8x2048", "32x512"], help="batch x seq_len")
     args = parser.parse_args()
+    if not os.path.isfile(args.data):
+        parser.error(f"no data file {args.data}: pass --data FILE or set NANOCHAT_DATA_DIR")
     configs = [tuple(int(x) for x in config.split("x")) for config in args.configs]
 
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")

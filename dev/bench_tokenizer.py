@@ -17,7 +17,7 @@ Contract:
   goes first. The table gives the median and minimum time and the median peak RSS.
 - The reference is installed once into <system temp dir>/nanochat-bench/ (never into the repo or the venv).
   If it cannot be installed, the script says so, benchmarks the others and reports parity as not checked.
-- Data is read where it lies (default ../shared/data/pretrain/enwiki-sample.jsonl.gz from the repo root).
+- Data is read where it lies (default $NANOCHAT_DATA_DIR/pretrain/enwiki-sample.jsonl.gz, or --data).
 
 Does not: save a tokenizer, touch <base dir>, cap or split documents (scripts/tok_train.py does both), or time
 rustbpe's own encoder (nanochat encodes with tiktoken).
@@ -43,7 +43,7 @@ import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "pretrain", "enwiki-sample.jsonl.gz"))
+SAMPLE = os.path.join("pretrain", "enwiki-sample.jsonl.gz")  # the Wikipedia sample, in $NANOCHAT_DATA_DIR
 REFERENCE_VERSION = "0.1.0"
 TRAINERS = ["ours", "reference", "hf"]
 TRAINER_LABELS = {"ours": "rustbpe (ours)", "reference": f"rustbpe {REFERENCE_VERSION}", "hf": "HF tokenizers"}
@@ -56,7 +56,7 @@ MB = 1e6  # throughput is in decimal megabytes of UTF-8 text per second; memory 
 def load_texts(path: str, max_docs: int) -> list[str]:
     """The "text" field of every line of a JSON-lines file (gzipped if it ends in .gz), at most max_docs (-1 = all).
 
-    Not nanochat.dataset.iter_line_documents: that module imports pyarrow, which would add ~55 MiB to every
+    Not nanochat.dataset.iter_file_documents: that module imports pyarrow, which would add ~55 MiB to every
     child's RSS before training (measured) and blur the memory comparison.
     """
     opener = gzip.open if path.endswith(".gz") else open
@@ -367,7 +367,8 @@ def print_table(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
-    parser.add_argument("--data", default=DEFAULT_DATA, help="JSON-lines file (.jsonl, .jsonl.gz) with a 'text' field")
+    data_dir = os.environ.get("NANOCHAT_DATA_DIR") or "$NANOCHAT_DATA_DIR"
+    parser.add_argument("--data", default=os.path.join(data_dir, SAMPLE), help="JSON-lines file, a 'text' a line")
     parser.add_argument("--max-docs", type=int, default=-1, help="use only the first N documents (-1 = all)")
     # Benchmark
     parser.add_argument("--vocab-sizes", type=int, nargs="+", default=[32768, 65536], help="vocabulary sizes to train")
