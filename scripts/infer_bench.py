@@ -1,24 +1,22 @@
 """Inference benchmark of nanochat's Engine: prefill, time to first token, decode speed and memory per batch size.
 
-For one model (a checkpoint, or random weights at a given depth) the script measures
-- prefill: prompt tokens/s of `Engine.prefill` (batch 1, in the engine's chunks);
-- per decode batch size B (one prompt, B greedy samples, as `Engine.generate` serves them): time to first
-  token (prefill + copying the cache into B rows + the first sample), the median time per decode step
-  (TPOT), decode tokens/s per sequence and in aggregate, and peak memory;
-- memory traffic per decode step = weight bytes + B x KV bytes read, as GB/s and, on a GPU that
-  nanochat.common's table knows, as MBU (that traffic / TPOT / peak bandwidth), beside the batch-1 roofline
-  peak bandwidth / (weight bytes + one row's KV bytes).
+For one model (a checkpoint, or random weights at a given depth): prefill tokens/s of `Engine.prefill` (batch 1,
+in the engine's chunks); per decode batch size B (one prompt, B greedy samples, as `Engine.generate` serves
+them) the time to first token, the median time per decode step (TPOT), decode tokens/s per sequence and in
+aggregate, peak memory, and the memory traffic per step (weight bytes + B x KV bytes read) as GB/s and, on a GPU
+that nanochat.common's table knows, as MBU (traffic / TPOT / peak bandwidth), beside the batch-1 roofline.
 
     python -m scripts.infer_bench --source sft                                          # GPU: latest sft checkpoint
     python -m scripts.infer_bench --source base --model-tag d12 --step 5000 --json d12.json
+    python -m scripts.infer_bench --depth 20 --compile-decode                           # the CUDA-graph decode path
     python -m scripts.infer_bench --depth 4 --vocab-size 65536 --batch-sizes 1 8 --decode-tokens 32  # tiny, CPU
 
-Contract: the engine is measured as it is (eager, its own KV cache, prefill once then B rows), decoding at
-temperature 0 with a stand-in tokenizer whose special tokens the model can never sample, so every row decodes
-exactly --decode-tokens tokens (no stop token, no calculator). Prompts are random token ids (speed does not
-depend on them). Weights are in the compute dtype (`load_model(..., phase="eval", dtype=...)`), as the engine
-expects. Batch sizes whose KV cache would not fit in free memory are skipped; an out-of-memory error ends the
-sweep. Prints a table and, with --json, writes every figure. Does not test quality or serve requests.
+Contract: the engine is measured as it is (its own KV cache, prefill once then B rows; eager unless
+--compile-decode), decoding at temperature 0 with a stand-in tokenizer whose special tokens the model can never
+sample, so every row decodes exactly --decode-tokens tokens. Prompts are random token ids (speed does not depend
+on them); weights are in the compute dtype. Batch sizes whose KV cache would not fit in free memory are skipped;
+an out-of-memory error ends the sweep. Prints a table and, with --json, writes every figure. Does not test
+quality or serve requests.
 """
 
 import argparse
@@ -43,9 +41,6 @@ class NeverStops:
 
     def encode_special(self, name: str) -> int:
         return -1
-
-
-# ---------------------------------------------------------------------------- measuring
 
 
 def synchronize(device: torch.device) -> None:
@@ -79,6 +74,15 @@ def kv_bytes_per_position(model: GPT) -> int:
     return 2 * c.n_layer * c.n_kv_head * c.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def meminfo(field: str, path: str = "/proc/self/status") -> int | None:
+    """A kB field of /proc (Linux) in bytes, None where there is none."""
+    try:
+        with open(path) as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
 def reset_peak_memory(device: torch.device) -> str:
     """Start a new peak-memory window; returns what `peak_memory_bytes` will measure."""
     if device.type == "cuda":
@@ -95,37 +99,12 @@ def reset_peak_memory(device: torch.device) -> str:
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    return meminfo("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss: kB on Linux
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
     """Memory still free for the KV cache and activations: the GPU's free memory, or the host's MemAvailable."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None
-
-
-def time_prefill(engine: Engine, prompt: list[int], repeats: int, device) -> list[float]:
-    """Seconds of `Engine.prefill` of the whole prompt into a fresh batch-1 cache, one per repeat (plus one
-    untimed warmup)."""
-    times = []
-    for i in range(repeats + 1):
-        cache = KVCache.for_model(engine.model, 1, len(prompt))
-        synchronize(device)
-        start = time.perf_counter()
-        engine.prefill(cache, prompt)
-        synchronize(device)
-        if i > 0:
-            times.append(time.perf_counter() - start)
-    return times
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else meminfo("MemAvailable", "/proc/meminfo")
 
 
 def time_generate(engine: Engine, prompt: list[int], batch_size: int, decode_tokens: int, device):
@@ -142,7 +121,6 @@ def time_generate(engine: Engine, prompt: list[int], batch_size: int, decode_tok
 
 
 def bench_batch(engine, prompt, batch_size: int, args, device, peak_bandwidth) -> dict:
-    model = engine.model
     time_generate(engine, prompt, batch_size, min(4, args.decode_tokens), device)  # warmup: allocator, kernels
     memory_kind = reset_peak_memory(device)
     ttfts, step_times, rates = [], [], []
@@ -154,12 +132,10 @@ def bench_batch(engine, prompt, batch_size: int, args, device, peak_bandwidth) -
         steps = [b - a for a, b in zip(stamps, stamps[1:])]  # one forward + one sample each
         step_times += steps
         rates.append(len(steps) / (stamps[-1] - stamps[0]))  # decode only: first token to last
-    peak = peak_memory_bytes(device)
-    tpot = statistics.median(step_times)
+    tpot, per_sequence = statistics.median(step_times), statistics.median(rates)
     # Keys read per step: the engine attends over every cached position, prompt_len + k at step k (1-based).
-    mean_context = len(prompt) + args.decode_tokens / 2
-    bytes_per_step = weight_bytes_per_step(model, batch_size) + batch_size * kv_bytes_per_position(model) * mean_context
-    per_sequence = statistics.median(rates)
+    kv_bytes = batch_size * kv_bytes_per_position(engine.model) * (len(prompt) + args.decode_tokens / 2)
+    bytes_per_step = weight_bytes_per_step(engine.model, batch_size) + kv_bytes
     result = {
         "batch_size": batch_size,
         "decode_tokens": args.decode_tokens,
@@ -172,15 +148,12 @@ def bench_batch(engine, prompt, batch_size: int, args, device, peak_bandwidth) -
         "decode_tokens_per_s_aggregate": per_sequence * batch_size,
         "bytes_per_step": bytes_per_step,
         "memory_bytes_per_s": bytes_per_step / tpot,
-        "peak_memory_bytes": peak,
+        "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory_kind": memory_kind,
     }
     if peak_bandwidth:
         result["mbu"] = bytes_per_step / tpot / peak_bandwidth
     return result
-
-
-# ---------------------------------------------------------------------------- main
 
 
 def main(argv=None):
@@ -194,17 +167,14 @@ def main(argv=None):
     parser.add_argument("--vocab-size", type=int, default=65536, help="with --depth: vocabulary (2^16 as speedrun)")
     parser.add_argument("--sequence-len", type=int, default=2048, help="with --depth: the model's context")
     # Benchmark
-    parser.add_argument(
-        "--prompt-len", type=int, default=512, help="prompt tokens (clamped to context - --decode-tokens)"
-    )
+    parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (clamped to context - decode)")
     parser.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded per row (>= 2)")
-    parser.add_argument(
-        "--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="decode batch sizes (rows)"
-    )
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="decode rows")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (and of prefill); medians")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward (Engine's)")
+    parser.add_argument("--compile-decode", action="store_true", help="Engine(compile_decode=True): CUDA graphs")
     parser.add_argument("--device-type", default=None, help="cuda | mps | cpu (default: autodetect)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: nanochat.common's choice")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: nanochat.common's choice")
     parser.add_argument("--seed", type=int, default=0, help="random weights and prompt")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -232,17 +202,14 @@ def main(argv=None):
     prompt_len = min(args.prompt_len, config.sequence_len - args.decode_tokens)
     if prompt_len < 1:
         parser.error(f"--decode-tokens {args.decode_tokens} leaves no room for a prompt in {config.sequence_len}")
-    generator = torch.Generator().manual_seed(args.seed)
-    prompt = torch.randint(0, config.vocab_size, (prompt_len,), generator=generator).tolist()
-    engine = Engine(model, NeverStops(), prefill_chunk=args.prefill_chunk)
+    prompt = torch.randint(0, config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(args.seed))
+    prompt = prompt.tolist()
+    engine = Engine(model, NeverStops(), prefill_chunk=args.prefill_chunk, compile_decode=args.compile_decode)
 
-    environment = describe_environment(Runtime(device, dtype))
-    environment["torch_threads"] = torch.get_num_threads()
+    environment = describe_environment(Runtime(device, dtype)) | {"torch_threads": torch.get_num_threads()}
     peaks = gpu_peaks(environment["gpu"]) if device.type == "cuda" else None
     peak_bandwidth = peaks[1] if peaks else None
-    weights_1 = weight_bytes_per_step(model, 1)
-    kv_per_position = kv_bytes_per_position(model)
-    mean_context = prompt_len + args.decode_tokens / 2
+    weights_1, kv_per_position = weight_bytes_per_step(model, 1), kv_bytes_per_position(model)
     print(f"infer_bench: {json.dumps(environment)}")
     print(
         f"model: {model_name}, {model.num_params() / 1e6:.1f}M params, {dtype}, {config}\n"
@@ -252,17 +219,21 @@ def main(argv=None):
     )
     roofline = None
     if peak_bandwidth:
-        roofline = peak_bandwidth / (weights_1 + kv_per_position * mean_context)
+        roofline = peak_bandwidth / (weights_1 + kv_per_position * (prompt_len + args.decode_tokens / 2))
         print(f"batch-1 roofline: {roofline:,.0f} tok/s at {peak_bandwidth / 1e12:.2f} TB/s ({environment['gpu']})")
 
-    # ------------------------------------------------------------------------ prefill
-    prefill_times = time_prefill(engine, prompt, args.repeats, device)
-    prefill = {
-        "prompt_len": prompt_len,
-        "prefill_s_median": statistics.median(prefill_times),
-        "prefill_tokens_per_s": prompt_len / statistics.median(prefill_times),
-    }
-    print(f"prefill: {prefill['prefill_tokens_per_s']:,.0f} tok/s ({prefill['prefill_s_median'] * 1e3:.1f} ms)")
+    # ------------------------------------------------------------------------ prefill: one warmup, then timed
+    prefill_times = []
+    for i in range(args.repeats + 1):
+        cache = KVCache.for_model(model, 1, prompt_len)
+        synchronize(device)
+        start = time.perf_counter()
+        engine.prefill(cache, prompt)
+        synchronize(device)
+        prefill_times += [time.perf_counter() - start] if i > 0 else []
+    prefill_s = statistics.median(prefill_times)
+    prefill = {"prompt_len": prompt_len, "prefill_s_median": prefill_s, "prefill_tokens_per_s": prompt_len / prefill_s}
+    print(f"prefill: {prefill['prefill_tokens_per_s']:,.0f} tok/s ({prefill_s * 1e3:.1f} ms)")
 
     # ------------------------------------------------------------------------ decode sweep
     results, skipped = [], []
@@ -281,36 +252,34 @@ def main(argv=None):
         except torch.OutOfMemoryError:
             print(f"B={batch_size}: out of memory; larger batch sizes skipped")
             skipped += [b for b in batch_sizes if b >= batch_size]
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache() if device.type == "cuda" else None
             break
         results.append(r)
         mbu = f", MBU {r['mbu']:.1%}" if "mbu" in r else ""
         print(
             f"B={batch_size:<3} TTFT {r['ttft_s_median'] * 1e3:8.1f} ms  TPOT {r['tpot_s_median'] * 1e3:7.2f} ms  "
             f"{r['decode_tokens_per_s_per_sequence']:8,.1f} tok/s/seq  {r['decode_tokens_per_s_aggregate']:10,.1f} "
-            f"tok/s  {r['memory_bytes_per_s'] / 1e9:7.1f} GB/s{mbu}  peak {r['peak_memory_bytes'] / GIB:.2f} GiB",
+            f"tok/s  {r['memory_bytes_per_s'] / 1e9:7.1f} GB/s{mbu}  "
+            f"peak {r['peak_memory_bytes'] / GIB:.2f} GiB",
             flush=True,
         )
 
     # ------------------------------------------------------------------------ report
-    on_gpu = peak_bandwidth is not None
-    print(
-        "\n| batch | TTFT (ms) | TPOT (ms) | tok/s per seq | tok/s aggregate | GB/s | peak mem (GiB) |"
-        + (" MBU |" if on_gpu else "")
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if on_gpu else ""))
+    mbu = " MBU |" if peak_bandwidth else ""
+    print(f"\n| batch | TTFT (ms) | TPOT (ms) | tok/s per seq | tok/s aggregate | GB/s | peak mem (GiB) |{mbu}")
+    print("|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if peak_bandwidth else ""))
     for r in results:
-        line = (
+        print(
             f"| {r['batch_size']} | {r['ttft_s_median'] * 1e3:.1f} | {r['tpot_s_median'] * 1e3:.2f} | "
             f"{r['decode_tokens_per_s_per_sequence']:,.1f} | {r['decode_tokens_per_s_aggregate']:,.1f} | "
             f"{r['memory_bytes_per_s'] / 1e9:.1f} | {r['peak_memory_bytes'] / GIB:.2f} |"
+            + (f" {r['mbu']:.1%} |" if peak_bandwidth else "")
         )
-        print(line + (f" {r['mbu']:.1%} |" if on_gpu else ""))
     if roofline and results and results[0]["batch_size"] == 1:
         achieved = results[0]["decode_tokens_per_s_per_sequence"]
         print(f"batch 1: {achieved:,.0f} tok/s = {achieved / roofline:.1%} of the {roofline:,.0f} tok/s roofline")
     if args.json:
+        settings = {k: getattr(args, k) for k in ("decode_tokens", "repeats", "prefill_chunk", "compile_decode")}
         report = {
             "environment": environment,
             "model": {
@@ -321,15 +290,13 @@ def main(argv=None):
                 "weight_bytes_per_step_batch1": weights_1,
                 "kv_bytes_per_position": kv_per_position,
             },
-            "settings": {
+            "settings": settings
+            | {
                 "prompt_len": prompt_len,
                 "prompt_len_asked": args.prompt_len,
-                "decode_tokens": args.decode_tokens,
                 "batch_sizes": batch_sizes,
-                "repeats": args.repeats,
-                "prefill_chunk": args.prefill_chunk,
                 "temperature": 0,
-            },
+            },  # fmt: skip
             "peak_bandwidth_bytes_per_s": peak_bandwidth,
             "roofline_batch1_tokens_per_s": roofline,
             "prefill": prefill,

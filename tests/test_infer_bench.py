@@ -6,6 +6,7 @@ the tokens asked for (the stand-in tokenizer keeps the engine from stopping earl
 
 import json
 import math
+from functools import partial
 
 from scripts.infer_bench import main
 
@@ -45,3 +46,26 @@ def test_tiny_random_model_on_cpu(tmp_path, capsys):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
         assert "mbu" not in r  # a CPU has no entry in the peak-bandwidth table
         assert math.isclose(r["decode_tokens_per_s_aggregate"], r["batch_size"] * r["decode_tokens_per_s_per_sequence"])
+
+
+def test_compile_decode_measures_the_compiled_engine(tmp_path, monkeypatch):
+    """--compile-decode: the sweep runs Engine(compile_decode=True) (here with torch.compile's quick aot_eager
+    backend; inductor needs a C++ toolchain) and says so in the report."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from scripts import infer_bench
+
+    monkeypatch.setattr(infer_bench, "Engine", partial(infer_bench.Engine, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    out = tmp_path / "bench.json"
+    main(
+        [
+            "--depth", "1", "--vocab-size", "256", "--sequence-len", "32", "--decode-tokens", "4", "--batch-sizes",
+            "2", "--repeats", "1", "--device-type", "cpu", "--dtype", "float32", "--compile-decode", "--json", str(out),
+        ]
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["settings"]["compile_decode"] is True and report["decode"][0]["decode_tokens_per_row"] == [4, 4]
+    assert counters["stats"]["unique_graphs"] == 1  # every decode step ran the one compiled graph
