@@ -96,4 +96,4 @@ class HumanEval(Task):
 
         marker = f"all checks ran {secrets.token_hex(16)}"
         result = execute_code(self.program_for(conversation, completion) + f"\nprint({marker!r})\n")
-        return result.success and result.stdout.splitlines()[-1:] == [marker]
+        return result.success and result.stdout.endswith(marker + "\n")

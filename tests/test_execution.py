@@ -487,6 +487,7 @@ def test_humaneval_passes_only_checks_that_ran_to_the_end(tmp_path):
     task = HumanEval(path=str(path))
     conversation = task[0]
     assert task.evaluate(conversation, conversation["messages"][1]["content"])
+    assert task.evaluate(conversation, "print('chatty', end='')\n" + conversation["messages"][1]["content"])
     for early_exit in ("import os\nos._exit(0)", "import sys\nsys.exit(0)", "raise SystemExit", "exit()"):
         assert not task.evaluate(conversation, early_exit), early_exit
     guessing = "import atexit\natexit.register(print, 'all checks ran')\nimport os\nos._exit(0)"
