@@ -197,6 +197,8 @@ ATTACKS = {
     "write_root": "open('/evil', 'w')\nescaped = True",
     "write_usr": "open('/usr/evil', 'w')\nescaped = True",
     "write_stdlib": "open(os.__file__, 'a')\nescaped = True",
+    "open_sysrq_trigger": "open('/proc/sysrq-trigger', 'w')\nescaped = True",  # opening alone triggers nothing
+    "read_kernel_memory": "escaped = bool(open('/proc/kcore', 'rb').read(1))",
     "write_proc_sysctl": "open('/proc/sys/user/max_user_namespaces', 'w').write('100')\nescaped = True",
     # privileges
     "has_capabilities": (
