@@ -24,7 +24,8 @@ put), so prefill is excluded; aggregate = B x that. end-to-end tok/s = B x N / t
     .venv/bin/python -m dev.bench_engine --depths 4 --profile              # + torch.profiler and cProfile of it
     .venv/bin/python -m dev.bench_engine --quantize 8 4                    # + the engine on int8 / int4 weights
 
-Needs ../shared/data/pretrain/enwiki-sample.jsonl.gz (for the tokenizer and the prompt) and transformers >= 5.
+Needs $NANOCHAT_DATA_DIR/pretrain/enwiki-sample.jsonl.gz (or --data-dir; for the tokenizer and the prompt) and
+transformers >= 5.
 Not a quality test: it checks only that the three greedy decoders agree on the first tokens.
 """
 
@@ -48,8 +49,7 @@ from nanochat.hf_export import export
 from nanochat.tokenizer import Tokenizer
 from scripts.infer_bench import NeverStops, random_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WIKI_PATH = os.path.join(os.path.dirname(REPO), "shared", "data", "pretrain", "enwiki-sample.jsonl.gz")
+WIKI_SAMPLE = os.path.join("pretrain", "enwiki-sample.jsonl.gz")  # under the data directory
 
 
 # ---------------------------------------------------------------------------- one timed run per implementation
@@ -188,6 +188,7 @@ def main(argv=None):
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="engine and transformers rows")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (each runs every implementation once)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
+    parser.add_argument("--data-dir", default=os.environ.get("NANOCHAT_DATA_DIR"), help="default: $NANOCHAT_DATA_DIR")
     parser.add_argument("--profile", action="store_true", help="also profile the engine at each batch size")
     parser.add_argument(
         "--patch-lm-head",
@@ -204,6 +205,8 @@ def main(argv=None):
     )
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
+    if not args.data_dir:
+        parser.error("set NANOCHAT_DATA_DIR or --data-dir to the data directory (it holds pretrain/enwiki-sample...)")
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -217,7 +220,7 @@ def main(argv=None):
     print(f"bench_engine: {json.dumps(environment)}")
 
     # ------------------------------------------------------------------------ tokenizer and prompt
-    with gzip.open(WIKI_PATH, "rt", encoding="utf-8") as f:
+    with gzip.open(os.path.join(args.data_dir, WIKI_SAMPLE), "rt", encoding="utf-8") as f:
         docs = [json.loads(line)["text"] for line in f]
     tokenizer = Tokenizer.train_from_iterator(docs, args.vocab_size)
     prompt = tokenizer.encode(docs[0], prepend="<|bos|>")[: args.prompt_len]
