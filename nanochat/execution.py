@@ -67,6 +67,7 @@ BOOTSTRAP = r"""
 import ctypes, json, os, resource, signal, sys
 settings = json.loads(sys.argv[1])
 source = sys.stdin.buffer.read()
+os.umask(0o022)  # the caller's umask (077, say) would make the new root's directories untraversable by nobody
 libc = ctypes.CDLL(None, use_errno=True)
 NEWNS, NEWIPC, NEWUSER, NEWPID, NEWNET = 0x20000, 0x8000000, 0x10000000, 0x20000000, 0x40000000
 RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18

@@ -110,7 +110,11 @@ def test_stdlib_and_subprocesses_work_inside():
         "print(subprocess.run([sys.executable, '-c', 'print(2 + 2)'], capture_output=True, text=True).stdout.strip())\n"
         "print(subprocess.run('echo $((6 * 7))', shell=True, capture_output=True, text=True).stdout.strip())\n"
     )
-    result = execute_code(code, timeout=10)
+    umask = os.umask(0o077)  # a caller's strict umask must not make the sandbox's files unreadable to it
+    try:
+        result = execute_code(code, timeout=10)
+    finally:
+        os.umask(umask)
     assert result.success and result.stdout.split() == ["4", "42"], result.stderr
 
 
