@@ -355,7 +355,7 @@ def test_fork_bomb_does_not_starve_concurrent_executions():
         "import subprocess, sys\nfor _ in range(2):\n    subprocess.run([sys.executable, '-c', 'pass'], check=True)\n"
     )
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        bombs = [pool.submit(execute_code, FORK_BOMB, timeout=6) for _ in range(2)]
+        bombs = [pool.submit(execute_code, FORK_BOMB, timeout=4) for _ in range(2)]
         time.sleep(1.0)  # the bombs are at their limits now
         normal = list(pool.map(lambda _: execute_code(spawn, timeout=20), range(4)))
     assert [r.error for r in normal] == [None] * 4
