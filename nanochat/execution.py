@@ -27,7 +27,7 @@ The walls (Linux; every one is required: if one cannot be built the program does
 - Kernel limits: wall clock (the caller SIGKILLs the process group and the namespace's init), RLIMIT_CPU,
   RLIMIT_AS (`MemoryError` -> `memory_exceeded`), RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0, an output cap,
   and RLIMIT_NPROC, which the kernel counts per user namespace (since Linux 5.14), so each execution has its
-  own process budget: a fork bomb in one cannot starve another.
+  own process budget: a fork bomb in one cannot starve another (older kernels count per uid: one budget).
 - Needs: x86_64 or aarch64 (pivot_root), and unprivileged user namespaces, even for a root caller (the
   program's is made as nobody). Off by default under Docker's seccomp profile and Ubuntu >= 24.04's AppArmor
   (sysctl kernel.apparmor_restrict_unprivileged_userns=0); there every execution fails, saying why.
@@ -142,7 +142,7 @@ if program_pid == 0:
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
-            libc.prctl(4, 1)  # PR_SET_DUMPABLE: let nobody write its own /proc/self/uid_map
+            check(libc.prctl(4, 1), "dumpable")  # PR_SET_DUMPABLE: so nobody may write its own uid_map
             enter_user_namespace(0)
         check(libc.syscall(KEYCTL, 1, None), "keyctl")  # JOIN_SESSION_KEYRING: not the caller's, nor shared
         with open("/proc/sys/user/max_user_namespaces", "w") as f:
