@@ -47,7 +47,7 @@ def time_steps(model, step_fn, idx, targets, warmup: int, steps: int, device) ->
 
 def bench_config(args, depth: int, seq_len: int, compiled: bool, device, dtype) -> dict:
     torch.manual_seed(0)
-    config = GPTConfig.from_depth(depth, vocab_size=args.vocab_size, sequence_len=seq_len)
+    config = GPTConfig.from_depth(depth=depth, vocab_size=args.vocab_size, sequence_len=seq_len)
     model = GPT.build(config, device)
     model.compute_dtype = dtype
     optimizer = build_optimizer(model)

@@ -1,10 +1,10 @@
 """Proof that a refactor of the training stages changed nothing: same seed, same data -> bit-identical runs.
 
-Checks out `--before` (a commit) in a temporary `git worktree`, trains one tokenizer and writes two parquet
-shards from <data dir>/pretrain (this checkout's code), then runs base_train,
-mid_train, chat_sft and chat_rl tiny on CPU in that worktree and in this checkout, each side in its own
-NANOCHAT_BASE_DIR with the same tokenizer, seed and arguments. Compares every loss, bpb, accuracy and reward
-the stages print, and each stage's final weights with torch.equal. Exit status 0 only when all are equal.
+Checks out `--before` (a commit) in a temporary `git worktree` (and `--after` too when given; else this checkout
+is the after side), trains one tokenizer and writes two parquet shards from <data dir>/pretrain, then runs
+base_train, mid_train, chat_sft and chat_rl tiny on CPU on both sides, each in its own NANOCHAT_BASE_DIR with the
+same tokenizer, seed and arguments. Compares every loss, bpb, accuracy and reward the stages print (to the
+precision both print) and each stage's final weights with torch.equal. Exit status 0 only when all are equal.
 
     NANOCHAT_DATA_DIR=/path/to/data python -m dev.check_same_training --before 695b575    # ~5 min on 2 cores
 
@@ -90,6 +90,7 @@ def run_stages(tree: str, base_dir: str, template: str, data_dir: str) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", required=True, help="the commit to compare against, e.g. 695b575")
+    parser.add_argument("--after", default=None, help="a commit to run instead of this checkout (e.g. HEAD)")
     parser.add_argument("--data-dir", default=os.environ.get("NANOCHAT_DATA_DIR"), help="default: $NANOCHAT_DATA_DIR")
     args = parser.parse_args()
     if not args.data_dir:
@@ -97,15 +98,20 @@ def main():
     data_dir = os.path.abspath(args.data_dir)
     work = tempfile.mkdtemp(prefix="same_training_")
     before_tree = os.path.join(work, "before")
-    subprocess.run(["git", "worktree", "add", "--detach", before_tree, args.before], cwd=REPO, check=True)
+    after_tree = os.path.join(work, "after") if args.after else REPO
+    for tree, commit in ((before_tree, args.before), (after_tree, args.after)):
+        if commit:
+            subprocess.run(["git", "worktree", "add", "--detach", tree, commit], cwd=REPO, check=True)
     try:
         template = prepare(work, data_dir)
         print(f"before ({args.before}):", flush=True)
         before = run_stages(before_tree, os.path.join(work, "base_before"), template, data_dir)
-        print("after (this checkout):", flush=True)
-        after = run_stages(REPO, os.path.join(work, "base_after"), template, data_dir)
+        print(f"after ({args.after or 'this checkout'}):", flush=True)
+        after = run_stages(after_tree, os.path.join(work, "base_after"), template, data_dir)
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", before_tree], cwd=REPO)
+        for tree in (before_tree, after_tree if args.after else None):
+            if tree:
+                subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=REPO)
         shutil.rmtree(work, ignore_errors=True)
     failures = 0
     for script, (numbers, weights) in before.items():
@@ -120,9 +126,12 @@ def main():
         same_weights = weights.keys() == new_weights.keys() and all(torch.equal(weights[k], new_weights[k])
                                                                     for k in weights)  # fmt: skip
         failures += not (same_numbers and same_weights)
+        previous = list(before).index(script) - 1  # a stage that did not move the weights would prove nothing
+        moved = previous < 0 or any(not torch.equal(weights[k], before[list(before)[previous]][1][k]) for k in weights)
         count = sum(map(len, numbers.values()))
         print(f"{script:<11} printed numbers {'identical' if same_numbers else 'DIFFER'} ({count}), "
-              f"final weights {'bit-identical' if same_weights else 'DIFFER'} ({len(weights)} tensors)")  # fmt: skip
+              f"final weights {'bit-identical' if same_weights else 'DIFFER'} ({len(weights)} tensors"
+              f"{', changed by this stage' if moved else ', NOT changed by this stage'})")  # fmt: skip
         if not same_numbers:
             print(f"  before: {numbers}\n  after:  {new_numbers}")
     raise SystemExit(1 if failures else 0)

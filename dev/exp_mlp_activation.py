@@ -3,7 +3,7 @@
 Trains the same small GPT (same data order, same optimizer and schedule) once per (activation, seed) and reports
 validation bits per byte at a few points and the training throughput. The result goes to dev/LOG.md by hand.
 
-    .venv/bin/python -m dev.exp_mlp_activation                  # depth 4, 250 steps x 2,048 tokens, 2 seeds each
+    NANOCHAT_DATA_DIR=/path/to/data .venv/bin/python -m dev.exp_mlp_activation   # depth 4, 250 steps, 2 seeds
     .venv/bin/python -m dev.exp_mlp_activation --steps 20 --seeds 0   # smoke test
 
 Contract: a throwaway tokenizer (vocab 8,192) trained on the training split; documents joined with <|bos|> into
@@ -25,9 +25,8 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizer
 from nanochat.tokenizer import Tokenizer
 
-DEFAULT_DATA = os.path.join(
-    os.path.dirname(__file__), "..", "..", "shared", "data", "pretrain", "enwiki-sample.jsonl.gz"
-)
+# The Wikipedia sample of a local data dir ($NANOCHAT_DATA_DIR), unless --data names a file.
+DEFAULT_DATA = os.path.join(os.environ.get("NANOCHAT_DATA_DIR", "."), "pretrain", "enwiki-sample.jsonl.gz")
 
 
 def token_stream(tokenizer: Tokenizer, docs: list[str]) -> torch.Tensor:
@@ -61,7 +60,7 @@ def val_bpb(model: GPT, val: torch.Tensor, token_bytes: torch.Tensor, seq_len: i
 
 def run(args, mlp: str, seed: int, train: torch.Tensor, val: torch.Tensor, token_bytes, vocab_size: int) -> dict:
     torch.manual_seed(seed)
-    config = GPTConfig.from_depth(args.depth, vocab_size=vocab_size, sequence_len=args.seq_len, mlp=mlp)
+    config = GPTConfig.from_depth(depth=args.depth, vocab_size=vocab_size, sequence_len=args.seq_len, mlp=mlp)
     model = GPT.build(config)
     optimizer = build_optimizer(model)
     data = batches(train, args.batch_size, args.seq_len, torch.Generator().manual_seed(1000 + seed))

@@ -34,6 +34,8 @@ import functools
 import torch
 import torch.distributed as dist
 
+from nanochat.common import dist_info
+
 # ---------------------------------------------------------------------------------------------------------------
 # Orthogonalization (the "O" in Muon)
 
@@ -152,12 +154,6 @@ def muon_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
 # Collectives that do nothing without a process group
 
 
-def _rank_and_world_size() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class _Pending:
     """A launched async collective (or none) and the tensor it fills; `wait()` returns that tensor, divided by
     `divisor` to turn a SUM into a mean."""
@@ -246,7 +242,7 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rank, world_size = _rank_and_world_size()
+        rank, _, world_size = dist_info()
         jobs = []
         for group in self.param_groups:
             if group["kind"] == "adamw":

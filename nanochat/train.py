@@ -10,7 +10,7 @@ Each stage script keeps its own visible `while` loop and calls these for what us
 - `StageLog`: the resolved config and environment printed, debiased EMA of the loss, timed steps, tok/s, MFU,
   the curves of the report card, wandb, and the stage summary; its `state` is saved with every checkpoint.
 - `save_stage` / `resume_stage`: checkpoints with the record, the loop state and every rank's loader states.
-- `sample`: greedy continuations of SAMPLE_PROMPTS (base_train, base_loss).
+- `add_stage_flags`: the flags all four share. `sample`: greedy continuations of SAMPLE_PROMPTS (base_train, base_loss).
 Not here: data, losses and evaluations (the stage scripts, nanochat/chat_data.py, nanochat/loss_eval.py).
 """
 
@@ -55,6 +55,16 @@ class StageRecord:
         """The record of a checkpoint; older metas give what they hold (flat keys, else user_config)."""
         held = {**meta.get("user_config", {}), **meta, **meta.get("record", {})}
         return cls(**{f.name: held[f.name] for f in fields(cls) if held.get(f.name) is not None})
+
+
+def add_stage_flags(parser, save_every: int = -1) -> None:
+    """The flags every training stage shares, spelled and defaulted once (they drifted when written four times)."""
+    parser.add_argument("--grad-clip", type=float, default=-1, help="max global grad norm (-1 = off)")
+    parser.add_argument("--save-every", type=int, default=save_every, help="steps between checkpoints (-1 = end only)")
+    parser.add_argument("--resume", action="store_true", help="continue from this stage's last checkpoint of the tag")
+    parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
+    parser.add_argument("--run", default=None, help="wandb run name (default: no wandb)")
+    parser.add_argument("--seed", type=int, default=42, help="initialisation, data order and sampling")
 
 
 # ---------------------------------------------------------------------------- schedules

@@ -34,6 +34,7 @@ from nanochat.train import (
     StageLog,
     StageRecord,
     accumulate,
+    add_stage_flags,
     lr_multiplier,
     muon_momentum,
     optimizer_step,
@@ -57,12 +58,8 @@ def parse_args(argv=None):
     # Training horizon (first one set wins: iterations > FLOPs > tokens:params ratio)
     parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = derive)")
     parser.add_argument("--target-flops", type=float, default=-1, help="training FLOPs budget (-1 = off)")
-    parser.add_argument(
-        "--target-param-data-ratio",
-        type=float,
-        default=12,
-        help="training tokens per scaling parameter (block matrices + lm_head)",
-    )
+    parser.add_argument("--target-param-data-ratio", type=float, default=12,
+                        help="training tokens per scaling parameter (block matrices + lm_head)")  # fmt: skip
     # Optimization
     parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass per process")
     parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = derive)")
@@ -73,19 +70,14 @@ def parse_args(argv=None):
     parser.add_argument("--warmup-steps", type=int, default=40, help="linear LR warmup steps")
     parser.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of steps decaying the LR")
     parser.add_argument("--final-lr-frac", type=float, default=0.05, help="LR multiplier at the last step")
-    parser.add_argument("--grad-clip", type=float, default=-1, help="max global grad norm (-1 = off)")
     # Evaluation and saving
     parser.add_argument("--eval-every", type=int, default=250, help="steps between validation bpb (-1 = end only)")
     parser.add_argument("--eval-tokens", type=int, default=20 * 2**19, help="validation tokens per evaluation")
     parser.add_argument("--sample-every", type=int, default=2000, help="steps between samples (-1 = off)")
-    parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1 = end only)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this model tag")
     # Runtime
     parser.add_argument("--data", nargs="+", default=None, help="shards (default: <base dir>/base_data)")
-    parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
+    add_stage_flags(parser)
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto = on for CUDA")
-    parser.add_argument("--run", default=None, help="wandb run name (default: no wandb)")
-    parser.add_argument("--seed", type=int, default=42)
     return parser.parse_args(argv)
 
 
@@ -98,8 +90,8 @@ def scaling_params(config: GPTConfig) -> int:
 
 
 def derive_hyperparameters(args, config: GPTConfig, flops_per_token: float, world_size: int) -> dict:
-    """Every value the depth decides, in one place. Sources: nanochat dev/LOG.md at HEAD (auto hyperparameters
-    from depth, 2026) as summarised in shared/reference/nanochat.md §2 row 8."""
+    """Every value the depth decides, in one place. Source: karpathy/nanochat dev/LOG.md (auto hyperparameters
+    from depth, 2026)."""
     tokens_per_micro_step = args.device_batch_size * args.max_seq_len * world_size
     # Reference point: depth 12 with a 32,768 vocab at ratio 12 trains on D_ref tokens with a 2^19 batch.
     ref = GPTConfig.from_depth(depth=12, vocab_size=32768)
@@ -160,9 +152,7 @@ def main(argv=None):
                          hp["embedding_lr"], hp["unembedding_lr"])  # fmt: skip
 
     # ---------------------------------------------------------------- optimizer
-    optimizer = build_optimizer(
-        model, hp["matrix_lr"], hp["embedding_lr"], hp["unembedding_lr"], weight_decay=hp["weight_decay"]
-    )
+    optimizer = build_optimizer(model, record.matrix_lr, record.embedding_lr, record.unembedding_lr, hp["weight_decay"])
     scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(runtime.dtype) else None
 
     # ---------------------------------------------------------------- resume

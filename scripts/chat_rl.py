@@ -5,27 +5,23 @@
     python -m scripts.chat_rl --source sft --device-type cpu --examples-per-step 2 --num-samples 2 \\
         --max-new-tokens 16 --num-steps 2 --eval-every -1 --eval-examples 2 --data-dir /path/to/data  # tiny, CPU
 
-Each step takes `--examples-per-step` GSM8K train questions (a fixed seeded shuffle; rank r takes every W-th of
-the step's questions), samples `--num-samples` answers to each with the engine (calculator on), and scores each
-answer 1 when its `#### N` equals the reference's (tasks/gsm8k.py reward), else 0. This is the reference's
-"GRPO simplified to REINFORCE" (karpathy/nanochat scripts/chat_rl.py): on-policy, so no PPO ratio or clipping; no
-KL term or reference model; advantage = reward - the mean reward of the question's group, without dividing by
-the group's standard deviation (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783 §3.1: the division over-weights
-questions that are nearly always or nearly never solved); the loss is normalised per token over the whole step
-(DAPO, Yu et al. 2025, arXiv 2503.14476, "token-level policy gradient loss"):
+Each step takes `--examples-per-step` GSM8K train questions (a fixed seeded shuffle; rank r takes every W-th),
+samples `--num-samples` answers to each with the engine (calculator on) and rewards an answer 1 when its `#### N`
+is the reference's, else 0. The reference's "GRPO simplified to REINFORCE" (karpathy/nanochat chat_rl.py):
+on-policy, so no PPO ratio, clipping, KL term or reference model; advantage = reward - its group's mean, not
+divided by the group's std (Dr. GRPO, arXiv 2503.20783 §3.1: that over-weights questions nearly always or never
+solved); the loss is normalised per token over the whole step (DAPO, arXiv 2503.14476):
 
     loss = -sum over sampled tokens t of the step (all ranks) of A(t) * log p(t) / (sampled tokens of the step)
 
-Only sampled tokens are trained: the prompt and the calculator outputs the engine forced (mask 0) have target
--1. One optimizer step per RL step; the LR decays linearly from `--init-lr-frac` x the base LRs to 0.
+Only sampled tokens are trained (not the prompt or the calculator output the engine forced). One optimizer step
+per RL step; the LR decays linearly from `--init-lr-frac` x `--matrix-lr` etc. to 0.
 
 Contract:
-- The rollouts of step k depend only on the weights and (seed, k, question): the engine's sampling is a hash of
-  (seed, row, position, token), so `--resume` (model, per-rank optimizer, step) replays the run exactly.
-- Writes <base dir>/chatrl_checkpoints/<tag>/ (the tag of the source checkpoint), evaluates pass@1..k on the
-  first `--eval-examples` GSM8K test problems (sample j of problem i is the one `scripts.chat_eval -n k` draws:
-  same seed, same rows), logs to wandb with `--run NAME`, and writes <base dir>/report/chat_rl.json.
-
+- The rollouts of step k depend only on the weights and (seed, k, question) (the engine samples by a hash of
+  seed, row, position and token), so `--resume` replays the run exactly.
+- Writes <base dir>/chatrl_checkpoints/<tag>/ (the source's tag), pass@1..k on the first `--eval-examples` GSM8K
+  test problems (sample j of problem i is the one `scripts.chat_eval -n k` draws) and <base dir>/report/chat_rl.json.
 Not here: other tasks or reward models, PPO/KL machinery, torch.compile (every step has new shapes).
 """
 
@@ -46,6 +42,7 @@ from nanochat.tokenizer import get_tokenizer
 from nanochat.train import (
     StageLog,
     StageRecord,
+    add_stage_flags,
     optimizer_step,
     resume_stage,
     save_stage,
@@ -76,18 +73,13 @@ def parse_args(argv=None):
     parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head at width 768")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
     parser.add_argument("--init-lr-frac", type=float, default=0.05, help="starting LR as a fraction of the above")
-    parser.add_argument("--grad-clip", type=float, default=-1, help="max global grad norm (-1 = off)")
     # Evaluation and saving
     parser.add_argument("--eval-every", type=int, default=60, help="steps between GSM8K test pass@k (-1 = end only)")
     parser.add_argument("--eval-examples", type=int, default=400, help="GSM8K test problems per evaluation")
     parser.add_argument("--eval-samples", type=int, default=8, help="samples per test problem: pass@1..k")
-    parser.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (-1 = end only)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last rl checkpoint of this tag")
     # Runtime
-    parser.add_argument("--data-dir", default=None, help="local data like ../shared/data/ (default: env, hub)")
-    parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
-    parser.add_argument("--run", default=None, help="wandb run name (default: no wandb)")
-    parser.add_argument("--seed", type=int, default=42, help="question order and rollout sampling")
+    parser.add_argument("--data-dir", default=None, help="local data dir (default: $NANOCHAT_DATA_DIR, else hub)")
+    add_stage_flags(parser, save_every=60)
     return parser.parse_args(argv)
 
 

@@ -36,6 +36,7 @@ from nanochat.tokenizer import get_tokenizer
 from nanochat.train import (
     StageLog,
     StageRecord,
+    add_stage_flags,
     optimizer_step,
     resume_stage,
     save_stage,
@@ -72,9 +73,7 @@ def parse_args(argv=None):
     parser.add_argument("--mixture", default=None, help="components, comma-separated (default: MIXTURE's, the "
                         "ones a local --data-dir holds)")  # fmt: skip
     parser.add_argument("--data", default=None, help="your conversations, JSONL (adds the component 'data')")
-    parser.add_argument(
-        "--data-dir", default=None, help="data like ../shared/data (default: $NANOCHAT_DATA_DIR, else hub)"
-    )
+    parser.add_argument("--data-dir", default=None, help="local data dir (default: $NANOCHAT_DATA_DIR, else hub)")
     parser.add_argument("--identity", default=None, help="identity JSONL (default: <data dir>/chat/ or <base dir>/)")
     # Training horizon
     parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch)")
@@ -91,18 +90,13 @@ def parse_args(argv=None):
     parser.add_argument("--warmdown-ratio", type=float, default=1.0, help="fraction of the run decaying the LR")
     parser.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
-    parser.add_argument("--grad-clip", type=float, default=-1, help="max global grad norm (-1 = off)")
     # Evaluation and saving
     parser.add_argument("--eval-every", type=int, default=100, help="steps between validation loss (-1 = end only)")
     parser.add_argument("--eval-steps", type=int, default=100, help="validation micro-batches per process")
     parser.add_argument("--eval-metrics-every", type=int, default=200, help="steps between MMLU/ARC-Easy (-1 = end)")
     parser.add_argument("--eval-metrics-max-problems", type=int, default=1024, help="problems per task (-1 = all)")
-    parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1 = end only)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last sft checkpoint of this tag")
     # Runtime
-    parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
-    parser.add_argument("--run", default=None, help="wandb run name (default: no wandb)")
-    parser.add_argument("--seed", type=int, default=42)
+    add_stage_flags(parser)
     args = parser.parse_args(argv)
     try:
         names = parse_mixture(args.mixture or ",".join(MIXTURE), STAGE_COMPONENTS)

@@ -34,6 +34,7 @@ from nanochat.train import (
     StageLog,
     StageRecord,
     accumulate,
+    add_stage_flags,
     muon_momentum,
     optimizer_step,
     resume_stage,
@@ -67,9 +68,7 @@ def parse_args(argv=None):
     # Data
     parser.add_argument("--mixture", default=None, help="components, comma-separated (default: MIXTURE's, the "
                         "ones a local --data-dir holds)")  # fmt: skip
-    parser.add_argument(
-        "--data-dir", default=None, help="data like ../shared/data (default: $NANOCHAT_DATA_DIR, else hub)"
-    )
+    parser.add_argument("--data-dir", default=None, help="local data dir (default: $NANOCHAT_DATA_DIR, else hub)")
     parser.add_argument("--identity", default=None, help="identity JSONL (default: <data dir>/chat/ or <base dir>/)")
     # Training horizon
     parser.add_argument(
@@ -83,17 +82,12 @@ def parse_args(argv=None):
     parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of the run decaying the LR")
     parser.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
-    parser.add_argument("--grad-clip", type=float, default=-1, help="max global grad norm (-1 = off)")
     # Evaluation and saving
     parser.add_argument("--eval-every", type=int, default=150, help="steps between validation bpb (-1 = end only)")
     parser.add_argument("--eval-tokens", type=int, default=20 * 2**19, help="validation tokens per evaluation")
-    parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1 = end only)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last mid checkpoint of this tag")
     # Runtime
-    parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
+    add_stage_flags(parser)
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto = on for CUDA")
-    parser.add_argument("--run", default=None, help="wandb run name (default: no wandb)")
-    parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
     try:
         args.mixture_names = parse_mixture(args.mixture or ",".join(MIXTURE), STAGE_COMPONENTS)

@@ -141,7 +141,7 @@ def test_backward_groups_matches_the_loss_and_skips_all_equal_groups(small_token
 
 def tiny_gpt(tokenizer, seed=0, sequence_len=64) -> GPT:
     torch.manual_seed(seed)
-    return GPT.build(GPTConfig.from_depth(1, tokenizer.get_vocab_size(), sequence_len=sequence_len))
+    return GPT.build(GPTConfig.from_depth(depth=1, vocab_size=tokenizer.get_vocab_size(), sequence_len=sequence_len))
 
 
 def test_rl_raises_the_reward_of_a_toy_task(small_tokenizer):
@@ -181,7 +181,7 @@ def base_dir(small_tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("nanochat")
     small_tokenizer.save(str(root / "tokenizer"))
     torch.manual_seed(0)
-    model = GPT.build(GPTConfig.from_depth(1, small_tokenizer.get_vocab_size(), sequence_len=512))
+    model = GPT.build(GPTConfig.from_depth(depth=1, vocab_size=small_tokenizer.get_vocab_size(), sequence_len=512))
     with torch.no_grad():  # random everywhere: GPT's init zeroes output projections (uniform answers)
         for parameter in model.parameters():
             if parameter.dim() == 2 and not parameter.any():

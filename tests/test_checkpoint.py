@@ -28,7 +28,7 @@ from nanochat.checkpoint import (
 )
 from nanochat.gpt import GPT, GPTConfig
 
-CONFIG = GPTConfig.from_depth(2, vocab_size=256, sequence_len=32)
+CONFIG = GPTConfig.from_depth(depth=2, vocab_size=256, sequence_len=32)
 
 
 def make_model(seed: int = 0) -> GPT:

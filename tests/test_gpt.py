@@ -151,7 +151,7 @@ def test_estimate_flops_by_hand():
 
 
 def test_init_scales_and_zeros():
-    model = GPT.build(GPTConfig.from_depth(2, vocab_size=512, sequence_len=32))
+    model = GPT.build(GPTConfig.from_depth(depth=2, vocab_size=512, sequence_len=32))
     assert torch.count_nonzero(model.lm_head.weight) == 0
     for block in model.blocks:
         assert torch.count_nonzero(block.attn.c_proj.weight) == 0
@@ -170,12 +170,12 @@ def test_build_materialises_on_the_device_from_meta():
 
 def test_depth_dial():
     for depth, width, heads in [(1, 128, 1), (4, 256, 2), (12, 768, 6), (20, 1280, 10), (26, 1664, 13), (3, 256, 2)]:
-        config = GPTConfig.from_depth(depth, vocab_size=65536)
+        config = GPTConfig.from_depth(depth=depth, vocab_size=65536)
         assert (config.n_layer, config.n_embd, config.n_head, config.n_kv_head) == (depth, width, heads, heads)
-    assert GPTConfig.from_depth(20, vocab_size=65536, n_kv_head=5).n_kv_head == 5
+    assert GPTConfig.from_depth(depth=20, vocab_size=65536, n_kv_head=5).n_kv_head == 5
     # The reference's d20 has 560,988,160 parameters (shared/reference/nanochat.md 1.5).
     with torch.device("meta"):
-        assert GPT(GPTConfig.from_depth(20, vocab_size=65536)).num_params() == 560_988_160
+        assert GPT(GPTConfig.from_depth(depth=20, vocab_size=65536)).num_params() == 560_988_160
 
 
 @pytest.mark.parametrize(

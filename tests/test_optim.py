@@ -20,7 +20,7 @@ VOCAB, SEQ_LEN = 256, 32  # depth 1 -> width 128: six block matrices of three sh
 
 def tiny_model(seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    return GPT.build(GPTConfig.from_depth(1, vocab_size=VOCAB, sequence_len=SEQ_LEN))
+    return GPT.build(GPTConfig.from_depth(depth=1, vocab_size=VOCAB, sequence_len=SEQ_LEN))
 
 
 def fixed_batch(batch_size: int = 4, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
