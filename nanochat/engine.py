@@ -391,15 +391,6 @@ class Engine:
             raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
         return room if max_tokens is None else min(room, max_tokens)
 
-    def _check_tokens(self, tokens) -> list[int]:
-        tokens = list(tokens)
-        vocab_size = self.model.config.vocab_size
-        if not tokens:
-            raise ValueError("the prompt is empty; start it with <|bos|>")
-        if any(not 0 <= t < vocab_size for t in tokens):
-            raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
-        return tokens
-
     @torch.inference_mode()
     def prefill(self, cache: KVCache, tokens: list[int]) -> torch.Tensor:
         """Run `tokens` into a batch-1 cache in chunks; return the logits after the last one, (1, V) fp32."""
@@ -414,7 +405,11 @@ class Engine:
     ) -> Iterator[tuple[list[int], list[int]]]:
         """Yields (token column, mask column), one entry per sample, until every row has stopped. A row that
         has stopped repeats its stop token with mask 0 while others go on."""
-        tokens = self._check_tokens(tokens)
+        tokens, vocab_size = list(tokens), self.model.config.vocab_size
+        if not tokens:
+            raise ValueError("the prompt is empty; start it with <|bos|>")
+        if any(not 0 <= t < vocab_size for t in tokens):
+            raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
         check_sampling(temperature, top_k, top_p)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")

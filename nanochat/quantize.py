@@ -1,38 +1,28 @@
-"""Weight-only int8 / int4 quantization of a GPT's linear layers, for inference.
+"""Weight-only int8 / int4 quantization of a GPT's linear layers, for inference (`--quantize` of chat_cli, chat_web).
 
     model, meta = load_model("base", device, "eval")
     quantize_model(model, bits=8)                    # or bits=4 (group_size=128), include_lm_head=False
     weight_bytes(model)                              # {"float": ..., "quantized": ..., "total": ...}
 
-Every `nanochat.gpt.Linear` (the block matrices and, by default, lm_head) is replaced in place by a module
-that holds integer weights and float scales; activations stay in their float dtype, the embedding stays float.
+Every `nanochat.gpt.Linear` (the block matrices and, by default, lm_head) is replaced in place by a module that
+holds integer weights and float scales; activations and the embedding stay float.
 - int8: symmetric, one scale per output row: w ≈ q · scale, q in [-127, 127] (as gpt-fast's int8 handler).
-- int4: asymmetric, one (scale, zero) per group of `group_size` consecutive input columns of a row:
-  w ≈ (q - 8) · scale + zero, q in [0, 15], two values per byte. This is the convention of PyTorch's tinygemm
-  kernels (`_weight_int4pack_mm*`, as used by gpt-fast and torchao), kept as is so they take our scales as is.
-Rounding to the nearest level bounds every weight's error by its scale / 2.
+- int4: asymmetric, one (scale, zero) per group of `group_size` input columns of a row: w ≈ (q - 8) · scale +
+  zero, q in [0, 15], two per byte: the convention of PyTorch's tinygemm kernels (`_weight_int4pack_mm*`, as
+  used by gpt-fast and torchao), so they take our scales as is. Rounding bounds each weight's error by scale / 2.
 
-Speed (dev/bench_quantize.py, dev/BENCHMARKS.md): dequantizing in every forward is slower than float, so each
-layer uses PyTorch's fused kernels where they exist: `_weight_int8pack_mm` (CPU, and CUDA in newer torch),
-`_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm` on CUDA. They are private ops whose dtypes and
-layouts change between releases, so they are found by probing, never by version: at quantization time each
-kernel is run on the layer's own weights for each input dtype and kept only where it matches the reference
-path (dequantize, then F.linear), which is what runs otherwise. `use_kernels=False` forces the reference path,
-and the tests compare the two. On CPU the kernels are fast only for bf16/fp16 inputs (their fp32 versions lose
-even to the reference path; SLOW_KERNELS below), so fp32 inputs are rounded to bf16 for the matmul.
+Speed (dev/bench_quantize.py, dev/BENCHMARKS.md): dequantizing in every forward is slower than float, so layers
+use PyTorch's fused kernels where they exist (`_weight_int8pack_mm`; `_weight_int4pack_mm_for_cpu` on CPU,
+`_weight_int4pack_mm` on CUDA). They are private ops that change between releases, so they are found by probing,
+never by version: each is run on the layer's own weights for each input dtype at quantization time and kept only
+where it matches the reference path (dequantize, then F.linear), which runs otherwise (`use_kernels=False`
+forces it; the tests compare the two). On CPU they are fast only for bf16/fp16 inputs, so fp32 inputs are
+rounded to bf16 for the matmul (SLOW_KERNELS); what that costs is measured in dev/BENCHMARKS.md (+0.0000 bpb).
 
-Contract:
-- forward takes inputs of any float dtype and returns that dtype, as gpt.Linear does. An input dtype without
-  a (fast) kernel is cast to one with a kernel (bf16 first) and the result cast back: fp32 on CPU, fp32 on
-  CUDA for int4. The cost, bf16 rounding of the activations inside the matmul, is measured in
-  dev/BENCHMARKS.md against fp32 throughout; it is far below the rounding of the weights themselves.
-- The model keeps working with gpt.py unchanged (forward, loss, generate). It is for inference only: the
-  quantized layers have no parameters, so `GPT.parameter_roles` and training no longer apply.
-- Quantizing a model twice is refused (ValueError): rounding already-rounded weights to a new grid compounds
-  the error, and a model that silently stayed int8 when int4 was asked for would mislead a benchmark.
-- Quantize on the device the model will run on. The int4 kernels repack the weights into a layout specific
-  to the device (on CPU even to the instruction set), so a quantized state_dict is not a file format: load
-  the float checkpoint and quantize again (seconds).
+Contract: forward takes and returns any float dtype, as gpt.Linear. The model keeps working with gpt.py
+unchanged, for inference only (quantized layers have no parameters). Quantizing twice is refused (ValueError):
+re-rounding compounds the error. Quantize on the device the model runs on: the int4 kernels repack weights into
+a device-specific layout, so a quantized state_dict is not a file format (load the float checkpoint, quantize).
 
 Not here: activation quantization, calibration-based methods (GPTQ, AWQ), quantization-aware training,
 saving quantized checkpoints.

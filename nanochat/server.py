@@ -1,21 +1,17 @@
 """The web chat server: the page, a streaming API for it, and an OpenAI-compatible API, over continuous batching.
 
 Contract:
-- `create_app(settings)` builds the FastAPI app from two routers (the page's, OpenAI's) of module-level handlers
-  that find everything they share in one typed `ServerState` on `app.state.server`; models load in the lifespan
-  hook (one BatchingWorker per device, nanochat/batching.py), so importing this module does nothing.
+- `create_app(settings)` builds the FastAPI app from two routers (the page's here, OpenAI's in
+  nanochat/openai_api.py) of module-level handlers sharing one typed `ServerState` on `app.state.server`;
+  the lifespan hook loads the models (one BatchingWorker per device), so importing this module does nothing.
 - `GET /` the chat page (nanochat/ui.html); `GET /health`; `GET /stats`; `POST /chat/completions` streams
-  Server-Sent Events for the page (`{"type": "text" | "tool" | "error" | "done", ...}`);
-  `POST /v1/chat/completions` (streaming or not; temperature, top_p, top_k, max_tokens, stop, seed, n, usage,
-  finish_reason) and `GET /v1/models` follow OpenAI's chat completions API, so its clients work unchanged.
-- Requests are validated by pydantic models whose bounds come from `Settings`; every violation is a 400 with
-  an OpenAI-style JSON error naming the field (`param`). Model work runs on the workers' threads, never on the
-  event loop. A client that disconnects cancels its request, which frees its batch row before the next step.
-- Text is decoded incrementally (never a split character) by engine.ReplyRenderer; calculator calls reach the
-  page as tool events and OpenAI clients as `<<expression=result>>` (GSM8K's notation) inside the text.
-- Bearer-token authentication (`api_key`) and a cap on concurrent requests (`max_concurrent`) are off by
-  default; the default bind address is 127.0.0.1. `quantize` ("int8" | "int4") serves weight-only quantized
-  copies of the model (nanochat/quantize.py).
+  Server-Sent Events for the page (`{"type": "text" | "tool" | "error" | "done", ...}`).
+- Bodies are validated by pydantic models bounded by `Settings`: a violation is a 400 in OpenAI's error shape
+  naming the field (`param`). Model work runs on the workers' threads, never on the event loop; a client that
+  disconnects cancels its request, freeing its batch row before the next step. Text is decoded incrementally by
+  engine.ReplyRenderer (never a split character); calculator calls reach the page as tool events.
+- Bearer-token authentication (`api_key`) and a cap on requests in flight (`max_concurrent`) are off by
+  default; the default bind address is 127.0.0.1. `quantize` ("int8" | "int4") serves quantized weights.
 
 Not here: the batching worker (nanochat/batching.py), the command line (scripts/chat_web.py).
 """
@@ -36,7 +32,6 @@ from nanochat.openai_api import openai_completion, openai_router
 from nanochat.server_state import (
     SSE_HEADERS,
     APIError,
-    Inbox,
     ServerState,
     Settings,
     api_error,
@@ -168,7 +163,7 @@ async def lifespan(app: FastAPI):
             await asyncio.to_thread(quantize_model, model, SCHEMES[settings.quantize])
             name = f"{name}-{settings.quantize}"
         workers.append(BatchingWorker(model, tokenizer, settings.max_batch, name=f"worker-{i}"))
-    state.inbox, state.pool = Inbox(asyncio.get_running_loop()), WorkerPool(workers).start()
+    state.pool = WorkerPool(workers).start()
     state.tokenizer, state.model_name, state.device = tokenizer, name, str(workers[0].device)
     state.context_len, state.ready = workers[0].engine.context_len, True
     try:

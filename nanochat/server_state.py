@@ -1,10 +1,6 @@
-"""What every route of the chat server shares: the settings, the request models they bound, the typed state on
-`app.state.server`, OpenAI-shaped errors, and turning a validated request into generation rows.
-
-Contract: `request_models(settings)` returns the page's and OpenAI's request bodies, every bound taken from the
-settings; `prompt_tokens` renders a body's conversation (a 400 naming the field when the model cannot take it);
-`start_generation` submits n rows to the worker pool and returns their event queues, `finish_generation` cancels
-what is left of them. Worker threads hand events to the event loop through `Inbox`.
+"""What the chat server's routes share: settings, the request models they bound, the typed state on
+`app.state.server`, OpenAI-shaped errors, and turning a validated request into generation rows
+(`start_generation`: n rows submitted to the workers, their events delivered to asyncio queues on the loop).
 
 Not here: the routes (nanochat/server.py, nanochat/openai_api.py), the batching worker (nanochat/batching.py).
 """
@@ -12,8 +8,6 @@ Not here: the routes (nanochat/server.py, nanochat/openai_api.py), the batching 
 import asyncio
 import json
 import secrets
-import threading
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -127,7 +121,6 @@ class ServerState:
 
     settings: Settings
     pool: WorkerPool | None = None
-    inbox: "Inbox | None" = None
     tokenizer: Any = None
     model_name: str | None = None
     device: str | None = None
@@ -207,11 +200,12 @@ def start_generation(state: ServerState, body, tokens: list[int], n: int, max_to
     if settings.max_concurrent and state.in_flight >= settings.max_concurrent:
         raise APIError(429, f"the server is busy ({settings.max_concurrent} requests in flight); retry", None)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**63)
+    loop = asyncio.get_running_loop()
     queues = [asyncio.Queue() for _ in range(n)]
     requests = [
         GenerationRequest(
             prompt=tokens,
-            emit=partial(state.inbox.put, events),
+            emit=partial(loop.call_soon_threadsafe, events.put_nowait),  # from the worker's thread
             max_tokens=max_tokens,
             temperature=settings.temperature if body.temperature is None else body.temperature,
             top_k=settings.top_k if body.top_k is None else body.top_k,
@@ -235,29 +229,3 @@ def finish_generation(state: ServerState, requests) -> None:
 
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-class Inbox:
-    """Hands events from worker threads to the event loop with one wakeup per burst instead of one per token:
-    every call_soon_threadsafe writes the loop's wakeup pipe, and a decode step of 16 rows makes 16 events."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.items, self.lock, self.scheduled = loop, deque(), threading.Lock(), False
-
-    def put(self, queue: asyncio.Queue, event) -> None:
-        """Any thread: deliver `event` to `queue` on the loop."""
-        with self.lock:
-            self.items.append((queue, event))
-            if self.scheduled:
-                return
-            self.scheduled = True
-        try:
-            self.loop.call_soon_threadsafe(self._drain)
-        except RuntimeError:  # the loop is gone (server shutting down)
-            pass
-
-    def _drain(self) -> None:
-        with self.lock:
-            items, self.items, self.scheduled = self.items, deque(), False
-        for queue, event in items:
-            queue.put_nowait(event)
