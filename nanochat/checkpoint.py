@@ -1,30 +1,22 @@
 """Checkpoints: save and load a model, its per-rank optimizer state and the run's metadata, crash-safely.
 
-Layout of one checkpoint directory (e.g. `<base dir>/base_checkpoints/d12/`), one triplet per saved step:
-    model_{step:06d}.pt            model state_dict (written by rank 0; keys without torch.compile's prefix)
+One triplet per saved step in a checkpoint directory (e.g. `<base dir>/base_checkpoints/d12/`):
+    model_{step:06d}.pt            model state_dict (rank 0; keys without torch.compile's prefix)
     optim_{step:06d}_rank{r}.pt    optimizer state_dict of rank r (one file per rank; only when saved)
     meta_{step:06d}.json           {"step", "model_config" (GPTConfig.to_dict()), "world_size", **caller meta}
 
 Contract:
-- Every file is written atomically: to a hidden temp file in the same directory, fsynced, then renamed over
-  the final name (os.replace is atomic on POSIX). A crash mid-save never leaves a truncated file under a
-  final name.
-- The meta file is written last, by rank 0, and is the one mark of a complete checkpoint: `find_last_step`
-  and `load_checkpoint` only consider steps whose meta exists. Re-saving an existing step first deletes its
-  meta, so a crash halfway through leaves the step incomplete rather than a mix of old and new files.
-- Distributed saving: every rank calls `save_checkpoint` with the same arguments but its own rank. With a
-  torch.distributed process group, barriers order the save (stale meta removed -> all ranks write ->
-  rank 0 writes meta), so meta never precedes another rank's optimizer file. This assumes one filesystem
-  shared by all ranks (a single node, or a network filesystem). Without a process group there is nothing
-  to wait on: the caller must save the other ranks first, and rank 0 checks their files are present.
-- Optimizer state is per rank (sharded), so resuming optimizer state needs the world size it was saved
-  with; model weights alone load on any world size.
-- torch.load always runs with weights_only=True: model and optimizer state_dicts of standard optimizers
-  (tensors, numbers, strings, tuples, None) need nothing more, and nothing in a checkpoint can run code.
-- Meta must be JSON-serialisable; JSON turns tuples into lists and dict keys into strings.
-
-Not here: the tokenizer (nanochat/tokenizer.py; its vocab must match model_config's vocab_size), choosing
-what goes into meta (the stage scripts), deleting old checkpoints, and conversion to other formats.
+- Every file is written atomically (temp file in the same directory, fsync, os.replace), and meta is written
+  last, by rank 0: it is the one mark of a complete step (`find_last_step` and `load_checkpoint` only see steps
+  with a meta). Re-saving a step first deletes its meta, so a crash halfway leaves the step incomplete.
+- Every rank calls `save_checkpoint` with its own rank. With a process group, barriers order the save (stale
+  meta removed -> all ranks write -> rank 0 writes meta) on one shared filesystem; without one, the caller
+  saves the other ranks first and rank 0 checks their files are there.
+- Optimizer state is sharded per rank, so resuming it needs the world size it was saved with; model weights
+  load on any world size. torch.load runs with weights_only=True: nothing in a checkpoint can run code.
+- Meta must be JSON-serialisable (tuples come back as lists).
+Not here: the tokenizer (its vocab must match model_config's vocab_size), what goes into meta (the stages;
+nanochat/train.py saves their StageRecord), deleting old checkpoints, conversion to other formats.
 """
 
 import json

@@ -68,6 +68,8 @@ def add_stage_flags(parser, save_every: int = -1) -> None:
 
 
 # ---------------------------------------------------------------------------- schedules
+# Two LR shapes, not one: base counts whole steps (its warmdown is rounded to steps), the chat stages count
+# progress (mid: the fraction of its data read). Folding either into the other changes the LRs in the last bits.
 
 
 def lr_multiplier(step: int, num_steps: int, warmup_steps: int, warmdown_ratio: float, final_lr_frac: float) -> float:

@@ -106,6 +106,12 @@ def test_the_record_round_trips_and_old_metas_take_todays_values():
     assert StageRecord.from_meta(old) == StageRecord(step=3, device_batch_size=16)  # 2**19 tokens, default LRs
 
 
+def test_one_warmdown_schedule_is_rls_linear_decay_bit_for_bit():
+    assert all(train.warmdown_multiplier(s / n, 1.0, 0.0) == 1.0 - s / n for n in (3, 7, 30, 467) for s in range(n))
+    assert train.warmdown_multiplier(0.5, 0.2, 0.0) == 1.0  # constant until the last 20%
+    assert train.warmdown_multiplier(0.9, 0.2, 0.1) == pytest.approx(0.55)  # halfway down to 0.1
+
+
 def test_mixture_selects_components(capsys):
     mid_train.main([*TINY[:-2], "--mixture", "simplespelling", "--num-iterations", "1", "--eval-every", "-1",
                     "--model-tag", "d1"])  # fmt: skip
