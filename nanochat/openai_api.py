@@ -20,7 +20,6 @@ from nanochat.batching import DoneEvent, TokenEvent
 from nanochat.engine import ReplyRenderer
 from nanochat.server_state import (
     SSE_HEADERS,
-    authorize,
     finish_generation,
     prompt_tokens,
     server_state,
@@ -33,13 +32,11 @@ openai_router = APIRouter(prefix="/v1")
 
 @openai_router.get("/models")
 async def models(request: Request):
-    authorize(request)
     name = server_state(request).model_name
     return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "nanochat"}]}
 
 
 async def openai_completion(request: Request, body):
-    authorize(request)
     state = server_state(request)
     tokens = prompt_tokens(state, body)
     max_tokens = body.max_completion_tokens or body.max_tokens or state.settings.max_tokens

@@ -10,8 +10,10 @@ Contract:
   naming the field (`param`). Model work runs on the workers' threads, never on the event loop; a client that
   disconnects cancels its request, freeing its batch row before the next step. Text is decoded incrementally by
   engine.ReplyRenderer (never a split character); calculator calls reach the page as tool events.
-- Bearer-token authentication (`api_key`) and a cap on requests in flight (`max_concurrent`) are off by
-  default; the default bind address is 127.0.0.1. `quantize` ("int8" | "int4") serves quantized weights.
+- Bearer-token authentication (`api_key`: every path but the page and /health, the schema pages included) and
+  a cap on requests in flight (`max_concurrent`) are off by default; both, and the body size cap
+  (`max_body_bytes`, 1 MiB), answer before the body is read. Every error is in OpenAI's shape. The default
+  bind address is 127.0.0.1. `quantize` ("int8" | "int4") serves quantized weights.
 
 Not here: the batching worker (nanochat/batching.py), the command line (scripts/chat_web.py).
 """
@@ -25,6 +27,7 @@ from functools import partial
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from nanochat.batching import BatchingWorker, TokenEvent, WorkerPool
 from nanochat.engine import ReplyRenderer
@@ -35,10 +38,13 @@ from nanochat.server_state import (
     ServerState,
     Settings,
     api_error,
-    authorize,
+    error_response,
     finish_generation,
+    http_error,
+    key_accepted,
     prompt_tokens,
     request_models,
+    server_error,
     server_state,
     sse,
     start_generation,
@@ -81,7 +87,6 @@ async def health(request: Request):
 
 @page_router.get("/stats")
 async def stats(request: Request):
-    authorize(request)  # /health stays open for monitors and the page; the details need the key
     state = server_state(request)
     workers = [
         {"name": w.name, "device": str(w.device), "active": len(w.slots), "queued": w.pending.qsize(), **w.stats}
@@ -91,7 +96,6 @@ async def stats(request: Request):
 
 
 async def page_completion(request: Request, body):
-    authorize(request)
     state = server_state(request)
     tokens = prompt_tokens(state, body)
     queues, requests = start_generation(state, body, tokens, 1, body.max_tokens or state.settings.max_tokens)
@@ -185,6 +189,44 @@ def typed_body(handler, model: type):
     return endpoint
 
 
+OPEN_PATHS = ("/", "/health")  # the page and the monitors' health check need no key; everything else does
+
+
+class Gate:
+    """ASGI middleware that answers before the body is read: 401 (with `WWW-Authenticate: Bearer`, RFC 6750)
+    without the key, on every path but OPEN_PATHS (the API, /stats and the schema pages alike), and 413 for a
+    body over `max_body_bytes`: at once when Content-Length says so, else as soon as the chunks read exceed it."""
+
+    def __init__(self, app, settings: Settings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+        limit = self.settings.max_body_bytes
+        if scope["path"] not in OPEN_PATHS and not key_accepted(
+            self.settings.api_key, headers.get("authorization", "")
+        ):
+            message = "a valid 'Authorization: Bearer <key>' header is required"
+            response = error_response(401, message, None, "authentication_error")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return await response(scope, receive, send)
+        if int(headers.get("content-length") or 0) > limit:
+            return await error_response(413, f"the request body is over {limit} bytes")(scope, receive, send)
+        read = 0
+
+        async def capped_receive():
+            nonlocal read
+            message = await receive()
+            read += len(message.get("body", b""))
+            if read > limit:  # FastAPI re-raises an HTTPException met while reading; http_error shapes it
+                raise HTTPException(413, f"the request body is over {limit} bytes")
+            return message
+
+        await self.app(scope, capped_receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     page_request, openai_request = request_models(settings)
@@ -192,6 +234,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.server = ServerState(settings)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
+    app.add_middleware(Gate, settings=settings)
     app.include_router(page_router)
     app.add_api_route("/chat/completions", typed_body(page_completion, page_request), methods=["POST"])
     app.include_router(openai_router)

@@ -17,6 +17,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException
 
 from nanochat.batching import Request as GenerationRequest
 from nanochat.batching import WorkerPool
@@ -37,8 +38,9 @@ class Settings:
     # model_loader(device_index) -> (model, tokenizer, model name): replaces checkpoint loading (tests, embedding)
     model_loader: Callable | None = None
     # Access
-    api_key: str | None = None  # bearer token required on the API when set
+    api_key: str | None = None  # bearer token required on all but the page and /health when set
     max_concurrent: int = 0  # requests in flight at once, 0 = no cap (beyond it: 429)
+    max_body_bytes: int = 1 << 20  # larger request bodies are refused (413) before they are read
     # Request limits
     max_messages: int = 100
     max_message_chars: int = 8000
@@ -143,6 +145,16 @@ def error_response(status: int, message: str, param=None, kind="invalid_request_
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
 
 
+async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own errors (404, 405, a body too large, ...) in OpenAI's error shape too."""
+    kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+    return error_response(exc.status_code, str(exc.detail), None, kind)
+
+
+async def server_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(500, f"internal server error ({type(exc).__name__})", None, "server_error")
+
+
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
@@ -153,14 +165,10 @@ async def api_error(request: Request, exc: APIError) -> JSONResponse:
     return error_response(exc.status, exc.message, exc.param, exc.kind)
 
 
-def authorize(request: Request) -> None:
-    api_key = server_state(request).settings.api_key
-    if not api_key:
-        return
-    header = request.headers.get("authorization", "")
-    token = header[7:] if header.lower().startswith("bearer ") else ""
-    if not secrets.compare_digest(token.encode(), api_key.encode()):
-        raise APIError(401, "a valid 'Authorization: Bearer <key>' header is required", None, "authentication_error")
+def key_accepted(api_key: str | None, authorization: str) -> bool:
+    """Whether an Authorization header carries the bearer key (always, when no key is set)."""
+    token = authorization[7:] if authorization.lower().startswith("bearer ") else ""
+    return not api_key or secrets.compare_digest(token.encode(), api_key.encode())
 
 
 # ---------------------------------------------------------------------------- generation

@@ -42,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("-p", "--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: open)")
     parser.add_argument("--max-concurrent", type=int, default=0, help="requests in flight at once (0 = no cap)")
+    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="larger bodies get 413")
     # Sampling defaults (a request may override them within the limits)
     parser.add_argument("-t", "--temperature", type=float, default=defaults.temperature)
     parser.add_argument("-k", "--top-k", type=int, default=defaults.top_k, help="-1 = off")
@@ -66,6 +67,7 @@ def main(argv=None) -> None:
         quantize=args.quantize,
         api_key=args.api_key,
         max_concurrent=args.max_concurrent,
+        max_body_bytes=args.max_body_bytes,
         temperature=args.temperature,
         top_k=None if args.top_k == -1 else args.top_k,
         max_tokens=args.max_tokens,

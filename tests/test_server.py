@@ -423,3 +423,79 @@ def test_chat_web_quantize_serves_int8_weights(tmp_path, small_tokenizer, monkey
     finally:
         process.terminate()
         process.wait(30)
+
+
+# ---------------------------------------------------------------------------- the gate: key, body size, errors
+
+
+@pytest.fixture(scope="module")
+def guarded(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    settings = Settings(model_loader=lambda i: (model, tokenizer, "guarded"), api_key="k3y", max_body_bytes=100_000)
+    with ServerThread(settings) as running:
+        yield running
+
+
+KEY, JSON = {"Authorization": "Bearer k3y"}, {"Content-Type": "application/json"}
+
+
+def headers_only(port: int, head: str) -> str:
+    """Send a request's line and headers but never its body; what the server answers within 10 s. A server that
+    waited for the body would answer nothing."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(head.encode() + b"\r\n")
+        answer = b""
+        try:
+            while chunk := connection.recv(65536):
+                answer += chunk
+                if b"}}" in answer:  # the end of the JSON error
+                    break
+        except TimeoutError:
+            pass
+    return answer.decode()
+
+
+def test_authentication_comes_before_the_body(guarded):
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n"
+    answer = headers_only(guarded.port, head)
+    assert answer.startswith("HTTP/1.1 401") and "www-authenticate: bearer\r\n" in answer.lower()
+    assert '"type":"authentication_error"' in answer.replace(" ", "")
+
+
+def test_a_body_over_the_cap_is_413_before_it_is_read(guarded):
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k3y\r\nContent-Length: 100001\r\n"
+    answer = headers_only(guarded.port, head)
+    assert answer.startswith("HTTP/1.1 413") and '"error"' in answer
+    # without a Content-Length (chunked), reading stops at the cap
+    chunks = (b"x" * 10_000 for _ in range(20))
+    response = httpx.post(guarded.url + "/v1/chat/completions", content=chunks, headers=KEY, timeout=30)
+    assert response.status_code == 413 and "100000 bytes" in response.json()["error"]["message"]
+    body = {"messages": USER, "max_tokens": 2}  # under the cap, with the key: served
+    assert httpx.post(guarded.url + "/v1/chat/completions", json=body, headers=KEY, timeout=60).status_code == 200
+
+
+def test_the_schema_pages_need_the_key(guarded):
+    for path in ["/docs", "/redoc", "/openapi.json", "/stats", "/v1/models"]:
+        response = httpx.get(guarded.url + path)
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer", path
+        assert response.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(guarded.url + path, headers=KEY).status_code == 200, path
+    for path in ["/", "/health"]:  # the page and the monitors' health check stay open
+        assert httpx.get(guarded.url + path).status_code == 200
+
+
+def test_every_error_has_openais_shape(guarded):
+    responses = {
+        404: httpx.get(guarded.url + "/nowhere", headers=KEY),
+        405: httpx.get(guarded.url + "/v1/chat/completions", headers=KEY),
+        400: httpx.post(
+            guarded.url + "/v1/chat/completions",
+            content=b"{not json",
+            headers={**KEY, "Content-Type": "application/json"},
+        ),
+    }
+    for status, response in responses.items():
+        assert response.status_code == status
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+        assert error["message"] and isinstance(error["message"], str)
