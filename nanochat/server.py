@@ -1,11 +1,15 @@
 """The web chat server: the page, a streaming API for it, and an OpenAI-compatible API, over continuous batching.
 
 Contract:
-- `create_app(settings)` builds the FastAPI app from two routers (the page's here, OpenAI's in
-  nanochat/openai_api.py) of module-level handlers sharing one typed `ServerState` on `app.state.server`;
-  the lifespan hook loads the models (one BatchingWorker per device), so importing this module does nothing.
+- `create_app(settings)` builds the FastAPI app from two routers (the page's, OpenAI's) of module-level handlers
+  sharing one typed `ServerState` on `app.state.server` (nanochat/server_state.py); the lifespan hook loads the
+  models (one BatchingWorker per device), so importing this module does nothing.
 - `GET /` the chat page (nanochat/ui.html); `GET /health`; `GET /stats`; `POST /chat/completions` streams
   Server-Sent Events for the page (`{"type": "text" | "tool" | "error" | "done", ...}`).
+- `GET /v1/models` and `POST /v1/chat/completions` follow OpenAI's chat completions API, so its clients work
+  unchanged: streaming (chunks, then `data: [DONE]`) or not; temperature, top_p, top_k, max_tokens /
+  max_completion_tokens, stop, seed, n, stream_options.include_usage, usage and finish_reason. Calculator calls
+  read as `<<expression=result>>` (GSM8K's notation) in the text; a stop sequence ends its choice and its row.
 - Bodies are validated by pydantic models bounded by `Settings`: a violation is a 400 in OpenAI's error shape
   naming the field (`param`). Model work runs on the workers' threads, never on the event loop; a client that
   disconnects cancels its request, freeing its batch row before the next step. Text is decoded incrementally by
@@ -20,6 +24,8 @@ Not here: the batching worker (nanochat/batching.py), the command line (scripts/
 
 import asyncio
 import os
+import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -29,9 +35,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from nanochat.batching import BatchingWorker, TokenEvent, WorkerPool
+from nanochat.batching import BatchingWorker, DoneEvent, TokenEvent, WorkerPool
 from nanochat.engine import ReplyRenderer
-from nanochat.openai_api import openai_completion, openai_router
 from nanochat.server_state import (
     SSE_HEADERS,
     APIError,
@@ -127,6 +132,135 @@ async def page_completion(request: Request, body):
             finish_generation(state, requests)
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+# ---------------------------------------------------------------------------- OpenAI's routes
+
+openai_router = APIRouter(prefix="/v1")
+
+
+@openai_router.get("/models")
+async def models(request: Request):
+    name = server_state(request).model_name
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "nanochat"}]}
+
+
+async def openai_completion(request: Request, body):
+    state = server_state(request)
+    tokens = prompt_tokens(state, body)
+    max_tokens = body.max_completion_tokens or body.max_tokens or state.settings.max_tokens
+    queues, requests = start_generation(state, body, tokens, body.n, max_tokens)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
+    merged = merge_choices(queues, requests, state.tokenizer, body.stop)
+    if not body.stream:
+        try:
+            texts, reasons, counts = [""] * body.n, [None] * body.n, [0] * body.n
+            async for index, text, reason, count in merged:
+                texts[index] += text
+                if reason is not None:
+                    reasons[index], counts[index] = reason, count
+        finally:
+            finish_generation(state, requests)
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": reasons[i]}
+            for i in range(body.n)
+        ]
+        return {**head, "object": "chat.completion", "choices": choices, "usage": usage_of(tokens, counts)}
+
+    async def stream() -> AsyncIterator[str]:
+        chunk = {**head, "object": "chat.completion.chunk"}
+        counts = [0] * body.n
+        try:
+            for i in range(body.n):
+                delta = {"role": "assistant", "content": ""}
+                yield sse({**chunk, "choices": [{"index": i, "delta": delta, "finish_reason": None}]})
+            async for index, text, reason, count in merged:
+                if text:
+                    choice = {"index": index, "delta": {"content": text}, "finish_reason": None}
+                    yield sse({**chunk, "choices": [choice]})
+                if reason is not None:
+                    counts[index] = count
+                    yield sse({**chunk, "choices": [{"index": index, "delta": {}, "finish_reason": reason}]})
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse({**chunk, "choices": [], "usage": usage_of(tokens, counts)})
+            yield "data: [DONE]\n\n"
+        finally:
+            finish_generation(state, requests)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def usage_of(tokens: list[int], counts: list[int]) -> dict:
+    completion = sum(counts)
+    return {"prompt_tokens": len(tokens), "completion_tokens": completion, "total_tokens": len(tokens) + completion}
+
+
+class StopMatcher:
+    """Holds back text that might begin a stop sequence; cuts the text at the first complete one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.pending, self.stopped = stops, "", False
+
+    def push(self, text: str) -> str:
+        if not self.stops:
+            return text
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending, self.stopped = self.pending[:cut], "", True
+            return out
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def openai_text(piece: tuple) -> str:
+    """How a rendered piece reads in plain text: tool calls in GSM8K's <<expression=result>> notation."""
+    if piece[0] == "text":
+        return piece[1]
+    _, expression, output = piece
+    return f"<<{expression}={output}>>" if output is not None else f"<<{expression}>>"
+
+
+OPENAI_FINISH = {"stop": "stop", "length": "length", "context": "length", "cancelled": "stop", "error": "stop"}
+
+
+async def merge_choices(queues, requests, tokenizer, stops):
+    """Yields (choice index, text delta, finish reason or None, completion tokens) across the n choices as their
+    tokens arrive; a stop sequence ends its choice (and cancels its row)."""
+    pending = {asyncio.ensure_future(q.get()): i for i, q in enumerate(queues)}
+    renderers = [ReplyRenderer(tokenizer) for _ in queues]
+    matchers = [StopMatcher(stops or []) for _ in queues]
+    counts = [0] * len(queues)
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                i = pending.pop(future)
+                event = future.result()
+                if isinstance(event, TokenEvent):
+                    counts[i] += 1
+                    text = "".join(matchers[i].push(openai_text(p)) for p in renderers[i].push(event.token))
+                    if matchers[i].stopped:
+                        requests[i].cancel()
+                        yield i, text, "stop", counts[i]
+                        continue
+                    if text:
+                        yield i, text, None, counts[i]
+                    pending[asyncio.ensure_future(queues[i].get())] = i
+                    continue
+                assert isinstance(event, DoneEvent)
+                text = "".join(matchers[i].push(openai_text(p)) for p in renderers[i].finish())
+                reason = "stop" if matchers[i].stopped else OPENAI_FINISH[event.finish_reason]
+                text += "" if matchers[i].stopped else matchers[i].flush()
+                yield i, text, reason, event.completion_tokens
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 # ---------------------------------------------------------------------------- the app

@@ -2,7 +2,7 @@
 `app.state.server`, OpenAI-shaped errors, and turning a validated request into generation rows
 (`start_generation`: n rows submitted to the workers, their events delivered to asyncio queues on the loop).
 
-Not here: the routes (nanochat/server.py, nanochat/openai_api.py), the batching worker (nanochat/batching.py).
+Not here: the routes (nanochat/server.py), the batching worker (nanochat/batching.py).
 """
 
 import asyncio

@@ -19,9 +19,8 @@ from conftest import REPO
 from nanochat.checkpoint import load_model, save_checkpoint
 from nanochat.engine import Engine, ReplyRenderer
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.openai_api import StopMatcher, openai_text
 from nanochat.quantize import quantize_model
-from nanochat.server import Settings, create_app
+from nanochat.server import Settings, StopMatcher, create_app, openai_text
 
 
 def tiny_model(seed=0) -> GPT:
