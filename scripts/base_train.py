@@ -212,20 +212,10 @@ def main(argv=None):
         step += 1
         log.step(step, train_loss.item(), hp["total_batch_size"], lrm=lrm)
 
-    summary = {
-        "model_tag": model_tag,
-        "step": step,
-        "val_bpb": val_bpb,
-        "min_val_bpb": log.state.get("min_val_bpb"),
-        **log.summary(),
-        "depth": args.depth,
-        "parameters": model.num_params(),
-        "flops_per_token": model.estimate_flops(),
-        "steps": step,
-        "tokens": step * hp["total_batch_size"],
-        "total_batch_size": hp["total_batch_size"],
-        "world_size": runtime.world_size,
-    }
+    summary = {"model_tag": model_tag, "step": step, "val_bpb": val_bpb, "min_val_bpb": log.state.get("min_val_bpb"),
+               **log.summary(), "depth": args.depth, "parameters": model.num_params(),
+               "flops_per_token": model.estimate_flops(), "steps": step, "tokens": step * hp["total_batch_size"],
+               "total_batch_size": hp["total_batch_size"], "world_size": runtime.world_size}  # fmt: skip
     return log.finish(summary, curves=("train_loss", "val_bpb"))
 
 
