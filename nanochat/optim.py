@@ -7,7 +7,7 @@ each job owns everything, so the single-process run is the distributed algorithm
 
 Contract:
 - Param groups are dicts with "params", "kind" ("muon" or "adamw"), "lr", and the kind's hyperparameters
-  (AdamW: betas, eps, weight_decay; Muon: momentum, nesterov, ns_steps, orthogonalizer, weight_decay); missing
+  (AdamW: betas, eps, weight_decay; Muon: momentum, nesterov, ns_steps, weight_decay); missing
   ones take the defaults below. "initial_lr" is stored (default: lr) so a training loop schedules
   `group["lr"] = group["initial_lr"] * multiplier`; Muon's momentum is likewise set from outside.
 - The training loop runs backward (any number of accumulation micro-steps), then `step()`, then
@@ -63,35 +63,23 @@ POLAR_EXPRESS_COEFFICIENTS = tuple(
     (a / _SAFETY, b / _SAFETY**3, c / _SAFETY**5) for a, b, c in _POLAR_EXPRESS_PAPER[:-1]
 ) + (_POLAR_EXPRESS_PAPER[-1],)
 
-# Keller Jordan's quintic (modded-nanogpt; nanochat's muon.py): found by search to push small singular values
-# up fast; it does not converge to 1 but settles in about [0.68, 1.14] (measured on random 64x256 matrices),
-# which Muon tolerates.
-QUINTIC_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
-ORTHOGONALIZERS = ("polar_express", "quintic")
-
-
-def orthogonalize(update: torch.Tensor, steps: int = 5, method: str = "polar_express") -> torch.Tensor:
+def orthogonalize(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """Approximate polar factor U V^T of `update` (..., rows, cols) = U S V^T, in bf16, same shape.
 
     Normalizing by the Frobenius norm puts every singular value in [0, 1]; each step then applies the odd
     polynomial a x + b x^3 + c x^5 to all singular values at once using only matmuls. Tall matrices are
-    transposed first so the Gram matrix X X^T is the small (min(rows, cols))^2 one. After 5 steps Polar Express
-    leaves the singular values in about [0.84, 1.13] (those above 1e-3 of the largest), the quintic in [0.68, 1.14].
+    transposed first so the Gram matrix X X^T is the small (min(rows, cols))^2 one. After 5 steps the singular
+    values above 1e-3 of the largest sit in about [0.84, 1.13]. (Keller Jordan's quintic, which this replaced,
+    leaves them in [0.68, 1.14] and twice as far from the polar factor: tests/test_optim.py measures both.)
     """
-    if method == "polar_express":
-        schedule = POLAR_EXPRESS_COEFFICIENTS[:steps]
-        schedule += (POLAR_EXPRESS_COEFFICIENTS[-1],) * (steps - len(schedule))
-        safety = _SAFETY  # the paper also divides the norm by 1.01 (Algorithm 1)
-    elif method == "quintic":
-        schedule, safety = (QUINTIC_COEFFICIENTS,) * steps, 1.0
-    else:
-        raise ValueError(f"orthogonalizer must be one of {ORTHOGONALIZERS}, got {method!r}")
+    schedule = POLAR_EXPRESS_COEFFICIENTS[:steps]
+    schedule += (POLAR_EXPRESS_COEFFICIENTS[-1],) * (steps - len(schedule))
     x = update.bfloat16()  # bf16 is accurate enough: Muon needs the direction, not 16 digits (Jordan; 2505.16932)
     transposed = update.size(-2) > update.size(-1)
     if transposed:
         x = x.mT  # (..., cols, rows), now wide
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) * safety + 1e-7)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * _SAFETY + 1e-7)  # the paper divides the norm by 1.01 too
     for a, b, c in schedule:
         gram = x @ x.mT  # (..., short, short)
         x = a * x + (b * gram + c * (gram @ gram)) @ x
@@ -105,9 +93,9 @@ def _compiled_orthogonalize():
     return torch.compile(orthogonalize, dynamic=False)
 
 
-def _orthogonalize_on_device(update: torch.Tensor, steps: int, method: str) -> torch.Tensor:
+def _orthogonalize_on_device(update: torch.Tensor, steps: int) -> torch.Tensor:
     fn = _compiled_orthogonalize() if update.device.type == "cuda" else orthogonalize
-    return fn(update, steps, method)
+    return fn(update, steps)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,7 +128,7 @@ def muon_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
     buffer = state["momentum_buffer"]
     buffer.lerp_(grad, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * grad
     update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer  # out of place: grad may be p.grad
-    ortho = _orthogonalize_on_device(update, group["ns_steps"], group["orthogonalizer"])
+    ortho = _orthogonalize_on_device(update, group["ns_steps"])
     rows, cols = param.shape
     # O has min(rows, cols) unit singular values, so its RMS entry is 1/sqrt(max(rows, cols)); the factor
     # sqrt(max(1, rows/cols)) makes the step's RMS entry lr/sqrt(cols) = lr/sqrt(fan_in) for tall and wide
@@ -202,7 +190,7 @@ def _all_gather(shard: torch.Tensor, world_size: int) -> _Pending:
 
 _GROUP_DEFAULTS = {
     "adamw": {"betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.0},
-    "muon": {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "orthogonalizer": "polar_express", "weight_decay": 0.0},
+    "muon": {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "weight_decay": 0.0},
 }
 
 
@@ -232,8 +220,6 @@ class MuonAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"muon orthogonalizes 2-D matrices; got shape {tuple(p.shape)} (use adamw)")
-            if group["orthogonalizer"] not in ORTHOGONALIZERS:
-                raise ValueError(f"orthogonalizer must be one of {ORTHOGONALIZERS}, got {group['orthogonalizer']!r}")
         super().add_param_group(group)
 
     @torch.no_grad()
