@@ -25,7 +25,7 @@ Contract:
 - Distributed: with a torch.distributed process group, rank r scores examples r, r+W, ...; the per-example
   correctness vector is summed across ranks, so every rank returns the same result.
 - A task whose data file is absent is reported as missing and excluded: the result says how many of the
-  tasks CORE covers (the bundle in ../shared/data lacks hellaswag, squad and coqa: 18 of 22).
+  tasks CORE covers (a bundle without hellaswag, squad and coqa covers 18 of 22).
 - The model is anything callable as `model(idx) -> logits (B, T, V)`: nanochat's GPT, or a Hugging Face
   causal LM behind `HuggingFaceModel`. A model whose forward takes `logits_to_keep` (GPT) is asked only for
   the last positions' logits, from the first scored one on, and must return what `model(idx)` gives there (up
@@ -36,6 +36,7 @@ Not here: the command line, checkpoint loading and result files (scripts/base_ev
 
 import csv
 import inspect
+import json
 import os
 import random
 import zipfile
@@ -45,15 +46,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from nanochat.common import atomic_write, dist_info, get_base_dir
+
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 FEWSHOT_SEED = 1234  # example i draws its few-shot examples with random.Random(FEWSHOT_SEED + i)
 SUBSET_SEED = 1337  # max_per_task keeps a prefix of the indices shuffled with this seed
 EXAMPLE_DELIMITER = "\n\n"  # between few-shot examples and before the question
 DEFAULT_CONTINUATION_DELIMITER = " "  # core.yaml's default when a task names none (llm-foundry's default)
-
-
-# ---------------------------------------------------------------------------- the bundle
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,6 @@ def ensure_bundle(bundle_dir: str | None = None, base_dir: str | None = None) ->
         if not os.path.exists(os.path.join(bundle_dir, "core.yaml")):
             raise FileNotFoundError(f"{bundle_dir} has no core.yaml: point --bundle at the unzipped eval_bundle/")
         return bundle_dir
-    from nanochat.common import atomic_write, get_base_dir
-
     base_dir = base_dir or get_base_dir()
     target = os.path.join(base_dir, "eval_bundle")
     if os.path.exists(os.path.join(target, "core.yaml")):
@@ -87,16 +85,13 @@ def ensure_bundle(bundle_dir: str | None = None, base_dir: str | None = None) ->
     try:
         with requests.get(BUNDLE_URL, stream=True, timeout=30) as response:
             response.raise_for_status()
-
-            def write_zip(f):
-                for chunk in response.iter_content(1 << 20):
-                    f.write(chunk)
-
-            atomic_write(zip_path, write_zip)  # ~162 MB; a dropped connection leaves no truncated zip
+            # ~162 MB; a dropped connection leaves no truncated zip
+            atomic_write(zip_path, lambda f: f.writelines(response.iter_content(1 << 20)))
     except requests.RequestException as e:
         raise RuntimeError(
             f"cannot download the CORE eval bundle from {BUNDLE_URL} ({type(e).__name__}: {e}). Offline? Pass "
-            "--bundle PATH (the unzipped eval_bundle/ directory, e.g. ../shared/data/core/eval_bundle)"
+            "--bundle PATH (the unzipped eval_bundle/ directory) or set NANOCHAT_DATA_DIR to a data directory holding "
+            "core/eval_bundle"
         ) from e
     # Unzip beside the target and rename, so an interrupted unzip never looks like a complete bundle.
     staging = f"{target}.{os.getpid()}.tmp"
@@ -131,17 +126,10 @@ def load_task_specs(bundle_dir: str) -> list[TaskSpec]:
                 raise ValueError(f"task {label}: CORE uses one few-shot setting per task, got {shots}")
             shots = shots[0]
         rows = meta[label]["#datapoints"].strip()
-        specs.append(
-            TaskSpec(
-                label=label,
-                dataset_uri=task["dataset_uri"],
-                task_type=task["icl_task_type"],
-                num_fewshot=int(shots),
-                continuation_delimiter=task.get("continuation_delimiter", DEFAULT_CONTINUATION_DELIMITER),
-                baseline=float(meta[label]["Random baseline"]) / 100.0,  # the csv stores percent
-                csv_rows=int(rows) if rows else None,
-            )
-        )
+        delimiter = task.get("continuation_delimiter", DEFAULT_CONTINUATION_DELIMITER)
+        baseline = float(meta[label]["Random baseline"]) / 100.0  # the csv stores percent
+        specs.append(TaskSpec(label, task["dataset_uri"], task["icl_task_type"], int(shots), delimiter, baseline,
+                              int(rows) if rows else None))  # fmt: skip
     return specs
 
 
@@ -150,13 +138,8 @@ def task_path(bundle_dir: str, spec: TaskSpec) -> str:
 
 
 def load_examples(path: str) -> list[dict]:
-    import json
-
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-# ---------------------------------------------------------------------------- prompts
 
 
 def fewshot_indices(index: int, num_examples: int, num_fewshot: int) -> list[int]:
@@ -199,12 +182,7 @@ def build_prompts(spec: TaskSpec, examples: list[dict], index: int) -> tuple[lis
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
-    length = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        length += 1
-    return length
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def tokenize_options(tokenizer, contexts: list[str], fulls: list[str], max_seq_len: int | None):
@@ -221,9 +199,6 @@ def tokenize_options(tokenizer, contexts: list[str], fulls: list[str], max_seq_l
             full, start, end = full[crop:], max(start - crop, 1), max_seq_len
         options.append((full, start, end))
     return options
-
-
-# ---------------------------------------------------------------------------- scoring
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -279,10 +254,6 @@ def centered_accuracy(accuracy: float, baseline: float) -> float:
     return (accuracy - baseline) / (1.0 - baseline)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 @dataclass
 class TaskResult:
     label: str
@@ -329,7 +300,7 @@ def evaluate_task(model, tokenizer, spec: TaskSpec, examples, device, max_seq_le
     if max_per_task > 0:
         random.Random(SUBSET_SEED).shuffle(indices)
         indices = indices[:max_per_task]
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    rank, _, world_size = dist_info()
     correct = torch.zeros(len(indices), dtype=torch.float32, device=device)
     for position in range(rank, len(indices), world_size):
         correct[position] = float(
@@ -338,17 +309,9 @@ def evaluate_task(model, tokenizer, spec: TaskSpec, examples, device, max_seq_le
     if world_size > 1:
         dist.all_reduce(correct)  # each position was filled by exactly one rank
     accuracy = correct.mean().item() if len(indices) else 0.0
-    return TaskResult(
-        label=spec.label,
-        task_type=spec.task_type,
-        num_fewshot=spec.num_fewshot,
-        baseline=spec.baseline,
-        file_rows=len(examples),
-        csv_rows=spec.csv_rows,
-        examples=len(indices),
-        accuracy=accuracy,
-        centered=centered_accuracy(accuracy, spec.baseline),
-    )
+    centered = centered_accuracy(accuracy, spec.baseline)
+    return TaskResult(spec.label, spec.task_type, spec.num_fewshot, spec.baseline, len(examples), spec.csv_rows,
+                      len(indices), accuracy, centered)  # fmt: skip
 
 
 def model_max_seq_len(model) -> int | None:
@@ -396,9 +359,6 @@ def evaluate_core(
         if log:
             log(f"{task.label}: accuracy {task.accuracy:.4f} centered {task.centered:.4f} ({task.examples} examples)")
     return result
-
-
-# ---------------------------------------------------------------------------- Hugging Face models
 
 
 class HuggingFaceModel:

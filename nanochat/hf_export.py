@@ -57,87 +57,57 @@ WEIGHTS_FILE = "model.safetensors"
 # Files a previous export into the same directory may have left that transformers would read instead of, or on
 # top of, ours (sharded or .bin weights, a separate chat template, another model's generation settings).
 # `force` deletes them.
-SHADOWING_FILES = (
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "generation_config.json",
-)
+SHADOWING_FILES = ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+    "chat_template.jinja", "chat_template.json", "special_tokens_map.json", "added_tokens.json",
+    "generation_config.json")  # fmt: skip
 
 # Our chat protocol (nanochat.tokenizer.Tokenizer.render_conversation) in Jinja: a leading system message is
 # merged into the first user turn, turns must alternate user/assistant, and assistant content is a string or a
-# list of {"type": "text" | "python" | "python_output", "text": ...} parts.
-CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{%- if messages | length < 2 or messages[1]['role'] != 'user' -%}"
-    "{{- raise_exception('a system message must be followed by a user message') -}}"
-    "{%- endif -%}"
-    "{%- set turns = [{'role': 'user', 'content': messages[0]['content'] + '\\n\\n' + messages[1]['content']}]"
-    " + messages[2:] -%}"
-    "{%- else -%}"
-    "{%- set turns = messages -%}"
-    "{%- endif -%}"
-    "<|bos|>"
-    "{%- for message in turns -%}"
-    "{%- if message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}"
-    "{{- raise_exception('turns must alternate user/assistant, starting with user (a system message may come"
-    " first)') -}}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{- '<|user_start|>' + message['content'] + '<|user_end|>' -}}"
-    "{%- else -%}"
-    "{{- '<|assistant_start|>' -}}"
-    "{%- if message['content'] is string -%}"
-    "{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'text' -%}"
-    "{{- part['text'] -}}"
-    "{%- elif part['type'] == 'python' -%}"
-    "{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}"
-    "{%- elif part['type'] == 'python_output' -%}"
-    "{{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}"
-    "{%- else -%}"
-    "{{- raise_exception('assistant parts have type text, python or python_output') -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<|assistant_end|>' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{%- if turns[-1]['role'] != 'user' -%}"
-    "{{- raise_exception('add_generation_prompt needs the conversation to end with a user message') -}}"
-    "{%- endif -%}"
-    "{{- '<|assistant_start|>' -}}"
-    "{%- endif -%}"
-)
+# list of {"type": "text" | "python" | "python_output", "text": ...} parts. Every tag trims the template text
+# around it ({%- -%}), so this layout's line breaks and indentation never reach the output.
+CHAT_TEMPLATE = r"""
+{%- if messages[0]['role'] == 'system' -%}
+  {%- if messages | length < 2 or messages[1]['role'] != 'user' -%}
+    {{- raise_exception('a system message must be followed by a user message') -}}
+  {%- endif -%}
+  {%- set first = {'role': 'user', 'content': messages[0]['content'] + '\n\n' + messages[1]['content']} -%}
+  {%- set turns = [first] + messages[2:] -%}
+{%- else -%}{%- set turns = messages -%}{%- endif -%}
+<|bos|>
+{%- for message in turns -%}
+  {%- if message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}
+    {{- raise_exception('turns must alternate user/assistant, starting with user (a system message may come first)') -}}
+  {%- endif -%}
+  {%- if message['role'] == 'user' -%}{{- '<|user_start|>' + message['content'] + '<|user_end|>' -}}
+  {%- else -%}
+    {{- '<|assistant_start|>' -}}
+    {%- if message['content'] is string -%}{{- message['content'] -}}
+    {%- else -%}{%- for part in message['content'] -%}
+      {%- if part['type'] == 'text' -%}{{- part['text'] -}}
+      {%- elif part['type'] == 'python' -%}{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}
+      {%- elif part['type'] == 'python_output' -%}{{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}
+      {%- else -%}{{- raise_exception('assistant parts have type text, python or python_output') -}}
+      {%- endif -%}
+    {%- endfor -%}{%- endif -%}
+    {{- '<|assistant_end|>' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {%- if turns[-1]['role'] != 'user' -%}
+    {{- raise_exception('add_generation_prompt needs the conversation to end with a user message') -}}
+  {%- endif -%}
+  {{- '<|assistant_start|>' -}}
+{%- endif -%}
+"""
 
 
 class UnsupportedModelError(ValueError):
     """The model uses something the transformers NanoChat format cannot express."""
 
 
-# ---------------------------------------------------------------------------- config
-
-
 def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: torch.dtype = torch.float32) -> dict:
     """The config.json of NanoChatForCausalLM, after checking every GPTConfig field can be carried over."""
-    handled = {
-        "sequence_len",
-        "vocab_size",
-        "n_layer",
-        "n_head",
-        "n_kv_head",
-        "n_embd",
-        "rope_base",
-        "mlp",
-        "logit_softcap",
-    }
+    handled = set("sequence_len vocab_size n_layer n_head n_kv_head n_embd rope_base mlp logit_softcap".split())
     unknown = [f.name for f in fields(config) if f.name not in handled]
     if unknown:
         raise UnsupportedModelError(
@@ -187,9 +157,6 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: torch.dtype = torc
     }
 
 
-# ---------------------------------------------------------------------------- weights
-
-
 def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Our weights under NanoChatForCausalLM's names, as new contiguous tensors of `dtype` on the CPU."""
     config = model.config
@@ -212,37 +179,26 @@ def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, t
         "model.embed_tokens.weight": take("wte.weight")[:vocab_size],
         "lm_head.weight": take("lm_head.weight")[:vocab_size],
     }
+    # (ours, transformers', heads whose RoPE halves to flip or None) per block's matrix.
+    matrices = [("attn.c_q", "self_attn.q_proj", config.n_head), ("attn.c_k", "self_attn.k_proj", config.n_kv_head)]
+    matrices += [("attn.c_v", "self_attn.v_proj", None), ("attn.c_proj", "self_attn.o_proj", None)]
+    matrices += [("mlp.c_fc", "mlp.fc1", None), ("mlp.c_proj", "mlp.fc2", None)]
     for i in range(config.n_layer):
-        ours_prefix, hf_prefix = f"blocks.{i}.", f"model.layers.{i}."
-        converted[hf_prefix + "self_attn.q_proj.weight"] = rope_sign_flipped(
-            take(ours_prefix + "attn.c_q.weight"), config.n_head
-        )
-        converted[hf_prefix + "self_attn.k_proj.weight"] = rope_sign_flipped(
-            take(ours_prefix + "attn.c_k.weight"), config.n_kv_head
-        )
-        converted[hf_prefix + "self_attn.v_proj.weight"] = take(ours_prefix + "attn.c_v.weight")
-        converted[hf_prefix + "self_attn.o_proj.weight"] = take(ours_prefix + "attn.c_proj.weight")
-        converted[hf_prefix + "mlp.fc1.weight"] = take(ours_prefix + "mlp.c_fc.weight")
-        converted[hf_prefix + "mlp.fc2.weight"] = take(ours_prefix + "mlp.c_proj.weight")
+        for our_name, hf_name, num_heads in matrices:
+            weight = take(f"blocks.{i}.{our_name}.weight")
+            weight = rope_sign_flipped(weight, num_heads) if num_heads else weight
+            converted[f"model.layers.{i}.{hf_name}.weight"] = weight
     if ours:  # a tensor we did not place would silently vanish from the export
         raise UnsupportedModelError(f"no transformers NanoChat equivalent for {sorted(ours)}")
     return {name: tensor.to(device="cpu", dtype=dtype, copy=True).contiguous() for name, tensor in converted.items()}
-
-
-# ---------------------------------------------------------------------------- tokenizer
 
 
 def byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map, which the tokenizers ByteLevel steps assume: printable
     Latin-1 bytes stand for themselves, the other 68 bytes take the code points from 256 up, in byte order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {byte: chr(byte) for byte in printable}
-    next_code_point = 256
-    for byte in range(256):
-        if byte not in mapping:
-            mapping[byte] = chr(next_code_point)
-            next_code_point += 1
-    return mapping
+    others = [byte for byte in range(256) if byte not in printable]
+    return {byte: chr(byte) for byte in printable} | {byte: chr(256 + i) for i, byte in enumerate(others)}
 
 
 def bpe_merges(ranks: list[bytes]) -> list[tuple[bytes, bytes]]:
@@ -320,9 +276,6 @@ def hf_tokenizer_config(config: GPTConfig) -> dict:
     }
 
 
-# ---------------------------------------------------------------------------- writing
-
-
 def _write_json(path: str, data: dict) -> None:
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
@@ -355,8 +308,7 @@ def export(
 
     check_out_dir(out_dir, force)
     os.makedirs(out_dir, exist_ok=True)
-    for name in SHADOWING_FILES:
-        stale = os.path.join(out_dir, name)
+    for stale in [os.path.join(out_dir, name) for name in SHADOWING_FILES]:
         if os.path.exists(stale):
             os.remove(stale)
 

@@ -2,65 +2,53 @@
 
     python -m scripts.base_eval                                        # largest depth, last step
     torchrun --standalone --nproc_per_node=8 -m scripts.base_eval --model-tag d20
-    python -m scripts.base_eval --bundle ../shared/data/core/eval_bundle --max-per-task 16   # tiny, CPU, offline
-    python -m scripts.base_eval --hf-path openai-community/gpt2 --bundle PATH                # a reference model
+    NANOCHAT_DATA_DIR=/path/to/data python -m scripts.base_eval --max-per-task 16   # tiny, CPU, offline
+    python -m scripts.base_eval --hf-path openai-community/gpt2 --bundle PATH      # a reference model
 
-The metric lives in nanochat/core_eval.py. Every rank scores its share of each task's examples and the
-correctness is summed across ranks; rank 0 prints a per-task table and the CORE line, and writes
-<base dir>/base_eval/core_<tag>_<step>.csv and .json atomically. Tasks whose data file is absent from the
-bundle are listed as missing and excluded, and the CORE line says how many tasks it covers. A nanochat checkpoint's
-CORE and per-task centered accuracies also go to the report card (<base dir>/report/base_eval.json); an --hf-path
-reference model's do not.
+The metric lives in nanochat/core_eval.py. The bundle: --bundle, else $NANOCHAT_DATA_DIR/core/eval_bundle when
+the data directory is set, else <base dir>/eval_bundle (downloaded once). Every rank scores its share of each
+task's examples and the correctness is summed across ranks; rank 0 prints a per-task table and the CORE line,
+and writes <base dir>/base_eval/core_<tag>_<step>.csv and .json atomically. Tasks whose data file is absent from
+the bundle are listed as missing and excluded, and the CORE line says how many tasks it covers. A nanochat
+checkpoint's CORE and per-task centered accuracies also go to the report card (<base dir>/report/base_eval.json,
+with "model_tag" and "step"); an --hf-path reference model's do not.
 Not here: bits per byte (scripts/base_loss.py); chat evaluations.
 """
 
 import argparse
+import csv
 import io
 import json
 import os
 import time
+from dataclasses import astuple
 
 import torch.distributed as dist
 
 from nanochat.common import atomic_write, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.core_eval import ensure_bundle, evaluate_core
 from nanochat.report import write_stage_summary
+from tasks.common import resolve_data_dir
 
 
 def format_table(result) -> str:
     lines = [f"{'task':<34} {'type':<18} {'shots':>5} {'examples':>8} {'accuracy':>9} {'centered':>9}"]
-    for task in result.tasks:
-        if task.missing:
-            lines.append(f"{task.label:<34} {task.task_type:<18} {task.num_fewshot:>5} {'missing':>8}")
-            continue
-        lines.append(
-            f"{task.label:<34} {task.task_type:<18} {task.num_fewshot:>5} {task.examples:>8} "
-            f"{task.accuracy:>9.4f} {task.centered:>9.4f}"
-        )
+    for t in result.tasks:
+        scores = f"{'missing':>8}" if t.missing else f"{t.examples:>8} {t.accuracy:>9.4f} {t.centered:>9.4f}"
+        lines.append(f"{t.label:<34} {t.task_type:<18} {t.num_fewshot:>5} {scores}")
     return "\n".join(lines)
 
 
+# core_eval.TaskResult's fields in order, under the result files' names, then whether the task's file is missing.
+ROW_KEYS = ("task", "type", "shots", "baseline", "file_rows", "csv_rows", "examples", "accuracy", "centered", "missing")
+
+
 def result_rows(result) -> list[dict]:
-    return [
-        {
-            "task": t.label,
-            "type": t.task_type,
-            "shots": t.num_fewshot,
-            "baseline": t.baseline,
-            "file_rows": t.file_rows,
-            "csv_rows": t.csv_rows,  # eval_meta_data.csv's count; arc_challenge's disagrees with its file
-            "examples": t.examples,
-            "accuracy": t.accuracy,
-            "centered": t.centered,
-            "missing": t.missing,
-        }
-        for t in result.tasks
-    ]
+    """One row per task; csv_rows is eval_meta_data.csv's count, which for arc_challenge disagrees with its file."""
+    return [dict(zip(ROW_KEYS, (*astuple(task), task.missing), strict=True)) for task in result.tasks]
 
 
 def to_csv(rows: list[dict]) -> bytes:
-    import csv
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -76,20 +64,20 @@ def main(argv=None):
     parser.add_argument("--hf-path", default=None, help="evaluate this Hugging Face model (name or dir) instead")
     parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None)
     # Evaluation
-    parser.add_argument(
-        "--bundle", default=None, help="unzipped eval_bundle/ (default: <base dir>/eval_bundle, downloaded)"
-    )
+    parser.add_argument("--bundle", default=None, help="unzipped eval_bundle/ (default: see above)")
     parser.add_argument("--max-per-task", type=int, default=-1, help="examples per task (-1 = all)")
     parser.add_argument("--tasks", nargs="+", default=None, help="only these task labels (default: all)")
     args = parser.parse_args(argv)
+    data_dir = resolve_data_dir(None)
+    bundle = args.bundle or (os.path.join(data_dir, "core", "eval_bundle") if data_dir else None)
 
     # ---------------------------------------------------------------- init
     runtime = compute_init(args.device_type)
     if runtime.is_master:  # one download; the other ranks wait, then find it on disk
-        bundle_dir = ensure_bundle(args.bundle)
+        ensure_bundle(bundle)
     if runtime.is_distributed:
         dist.barrier()
-    bundle_dir = ensure_bundle(args.bundle)
+    bundle_dir = ensure_bundle(bundle)
 
     # ---------------------------------------------------------------- model
     if args.hf_path:
@@ -120,7 +108,7 @@ def main(argv=None):
     if runtime.is_master:
         rows = result_rows(result)
         summary = {
-            "model": tag,
+            "model_tag": tag,
             "step": step,
             "core": result.core,
             "tasks_covered": len(result.evaluated),
@@ -139,7 +127,7 @@ def main(argv=None):
         print0(f"wrote {stem}.json and {stem}.csv")
         if not args.hf_path:
             centered = {row["task"]: row["centered"] for row in rows if not row["missing"]}
-            write_stage_summary("base_eval", {**{k: summary[k] for k in ("model", "step", "core", "tasks_covered",
+            write_stage_summary("base_eval", {**{k: summary[k] for k in ("model_tag", "step", "core", "tasks_covered",
                                 "tasks_defined", "max_per_task", "seconds")}, "tasks": centered})  # fmt: skip
     compute_cleanup()
     return result

@@ -21,7 +21,7 @@ Runs on the CPU (the weights are only copied). Does not upload to the Hub or wri
 import argparse
 import os
 
-from nanochat.hf_export import EXPORT_DTYPES, UnsupportedModelError, check_out_dir, export
+from nanochat.hf_export import EXPORT_DTYPES, check_out_dir, export
 
 
 def main(argv=None):
@@ -32,40 +32,24 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Checkpoint
     parser.add_argument("--source", required=True, choices=sorted(STAGES), help="which stage's checkpoints to export")
-    parser.add_argument(
-        "--model-tag", default=None, help="model directory under the stage, e.g. d20 (default: the largest depth)"
-    )
-    parser.add_argument(
-        "--step", type=int, default=None, help="training step to export (default: the last complete one)"
-    )
+    parser.add_argument("--model-tag", default=None, help="directory under the stage, e.g. d20 (default: largest)")
+    parser.add_argument("--step", type=int, default=None, help="training step to export (default: the last complete)")
     # Output
     parser.add_argument("--out", required=True, help="output directory (refused if not empty, unless --force)")
     parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=sorted(EXPORT_DTYPES),
-        help="dtype of the saved weights; float32 (default) reproduces our fp32 logits exactly",
+        "--dtype", default="float32", choices=sorted(EXPORT_DTYPES), help="saved weights; float32: our logits exactly"
     )
-    parser.add_argument(
-        "--force", action="store_true", help="write into a non-empty --out, replacing an earlier export there"
-    )
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing an export there")
     args = parser.parse_args(argv)
 
-    try:  # before loading anything: a refused --out should not cost a checkpoint load
-        check_out_dir(args.out, args.force)
-    except FileExistsError as e:
-        parser.exit(1, f"export_hf: {e}\n")
     try:
+        check_out_dir(args.out, args.force)  # before loading anything: a refused --out should not cost a load
         source_dir = checkpoint_dir(args.source, args.model_tag)
         model, meta = load_model(args.source, "cpu", "eval", model_tag=args.model_tag, step=args.step)
         tokenizer = get_tokenizer()
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
-        parser.exit(1, f"export_hf: {e}\n")
-    print(f"export_hf: {source_dir} step {meta['step']}: {model.config}")
-
-    try:
+        print(f"export_hf: {source_dir} step {meta['step']}: {model.config}")
         paths = export(model, tokenizer, args.out, dtype=EXPORT_DTYPES[args.dtype], force=args.force)
-    except (UnsupportedModelError, FileExistsError) as e:
+    except (FileExistsError, FileNotFoundError, CheckpointError, ValueError) as e:  # UnsupportedModelError too
         parser.exit(1, f"export_hf: {e}\n")
     for path in paths:
         print(f"wrote {path} ({os.path.getsize(path):,} bytes)")

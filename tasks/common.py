@@ -63,14 +63,15 @@ class TaskMixture(Task):
     """All examples of all tasks, shuffled together once by `seed`; a task listed twice is seen twice.
 
     The shuffle is over (task, example) pairs, so small tasks are spread evenly through a long run instead of
-    arriving in one block (which would swing the training loss).
+    arriving in one block (which would swing the training loss). seed None keeps them in order.
     """
 
-    def __init__(self, tasks: list[Task], seed: int = 42, **slice_args):
+    def __init__(self, tasks: list[Task], seed: int | None = 42, **slice_args):
         super().__init__(**slice_args)
         self.tasks = list(tasks)
         self.pairs = [(t, i) for t, task in enumerate(self.tasks) for i in range(len(task))]
-        random.Random(seed).shuffle(self.pairs)
+        if seed is not None:
+            random.Random(seed).shuffle(self.pairs)
 
     def num_examples(self) -> int:
         return len(self.pairs)
@@ -80,24 +81,11 @@ class TaskMixture(Task):
         return self.tasks[task_index][example_index]
 
 
-class TaskSequence(Task):
+class TaskSequence(TaskMixture):
     """All examples of the first task, then all of the second, and so on (a curriculum)."""
 
     def __init__(self, tasks: list[Task], **slice_args):
-        super().__init__(**slice_args)
-        self.tasks = list(tasks)
-        self.offsets = [0]  # offsets[t] = index of task t's first example
-        for task in self.tasks:
-            self.offsets.append(self.offsets[-1] + len(task))
-
-    def num_examples(self) -> int:
-        return self.offsets[-1]
-
-    def get_example(self, index: int) -> dict:
-        for task, begin, end in zip(self.tasks, self.offsets, self.offsets[1:]):
-            if begin <= index < end:
-                return task[index - begin]
-        raise IndexError(index)
+        super().__init__(tasks, seed=None, **slice_args)
 
 
 def render_mc(question: str, letters: list[str], choices: list[str]) -> str:
@@ -105,7 +93,7 @@ def render_mc(question: str, letters: list[str], choices: list[str]) -> str:
 
     Each letter comes right after its choice and an "=" with no space ("- Paris=A"), because " A" and "A" are
     different tokens: this way the letter in the prompt is the same single token the assistant answers with,
-    which the categorical evaluator compares logits over (reference nanochat tasks/common.py, render_mc).
+    which the categorical evaluator compares logits over (karpathy/nanochat tasks/common.py, render_mc).
     """
     lines = [f"Multiple Choice question: {question}"]
     lines += [f"- {choice}={letter}" for letter, choice in zip(letters, choices, strict=True)]
@@ -117,11 +105,8 @@ def mc_conversation(question: str, letters: list[str], choices: list[str], answe
     """A one-turn multiple-choice conversation whose assistant answer is the letter `answer`."""
     if answer not in letters:
         raise ValueError(f"answer {answer!r} is not one of the letters {letters} (question {question!r:.60})")
-    messages = [
-        {"role": "user", "content": render_mc(question, letters, choices)},
-        {"role": "assistant", "content": answer},
-    ]
-    return {"messages": messages, "letters": list(letters), **extra}
+    user = {"role": "user", "content": render_mc(question, letters, choices)}
+    return {"messages": [user, {"role": "assistant", "content": answer}], "letters": list(letters), **extra}
 
 
 class MultipleChoice(Task):

@@ -27,6 +27,12 @@ import torch.distributed as dist
 from nanochat.common import dist_info
 from nanochat.core_eval import centered_accuracy
 from nanochat.engine import ContextFullError, Engine
+from tasks.arc import ARC
+from tasks.common import Task
+from tasks.gsm8k import GSM8K
+from tasks.humaneval import HumanEval
+from tasks.mmlu import MMLU
+from tasks.spellingbee import SpellingBee
 
 ALL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
 # Random-guess accuracy: four choices (ARC has a few 3- and 5-choice rows; karpathy/nanochat keeps 0.25), or none.
@@ -34,43 +40,28 @@ BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0
 SPELLING_BEE_SIZE = 256  # test examples, as in karpathy/nanochat
 
 
-def load_task(name: str, data_dir: str | None = None, arc_split: str = "test"):
+def load_task(name: str, data_dir: str | None = None, arc_split: str = "test") -> Task:
     """The evaluation split of a task by name; data_dir None = $NANOCHAT_DATA_DIR, else the hub."""
     if name in ("ARC-Easy", "ARC-Challenge"):
-        from tasks.arc import ARC
-
         return ARC(name, arc_split, data_dir=data_dir)
     if name == "MMLU":
-        from tasks.mmlu import MMLU
-
         return MMLU("all", "test", data_dir=data_dir)
     if name == "GSM8K":
-        from tasks.gsm8k import GSM8K
-
         return GSM8K("main", "test", data_dir=data_dir)
     if name == "HumanEval":
-        from tasks.humaneval import HumanEval
-
         return HumanEval()
     if name == "SpellingBee":
-        from tasks.spellingbee import SpellingBee
-
         return SpellingBee(SPELLING_BEE_SIZE, "test", data_dir=data_dir)
     raise ValueError(f"unknown task {name!r}; the tasks are {', '.join(ALL_TASKS)}")
 
 
-# ---------------------------------------------------------------------------- categorical
-
-
 def letter_token_ids(tokenizer, letters: list[str]) -> list[int]:
     """The token id of each answer letter; the categorical scoring needs every letter to be one token."""
-    ids = []
-    for letter in letters:
-        tokens = tokenizer.encode(letter)
+    ids = [tokenizer.encode(letter) for letter in letters]
+    for letter, tokens in zip(letters, ids):
         if len(tokens) != 1:
             raise ValueError(f"answer letter {letter!r} is {len(tokens)} tokens with this tokenizer, not 1")
-        ids.append(tokens[0])
-    return ids
+    return [tokens[0] for tokens in ids]
 
 
 @torch.inference_mode()
@@ -114,17 +105,13 @@ def evaluate_categorical(model, tokenizer, task, indices, batch_size: int, devic
             letters = [conversation["letters"] for conversation, _ in pending]
             letter_ids = [letter_token_ids(tokenizer, row_letters) for row_letters in letters]
             choices = predict_choices(model, [prompt for _, prompt in pending], letter_ids, pad_id, device)
-            for (conversation, _), row_letters, choice in zip(pending, letters, choices):
-                passed += bool(task.evaluate(conversation, row_letters[choice]))
+            passed += sum(bool(task.evaluate(c, row[i])) for (c, _), row, i in zip(pending, letters, choices))
             pending = []
     return passed, too_long
 
 
-# ---------------------------------------------------------------------------- generative
-
-
 def evaluate_generative(
-    engine, tokenizer, task, indices, num_samples: int, max_new_tokens: int, temperature: float, top_k: int | None
+    engine, tokenizer, task, indices, num_samples=1, max_new_tokens=512, temperature=0.0, top_k: int | None = 50
 ) -> tuple[int, int]:
     """(passed, too long) over the problems `indices` of a generative task; pass@num_samples."""
     passed = too_long = 0
@@ -141,9 +128,6 @@ def evaluate_generative(
         # any() stops at the first pass, so HumanEval runs no more sandboxed programs than it must.
         passed += any(task.evaluate(conversation, tokenizer.decode(c.tokens)) for c in completions)
     return passed, too_long
-
-
-# ---------------------------------------------------------------------------- one task, all ranks
 
 
 @dataclass
@@ -166,27 +150,15 @@ class TaskResult:
 
 def chatcore(results: list[TaskResult]) -> float | None:
     """Mean centered accuracy over the six tasks, or None unless each of them has a result."""
-    by_name = {result.name: result for result in results}
-    if any(name not in by_name for name in ALL_TASKS):
-        return None
-    return sum(by_name[name].centered for name in ALL_TASKS) / len(ALL_TASKS)
+    centered = {result.name: result.centered for result in results}
+    return sum(centered[name] for name in ALL_TASKS) / len(ALL_TASKS) if set(ALL_TASKS) <= centered.keys() else None
 
 
 def evaluate_task(
-    name: str,
-    task,
-    model,
-    tokenizer,
-    device,
-    max_problems: int = -1,
-    batch_size: int = 8,
-    num_samples: int = 1,
-    max_new_tokens: int = 512,
-    temperature: float = 0.0,
-    top_k: int | None = 50,
-    engine=None,
+    name: str, task, model, tokenizer, device, max_problems=-1, batch_size=8, engine=None, **sampling
 ) -> TaskResult:
-    """One task's result, its problems strided over the ranks when a process group is up."""
+    """One task's result, its problems strided over the ranks when a process group is up. `sampling`:
+    evaluate_generative's num_samples, max_new_tokens, temperature and top_k."""
     num_problems = len(task) if max_problems < 0 else min(len(task), max_problems)
     rank, _, world_size = dist_info()
     indices = range(rank, num_problems, world_size)
@@ -194,9 +166,7 @@ def evaluate_task(
         passed, too_long = evaluate_categorical(model, tokenizer, task, indices, batch_size, device)
     elif task.eval_type == "generative":
         engine = engine or Engine(model, tokenizer)
-        passed, too_long = evaluate_generative(
-            engine, tokenizer, task, indices, num_samples, max_new_tokens, temperature, top_k
-        )
+        passed, too_long = evaluate_generative(engine, tokenizer, task, indices, **sampling)
     else:
         raise ValueError(f"{name} has eval_type {task.eval_type!r}: only categorical and generative tasks evaluate")
     counts = torch.tensor([passed, too_long], dtype=torch.long, device=device)

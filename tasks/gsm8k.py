@@ -34,16 +34,12 @@ def extract_answer(text: str) -> str | None:
 def answer_to_parts(answer: str) -> list[dict]:
     """Splits a GSM8K answer into text / python / python_output parts at its `<<expr=result>>` spans."""
     parts = []
-    cursor = 0
-    for span in CALCULATOR_SPAN.finditer(answer):
-        if span.start() > cursor:
-            parts.append({"type": "text", "text": answer[cursor : span.start()]})
-        expression, _, result = span.group(1).rpartition("=")
-        parts.append({"type": "python", "text": expression})
-        parts.append({"type": "python_output", "text": result})
-        cursor = span.end()
-    if cursor < len(answer):
-        parts.append({"type": "text", "text": answer[cursor:]})
+    for i, piece in enumerate(CALCULATOR_SPAN.split(answer)):  # text, span, text, ..., text (spans at odd i)
+        if i % 2:
+            expression, _, result = piece.rpartition("=")
+            parts += [{"type": "python", "text": expression}, {"type": "python_output", "text": result}]
+        elif piece:
+            parts.append({"type": "text", "text": piece})
     return parts
 
 

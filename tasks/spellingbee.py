@@ -63,11 +63,8 @@ class _GeneratedTask(Task):
     def __init__(self, size: int = 1000, split: str = "train", data_dir: str | None = None, **slice_args):
         super().__init__(**slice_args)
         check_choice("split", split, SPLIT_SEEDS)
-        self.size, self.split = size, split
-        self.words = load_words(data_dir)
-
-    def num_examples(self) -> int:
-        return self.size
+        self.split, self.words = split, load_words(data_dir)
+        self.rows = range(size)  # example i is generated on demand
 
     def rng_for(self, index: int) -> random.Random:
         return random.Random(self.task_seed + SPLIT_SEEDS[self.split] + index)
@@ -80,31 +77,20 @@ class SpellingBee(_GeneratedTask):
     def get_example(self, index: int) -> dict:
         rng = self.rng_for(index)
         word = rng.choice(self.words)
-        if rng.random() < LETTER_FROM_WORD_PROBABILITY:
-            letter = rng.choice(word)
-        else:
-            letter = rng.choice(string.ascii_lowercase)
+        letter = rng.choice(word if rng.random() < LETTER_FROM_WORD_PROBABILITY else string.ascii_lowercase)
         question = rng.choice(QUESTION_TEMPLATES).format(letter=letter, word=word)
         count = word.count(letter)
-        running, tally = 0, []
-        for character in word:
-            running += character == letter
-            tally.append(f"{character}:{running}")
-        parts = [
-            {
-                "type": "text",
-                "text": (
-                    f"We need to count the letter '{letter}' in the word '{word}'. Let me spell it out first:\n"
-                    f"{word}:{','.join(word)}\n\n"
-                    f"Now I count the '{letter}'s along the spelling, keeping a running total:\n"
-                    f"{','.join(tally)}\n\n"
-                    f"That makes {count}. Let me check with Python:\n\n"
-                ),
-            },
-            {"type": "python", "text": f"'{word}'.count('{letter}')"},
-            {"type": "python_output", "text": str(count)},
-            {"type": "text", "text": f"\n\nPython agrees: {count}.\n\n#### {count}"},
-        ]
+        tally = [f"{character}:{word[: i + 1].count(letter)}" for i, character in enumerate(word)]  # running count
+        spelled = (
+            f"We need to count the letter '{letter}' in the word '{word}'. Let me spell it out first:\n"
+            f"{word}:{','.join(word)}\n\n"
+            f"Now I count the '{letter}'s along the spelling, keeping a running total:\n"
+            f"{','.join(tally)}\n\n"
+            f"That makes {count}. Let me check with Python:\n\n"
+        )
+        parts = [{"type": "text", "text": spelled}, {"type": "python", "text": f"'{word}'.count('{letter}')"}]
+        parts.append({"type": "python_output", "text": str(count)})
+        parts.append({"type": "text", "text": f"\n\nPython agrees: {count}.\n\n#### {count}"})
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]
         return {"messages": messages, "word": word, "letter": letter}
 

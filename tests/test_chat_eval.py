@@ -333,13 +333,13 @@ def test_cli_end_to_end(base_dir, data_dir):
     out = launched.stdout
     assert "chat eval of sft d1 step 3" in out
     for name, scoring in (("ARC-Easy", "categorical"), ("GSM8K", "pass@1"), ("HumanEval", "pass@1")):
-        assert any(line.split()[:3] == [name, scoring, "2"] for line in out.splitlines()), out[-2000:]
+        assert f"| {name} | {scoring} | 2 |" in out, out[-2000:]
     assert "ChatCORE not reported: it needs all 6 tasks; missing: ARC-Challenge, MMLU, SpellingBee" in out
     stem = base_dir / "chat_eval" / "chat_sft_d1_000003_ARC-Easy_GSM8K_HumanEval"
     saved = json.loads(stem.with_suffix(".json").read_text())
     assert [t["name"] for t in saved["tasks"]] == ["ARC-Easy", "GSM8K", "HumanEval"]
     assert all(t["problems"] == 2 and 0 <= t["passed"] <= 2 for t in saved["tasks"])
-    assert saved["chatcore"] is None and saved["step"] == 3
+    assert saved["chatcore"] is None and (saved["model_tag"], saved["step"]) == ("d1", 3)
     assert "| ARC-Easy | categorical | 2 |" in stem.with_suffix(".md").read_text()
 
 
@@ -353,6 +353,7 @@ def test_cli_all_six_tasks_reports_chatcore(base_dir, data_dir, monkeypatch, cap
     assert saved["chatcore"] == pytest.approx(chatcore(results))
     card = json.loads((base_dir / "report" / "chat_eval_sft.json").read_text())  # the report card's summary
     assert card["chatcore"] == pytest.approx(chatcore(results)) and list(card["tasks"]) == list(ALL_TASKS)
+    assert (card["model_tag"], card["step"]) == ("d1", 3)  # the stage-summary contract
 
 
 def test_cli_refuses_what_it_cannot_do(base_dir, data_dir, monkeypatch, capsys):

@@ -339,7 +339,8 @@ def test_base_eval_end_to_end_on_a_saved_checkpoint(checkpoint_base_dir, monkeyp
 
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(checkpoint_base_dir))
     monkeypatch.setenv("NANOCHAT_DEVICE", "cpu")
-    result = base_eval.main(["--bundle", require(BUNDLE), "--max-per-task", "4"])
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", os.path.dirname(os.path.dirname(require(BUNDLE))))  # no --bundle
+    result = base_eval.main(["--max-per-task", "4"])
     printed = capsys.readouterr().out
     assert "over 18 of 22 tasks; missing: hellaswag_zeroshot, hellaswag, squad, coqa" in printed
     assert "arc_challenge" in printed and "missing" in printed
@@ -349,6 +350,7 @@ def test_base_eval_end_to_end_on_a_saved_checkpoint(checkpoint_base_dir, monkeyp
     assert (checkpoint_base_dir / "base_eval" / "core_d1_000007.csv").read_text().startswith("task,type,shots")
     card = json.loads((checkpoint_base_dir / "report" / "base_eval.json").read_text())  # the report card's summary
     assert card["core"] == pytest.approx(result.core) and len(card["tasks"]) == 18
+    assert (card["model_tag"], card["step"]) == ("d1", 7)  # the stage-summary contract
 
 
 @pytest.mark.slow
