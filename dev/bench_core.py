@@ -40,9 +40,9 @@ import torch
 
 from nanochat import core_eval
 from nanochat.common import compute_init, describe_environment, get_base_dir
+from tasks.common import resolve_data_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_BUNDLE = os.path.join(os.path.dirname(REPO), "shared", "data", "core", "eval_bundle")
 
 
 # ---------------------------------------------------------------------------- model
@@ -228,15 +228,17 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="random model's initialisation seed")
     parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default="cpu")
     # Evaluation
-    parser.add_argument(
-        "--bundle", default=DEFAULT_BUNDLE, help="unzipped eval_bundle/ (default: ../shared/data/core/eval_bundle)"
-    )
+    data_dir = resolve_data_dir(None)
+    bundle = os.path.join(data_dir, "core", "eval_bundle") if data_dir else None
+    parser.add_argument("--bundle", default=bundle, help="unzipped eval_bundle/ (default: $NANOCHAT_DATA_DIR/core/...)")
     parser.add_argument("--max-per-task", type=int, default=100, help="examples per task (-1 = all: hours on 2 cores)")
     parser.add_argument("--tasks", nargs="+", default=None, help="only these task labels (default: all)")
     # Benchmark
     parser.add_argument("--compare-with", default=None, help="also time core_eval.py at this git revision (e.g. HEAD)")
     parser.add_argument("--json", default=None, help="also write every figure to this file")
     args = parser.parse_args(argv)
+    if args.bundle is None:
+        parser.error("pass --bundle (the unzipped eval_bundle/) or set NANOCHAT_DATA_DIR to a data directory")
 
     # ---------------------------------------------------------------- init
     runtime = compute_init(args.device_type)

@@ -2,7 +2,7 @@
 run by the code of git revision `--old` and by this working tree, on the same checkpoint, must give identical numbers.
 
     NANOCHAT_BASE_DIR=/tmp/tiny NANOCHAT_DATA_DIR=/path/to/data \\
-        .venv/bin/python -m dev.eval_parity --old 695b575 --model-tag d2 --core-per-task 4 --chat-problems 4
+        .venv/bin/python -m dev.eval_parity --old 695b575 --model-tag d2 --core-per-task 8 --chat-problems 8
 
 The base dir must hold a base checkpoint and its tokenizer (e.g. tok_train, then base_train --depth 2 for a few
 dozen steps on the CPU). The old revision is checked out in a temporary git worktree (removed afterwards); each
@@ -31,7 +31,8 @@ def run_stages(code_dir: str, args) -> dict:
     core_cmd = ["-m", "scripts.base_eval", "--model-tag", args.model_tag, "--max-per-task", str(args.core_per_task)]
     core_cmd += ["--device-type", "cpu", "--bundle", os.path.join(args.data_dir, "core", "eval_bundle")]
     chat_cmd = ["-m", "scripts.chat_eval", "-i", "base", "-g", args.model_tag, "-x", str(args.chat_problems)]
-    chat_cmd += ["-m", "16", "--device-type", "cpu", "--data-dir", args.data_dir, "--arc-split", "validation"]
+    chat_cmd += ["-m", str(args.max_new_tokens), "--device-type", "cpu", "--data-dir", args.data_dir]
+    chat_cmd += ["--arc-split", "validation"]
     for command in (core_cmd, chat_cmd):
         subprocess.run([sys.executable, *command], cwd=code_dir, check=True, stdout=subprocess.DEVNULL)
     numbers = {}
@@ -56,6 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model-tag", required=True, help="base checkpoint directory in $NANOCHAT_BASE_DIR")
     parser.add_argument("--core-per-task", type=int, default=4, help="CORE examples per task")
     parser.add_argument("--chat-problems", type=int, default=4, help="chat eval problems per task")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="per generative chat eval sample")
     parser.add_argument("--data-dir", default=os.environ.get("NANOCHAT_DATA_DIR"), help="default: $NANOCHAT_DATA_DIR")
     args = parser.parse_args(argv)
     if not args.data_dir or "NANOCHAT_BASE_DIR" not in os.environ:
