@@ -70,13 +70,16 @@ class _Slot:
 
 
 class BatchingWorker:
-    def __init__(self, model, tokenizer, max_batch: int = 16, name: str = "worker-0"):
+    def __init__(self, model, tokenizer, max_batch=16, name="worker-0", compile_decode=False, backend=None):
+        """compile_decode: decode through Engine's torch.compile path (CUDA graphs on a GPU). Every step then has
+        the same shapes: all max_batch rows of a static cache run, idle rows on a dummy token and reset after,
+        which costs compute that a bandwidth-bound GPU step hides; `backend` as Engine's."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.engine = Engine(model, tokenizer)
+        self.engine = Engine(model, tokenizer, compile_decode=compile_decode, backend=backend)
         self.model, self.max_batch, self.name = model, max_batch, name
         self.device = self.engine.device
-        self.cache = KVCache.for_model(model, max_batch, self.engine.context_len)
+        self.cache = KVCache.for_model(model, max_batch, self.engine.context_len, static=compile_decode)
         self.slots: list[_Slot] = []  # active requests; slot i lives in cache row i
         self.pending: queue.Queue[Request] = queue.Queue()
         self._stop = threading.Event()
@@ -151,8 +154,15 @@ class BatchingWorker:
 
     def _decode_step(self) -> None:
         n = len(self.slots)
-        ids = torch.tensor([[slot.last_token] for slot in self.slots], dtype=torch.long, device=self.device)
-        logits = self.model(ids, kv_cache=self.cache.head(n))[:, -1]  # (n, V)
+        if self.cache.static:
+            ids = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)  # idle rows: token 0
+            ids[:n, 0] = torch.tensor([slot.last_token for slot in self.slots], device=self.device)
+            logits = self.engine.decode(ids, self.cache)[:n]  # (n, V)
+            self.cache.advance_host(1)
+            self.cache.lengths[n:], self.cache.lengths_tensor[n:] = 0, 0  # idle rows stay empty
+        else:
+            ids = torch.tensor([[slot.last_token] for slot in self.slots], dtype=torch.long, device=self.device)
+            logits = self.engine.decode(ids, self.cache.head(n))  # (n, V)
         self.stats["steps"] += 1
         self._emit_next_tokens(self.slots, logits)
         self._drop_finished()

@@ -364,11 +364,11 @@ class Engine:
         self.model, self.tokenizer, self.prefill_chunk = model.eval(), tokenizer, prefill_chunk
         self.device = model.wte.weight.device
         self._static_caches: dict[int, KVCache] = {}
-        self._decode = self._decode_step
+        self.decode = self._decode_step  # one token per row (B, 1) -> logits (B, V); compiled with compile_decode
         if compile_decode:
             mode = "reduce-overhead" if self.device.type == "cuda" and backend is None else None
             backend = backend or "inductor"
-            self._decode = torch.compile(self._decode_step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
+            self.decode = torch.compile(self._decode_step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
         self.compile_decode = compile_decode
         special = tokenizer.encode_special
         self.stop_ids = {special(name) for name in STOP_TOKENS}
@@ -440,7 +440,7 @@ class Engine:
             if all(row.done for row in rows) or step == budget - 1:
                 return
             ids = torch.tensor(column, dtype=torch.long, device=self.device)[:, None]
-            logits = self._decode(ids, cache)
+            logits = self.decode(ids, cache)
             if cache.static:
                 cache.advance_host(1)
 

@@ -17,7 +17,8 @@ Contract:
 - Bearer-token authentication (`api_key`: every path but the page and /health, the schema pages included) and
   a cap on requests in flight (`max_concurrent`) are off by default; both, and the body size cap
   (`max_body_bytes`, 1 MiB), answer before the body is read. Every error is in OpenAI's shape. The default
-  bind address is 127.0.0.1. `quantize` ("int8" | "int4") serves quantized weights.
+  bind address is 127.0.0.1. `quantize` ("int8" | "int4") serves quantized weights; `compile` decodes
+  through torch.compile (nanochat/batching.py).
 
 Not here: the batching worker (nanochat/batching.py), the command line (scripts/chat_web.py).
 """
@@ -300,7 +301,7 @@ async def lifespan(app: FastAPI):
 
             await asyncio.to_thread(quantize_model, model, SCHEMES[settings.quantize])
             name = f"{name}-{settings.quantize}"
-        workers.append(BatchingWorker(model, tokenizer, settings.max_batch, name=f"worker-{i}"))
+        workers.append(BatchingWorker(model, tokenizer, settings.max_batch, f"worker-{i}", settings.compile))
     state.pool = WorkerPool(workers).start()
     state.tokenizer, state.model_name, state.device = tokenizer, name, str(workers[0].device)
     state.context_len, state.ready = workers[0].engine.context_len, True

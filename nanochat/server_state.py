@@ -35,6 +35,7 @@ class Settings:
     num_gpus: int = 1  # one batching worker per GPU
     max_batch: int = 32  # requests decoded together per worker
     quantize: str | None = None  # None = the checkpoint's float weights; "int8" | "int4" (nanochat/quantize.py)
+    compile: bool = False  # decode through torch.compile, every step the same shapes (CUDA graphs on a GPU)
     # model_loader(device_index) -> (model, tokenizer, model name): replaces checkpoint loading (tests, embedding)
     model_loader: Callable | None = None
     # Access

@@ -37,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("-n", "--num-gpus", type=int, default=1, help="batching workers, one model copy per GPU")
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch, help="requests decoded together per GPU")
     parser.add_argument("--quantize", choices=sorted(SCHEMES), default=None, help="int8/int4 weights; default float")
+    parser.add_argument("--compile", action="store_true", help="decode with torch.compile (CUDA graphs on a GPU)")
     # Serving
     parser.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 listens on every interface")
     parser.add_argument("-p", "--port", type=int, default=8000)
@@ -65,6 +66,7 @@ def main(argv=None) -> None:
         num_gpus=args.num_gpus,
         max_batch=args.max_batch,
         quantize=args.quantize,
+        compile=args.compile,
         api_key=args.api_key,
         max_concurrent=args.max_concurrent,
         max_body_bytes=args.max_body_bytes,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 
 import httpx
 import pytest
@@ -498,3 +499,33 @@ def test_every_error_has_openais_shape(guarded):
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
         assert error["message"] and isinstance(error["message"], str)
+
+
+# ---------------------------------------------------------------------------- compiled decode
+
+
+@pytest.mark.slow  # ~15-30 s: tracing the model once
+def test_compiled_workers_answer_as_the_eager_ones(model_and_tokenizer, server, monkeypatch):
+    """Settings(compile=True), i.e. chat_web --compile: the worker decodes every step through one compiled graph
+    over all max_batch rows of a static cache (here torch.compile's quick aot_eager backend; inductor needs a C++
+    toolchain), with requests joining and leaving, and each stream says what the eager server says."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from nanochat import server as server_module
+    from nanochat.batching import BatchingWorker
+
+    monkeypatch.setattr(server_module, "BatchingWorker", partial(BatchingWorker, backend="aot_eager"))
+    model, tokenizer = model_and_tokenizer
+    settings = Settings(model_loader=lambda i: (model, tokenizer, "compiled"), compile=True, max_batch=4)
+
+    async def run(url):  # 6 streams on 4 rows: two wait, then take the rows the first ones leave
+        async with httpx.AsyncClient() as client:
+            return await asyncio.gather(*(_stream_text(client, url, seed) for seed in range(6)))
+
+    expected = asyncio.run(run(server.url))
+    torch._dynamo.reset()
+    counters.clear()
+    with ServerThread(settings) as running:
+        assert asyncio.run(run(running.url)) == expected
+    assert counters["stats"]["unique_graphs"] == 1
