@@ -76,6 +76,9 @@ def main(argv=None) -> int:
         print(f"DIFFERS {key}: old {old.get(key, 'absent')} new {new.get(key, 'absent')}")
     print(f"{len(old)} numbers from {args.old}, {len(new)} from the working tree: {len(differing)} differ")
     print(f"CORE {new.get('CORE')} ChatCORE {new.get('ChatCORE')}")
+    names = sorted({key.split()[1] for key in new if key.startswith("chat ")})
+    counts = [f"{n} {new[f'chat {n} passed']}/{new[f'chat {n} problems']} ({new[f'chat {n} too_long']})" for n in names]
+    print("chat passed/problems (too long): " + ", ".join(counts))
     return 1 if differing or not old else 0
 
 
