@@ -353,9 +353,10 @@ def test_other_user_errors_exit_1_with_a_message(base_dir, monkeypatch, capsys, 
         (["-p", LONG_MESSAGE * 5], "shorten it"),
         (["--temperature", "-1"], "temperature must be a number >= 0"),  # argparse's code 2, before any loading
         (["--quantize", "int4", "-p", "hi"], "--quantize int4: .*group_size 128 does not divide in_features 64"),
+        (["--quantize", "int8", "--compile"], "--compile and --quantize do not combine"),  # code 2: a flag error
     ]
     for args, message in cases:
-        assert exit_code(*args) == (2 if "--temperature" in args else 1), args
+        assert exit_code(*args) == (2 if "--temperature" in args or "--compile" in args else 1), args
         assert re.search(message, capsys.readouterr().err), args
     (tmp_path / "chatsft_checkpoints").mkdir()
     os.symlink(base_dir / "chatsft_checkpoints" / "d2", tmp_path / "chatsft_checkpoints" / "d2")
