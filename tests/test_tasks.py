@@ -1,4 +1,4 @@
-"""tasks/: every dataset parsed from the real files in ../shared/data, rendered, sliced, mixed and scored."""
+"""tasks/: every dataset parsed from the real files of the local data directory, rendered, sliced, mixed, scored."""
 
 import gzip
 import json
