@@ -32,29 +32,24 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from nanochat.batching import BatchingWorker, DoneEvent, TokenEvent, WorkerPool
 from nanochat.engine import ReplyRenderer
 from nanochat.server_state import (
+    ERROR_HANDLERS,
     SSE_HEADERS,
-    APIError,
     ServerState,
     Settings,
-    api_error,
     error_response,
     finish_generation,
-    http_error,
     key_accepted,
     prompt_tokens,
     request_models,
-    server_error,
     server_state,
     sse,
     start_generation,
-    validation_error,
 )
 
 UI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui.html")
@@ -339,10 +334,8 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
-        limit = self.settings.max_body_bytes
-        if scope["path"] not in OPEN_PATHS and not key_accepted(
-            self.settings.api_key, headers.get("authorization", "")
-        ):
+        limit, authorization = self.settings.max_body_bytes, headers.get("authorization", "")
+        if scope["path"] not in OPEN_PATHS and not key_accepted(self.settings.api_key, authorization):
             message = "a valid 'Authorization: Bearer <key>' header is required"
             response = error_response(401, message, None, "authentication_error")
             response.headers["WWW-Authenticate"] = "Bearer"
@@ -365,12 +358,8 @@ class Gate:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     page_request, openai_request = request_models(settings)
-    app = FastAPI(title="nanochat", lifespan=lifespan)
+    app = FastAPI(title="nanochat", lifespan=lifespan, exception_handlers=ERROR_HANDLERS)
     app.state.server = ServerState(settings)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(APIError, api_error)
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(Exception, server_error)
     app.add_middleware(Gate, settings=settings)
     app.include_router(page_router)
     app.add_api_route("/chat/completions", typed_body(page_completion, page_request), methods=["POST"])

@@ -166,6 +166,14 @@ async def api_error(request: Request, exc: APIError) -> JSONResponse:
     return error_response(exc.status, exc.message, exc.param, exc.kind)
 
 
+ERROR_HANDLERS = {  # every error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}
+    RequestValidationError: validation_error,
+    APIError: api_error,
+    HTTPException: http_error,
+    Exception: server_error,
+}
+
+
 def key_accepted(api_key: str | None, authorization: str) -> bool:
     """Whether an Authorization header carries the bearer key (always, when no key is set)."""
     token = authorization[7:] if authorization.lower().startswith("bearer ") else ""
