@@ -97,6 +97,10 @@ class RowGroupReader:
         # Positions per epoch: the same every epoch, since only the order of the row groups changes.
         self.positions_per_epoch = len(range(rank, len(row_groups), world_size))
 
+    def after(self, epoch: int, position: int) -> tuple[int, int]:
+        """The (epoch, position) read after (epoch, position)."""
+        return (epoch, position + 1) if position + 1 < self.positions_per_epoch else (epoch + 1, 0)
+
     def order(self, epoch: int) -> np.ndarray:
         """Global indices of the row groups this rank reads in `epoch`, in reading order."""
         permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.row_groups))
@@ -144,12 +148,8 @@ class PretrainLoader:
                 f"{len(row_groups)} non-empty row groups in the {split} shards cannot be shared by {world_size} "
                 f"ranks (each rank needs at least one); add shards or use fewer ranks"
             )
-        self.batch_size, self.seq_len, self.buffer_docs, self.device = (
-            batch_size,
-            seq_len,
-            buffer_docs,
-            torch.device(device),
-        )
+        self.batch_size, self.seq_len, self.buffer_docs = batch_size, seq_len, buffer_docs
+        self.device = torch.device(device)
         self.row_len = seq_len + 1  # inputs are the first T tokens of a row, targets the last T
         self._reader = RowGroupReader(
             row_groups, tokenizer, rank, world_size, seed, self.row_len, tokenizer_threads, tokenizer_batch_size
@@ -172,8 +172,7 @@ class PretrainLoader:
         self._epoch, self._position, self._doc = 0, 0, 0
         self._row_group: list | None = None  # documents of the row group at the cursor, once loaded
         self._row_group_first_doc = 0  # index of self._row_group[0] in its row group
-        self.rows_emitted = 0
-        self.tokens_cropped = 0
+        self.rows_emitted = self.tokens_cropped = 0
         if state is not None:
             self._restore(state)
 
@@ -214,8 +213,7 @@ class PretrainLoader:
         # block out again only after the non-blocking copy that reads it has finished, so a batch cannot be
         # overwritten while it is still in flight (reusing one buffer by hand would race).
         rows = torch.empty((self.batch_size, self.row_len), dtype=torch.int64, pin_memory=on_cuda)  # (B, T+1)
-        rows_numpy = rows.numpy()
-        for row in rows_numpy:
+        for row in rows.numpy():
             self._fill_row(row)
         if self.device.type != "cpu":
             rows = rows.to(self.device, non_blocking=on_cuda)
@@ -290,9 +288,7 @@ class PretrainLoader:
             if self._doc - self._row_group_first_doc == len(self._row_group):
                 # Row group done: move the cursor on now, so a saved state never points past the end of one.
                 self._row_group, self._doc = None, 0
-                self._position += 1
-                if self._position == self._reader.positions_per_epoch:
-                    self._epoch, self._position = self._epoch + 1, 0
+                self._epoch, self._position = self._reader.after(self._epoch, self._position)
 
     # ------------------------------------------------------------------ reading ahead
 
@@ -305,10 +301,7 @@ class PretrainLoader:
         while len(self._in_flight) < self._prefetch:
             key = self._next_to_submit
             self._in_flight.append((key, self._executor.submit(self._reader.load, *key)))
-            next_epoch, next_position = key[0], key[1] + 1
-            if next_position == self._reader.positions_per_epoch:
-                next_epoch, next_position = next_epoch + 1, 0
-            self._next_to_submit = (next_epoch, next_position, 0)
+            self._next_to_submit = (*self._reader.after(*key[:2]), 0)
         key, future = self._in_flight.popleft()
         assert key == (epoch, position, first_doc), f"read ahead {key}, needed {(epoch, position, first_doc)}"
         return future.result()  # re-raises what the thread raised
@@ -331,16 +324,10 @@ class PretrainLoader:
         for _, _, (epoch, position, doc) in self._entries:
             by_row_group.setdefault((epoch, position), []).append(doc)
         buffer = [[epoch, position, sorted(docs)] for (epoch, position), docs in sorted(by_row_group.items())]
-        return {
-            "format": STATE_FORMAT,
-            **self._identity,
-            "epoch": self._epoch,
-            "position": self._position,
-            "doc": self._doc,
-            "buffer": buffer,  # the buffered documents, grouped by row group: [epoch, position, [doc indices]]
-            "rows_emitted": self.rows_emitted,
-            "tokens_cropped": self.tokens_cropped,
-        }
+        # buffer: the buffered documents grouped by row group, [epoch, position, [doc indices]]
+        return {"format": STATE_FORMAT, **self._identity, "epoch": self._epoch, "position": self._position,
+                "doc": self._doc, "buffer": buffer, "rows_emitted": self.rows_emitted,
+                "tokens_cropped": self.tokens_cropped}  # fmt: skip
 
     def _restore(self, state: dict) -> None:
         if state.get("format") != STATE_FORMAT:

@@ -152,20 +152,17 @@ class Tokenizer:
         `prepend`/`append` are a special token name or id added to each sequence. Special-token text inside
         `text` is encoded as ordinary bytes.
         """
-        pre = self._as_id(prepend)
-        post = self._as_id(append)
+        pre = [] if prepend is None else [self._as_id(prepend)]
+        post = [] if append is None else [self._as_id(append)]
         if isinstance(text, str):
-            ids = self.encoding.encode_ordinary(text)
-            return ([pre] if pre is not None else []) + ids + ([post] if post is not None else [])
+            return pre + self.encoding.encode_ordinary(text) + post
         if isinstance(text, (list, tuple)):
             batch = self.encoding.encode_ordinary_batch(list(text), num_threads=num_threads)
-            return [([pre] if pre is not None else []) + ids + ([post] if post is not None else []) for ids in batch]
+            return [pre + ids + post for ids in batch]
         raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
 
     def _as_id(self, token):
-        if token is None or isinstance(token, int):
-            return token
-        return self.encode_special(token)
+        return token if isinstance(token, int) else self.encode_special(token)
 
     def __call__(self, *args, **kwargs):
         return self.encode(*args, **kwargs)
@@ -187,35 +184,27 @@ class Tokenizer:
         messages = _validated_messages(conversation)
         ids, mask = [], []
 
-        def add(tokens, trained):
-            tokens = [tokens] if isinstance(tokens, int) else tokens
+        def add(tokens: list[int], trained: int) -> None:
             ids.extend(tokens)
             mask.extend([trained] * len(tokens))
 
         sp = self.encode_special
-        add(self.get_bos_token_id(), 0)
+        add([self.get_bos_token_id()], 0)
         for message in messages:
             if message["role"] == "user":
-                add(sp("<|user_start|>"), 0)
-                add(self.encode(message["content"]), 0)
-                add(sp("<|user_end|>"), 0)
+                add([sp("<|user_start|>"), *self.encode(message["content"]), sp("<|user_end|>")], 0)
                 continue
-            add(sp("<|assistant_start|>"), 0)
+            add([sp("<|assistant_start|>")], 0)
             content = message["content"]
-            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-            for part in parts:
+            for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
                 tokens = self.encode(part["text"])
                 if part["type"] == "text":
                     add(tokens, 1)
                 elif part["type"] == "python":
-                    add(sp("<|python_start|>"), 1)
-                    add(tokens, 1)
-                    add(sp("<|python_end|>"), 1)
+                    add([sp("<|python_start|>"), *tokens, sp("<|python_end|>")], 1)
                 else:  # python_output: produced by the tool at inference, so never a training target
-                    add(sp("<|output_start|>"), 0)
-                    add(tokens, 0)
-                    add(sp("<|output_end|>"), 0)
-            add(sp("<|assistant_end|>"), 1)
+                    add([sp("<|output_start|>"), *tokens, sp("<|output_end|>")], 0)
+            add([sp("<|assistant_end|>")], 1)
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation) -> list[int]:

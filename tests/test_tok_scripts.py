@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -78,7 +79,8 @@ def test_tok_train_never_replaces_the_tokenizer_with_a_worse_one_or_under_checkp
     (tmp_path / "blank.txt").write_text("\n \n\t\n\n")
     out = run_script("scripts.tok_train", "--data", str(tmp_path / "empty.txt"), str(tmp_path / "blank.txt"),
                      "--vocab-size", "600", base_dir=tmp_path, returncode=1)  # fmt: skip
-    assert "0 documents, 0 chars" in out and "a vocabulary of only 265, not --vocab-size 600" in out
+    # blank.txt is one document of whitespace: a few merges, far from 600
+    assert re.search(r"1 documents, 6 chars from .* reach a vocabulary of only 2\d\d, not --vocab-size 600", out)
     assert open(saved, "rb").read() == original
 
     checkpoint = tmp_path / "base_checkpoints" / "d4"
