@@ -91,13 +91,9 @@ def default_pretrain_paths() -> list[str]:
 
 def add_data_argument(parser: argparse.ArgumentParser, purpose: str) -> None:
     """The --data flag of the stages that read pretraining text, with its default stated once."""
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        default=None,
-        help=f"{purpose}: parquet shards, .jsonl[.gz] or .txt files, or directories of them "
-        "(default: <base dir>/base_data, else $NANOCHAT_DATA_DIR/pretrain)",
-    )
+    parser.add_argument("--data", nargs="+", default=None, help=f"{purpose}: parquet shards, .jsonl[.gz] or .txt "
+                        "files, or directories of them (default: <base dir>/base_data, else "
+                        "$NANOCHAT_DATA_DIR/pretrain)")  # fmt: skip
 
 
 def is_val_shard(path: str) -> bool:
@@ -228,12 +224,9 @@ class ShardWriter:
     """Collects documents and writes them as `<prefix>_00000.parquet`, `<prefix>_00001.parquet`, ... in out_dir."""
 
     def __init__(self, out_dir: str, prefix: str, shard_chars: int, row_group_docs: int, out):
-        self.out_dir, self.prefix, self.shard_chars, self.row_group_docs, self.out = (
-            out_dir, prefix, shard_chars, row_group_docs, out,
-        )  # fmt: skip
-        self.docs: list[str] = []
+        self.out_dir, self.prefix, self.shard_chars, self.row_group_docs = out_dir, prefix, shard_chars, row_group_docs
+        self.out, self.docs, self.names = out, [], []
         self.chars = self.total_docs = self.total_chars = 0
-        self.names: list[str] = []
 
     def add(self, doc: str) -> None:
         self.docs.append(doc)
@@ -314,9 +307,8 @@ def build_shards(inputs: list[str], out_dir: str, shard_chars: int = 250_000_000
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m nanochat.dataset", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="python -m nanochat.dataset", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="make shards from your own .txt/.jsonl[.gz]/.parquet files")
     build.add_argument("--input", nargs="+", required=True, help="files or directories of them")

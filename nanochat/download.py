@@ -229,10 +229,8 @@ def download_shards(num_train: int, source: str = "fineweb-edu", out_dir: str | 
             print(f"{bad}; fetching it again", file=out)
             os.remove(path)
         todo.append((f"{base_url}/shard_{index:05d}.parquet", path))
-    print(
-        f"{source}: {len(summary.skipped)} shards present, fetching {len(todo)} from {base_url} into {out_dir}",
-        file=out,
-    )
+    print(f"{source}: {len(summary.skipped)} shards present, fetching {len(todo)} from {base_url} into {out_dir}",
+          file=out)  # fmt: skip
 
     stop = threading.Event()  # tells the other downloads to give up: one failed for good, or Ctrl-C
     options = dict(attempts=attempts, backoff_s=backoff_s, timeout_s=timeout_s, out=out, stop=stop)
@@ -274,9 +272,8 @@ def check_source(base_url: str | None = None, source: str = "fineweb-edu", timeo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m nanochat.download", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="python -m nanochat.download", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("-n", "--num-files", type=int, default=-1, help="training shards to fetch (-1 = all)")
     parser.add_argument("--source", choices=list(SOURCES), default="fineweb-edu", help="which shard set")
     parser.add_argument("--out", default=None, help="directory (default: <base dir>/base_data)")
@@ -291,17 +288,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             print(f"nanochat.download: pretraining text: {check_source(args.base_url, args.source)}")
             return 0
-        result = download_shards(
-            args.num_files, args.source, args.out, args.workers, args.base_url, attempts=args.attempts
-        )
+        result = download_shards(args.num_files, args.source, args.out, args.workers, args.base_url,
+                                 attempts=args.attempts)  # fmt: skip
     except (DatasetError, OSError) as e:  # OSError: requests' errors
         parser.exit(1, f"\nnanochat.download: error: {e}\n")
     except KeyboardInterrupt:
         parser.exit(130, "\nnanochat.download: interrupted\n")
-    print(
-        f"done: {len(result.fetched)} shards fetched ({result.bytes_fetched / 1e6:,.1f} MB), "
-        f"{len(result.skipped)} already present, in {result.out_dir}"
-    )
+    print(f"done: {len(result.fetched)} shards fetched ({result.bytes_fetched / 1e6:,.1f} MB), "
+          f"{len(result.skipped)} already present, in {result.out_dir}")  # fmt: skip
     return 0
 
 

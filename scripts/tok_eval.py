@@ -87,10 +87,8 @@ def main(argv=None):
     for label, name in [("gpt2", "gpt2"), ("gpt4", "cl100k_base")]:
         encoder, why = load_reference(name)
         if encoder is None:
-            print(
-                f"note: cannot load tiktoken's {name} ({why}); comparing without it. "
-                "tiktoken downloads it on first use, so run once online or set TIKTOKEN_CACHE_DIR."
-            )
+            print(f"note: cannot load tiktoken's {name} ({why}); comparing without it. "
+                  "tiktoken downloads it on first use, so run once online or set TIKTOKEN_CACHE_DIR.")  # fmt: skip
         else:
             encoders[label] = encoder
 
