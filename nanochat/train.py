@@ -248,6 +248,8 @@ def _show(key: str, value) -> str:
         return f"MFU {value:.1%}"
     if key == "loss":
         return f"loss {value:.6f}"
+    if key == "eta_min":
+        return f"ETA {value:.1f} min"
     if key in ("ms", "tok_per_s"):
         return f"{value:,.0f} {key.replace('_per_', '/')}"
     return f"{key.replace('_', ' ')} {value:.4f}" if isinstance(value, float) else f"{key.replace('_', ' ')} {value:,}"
