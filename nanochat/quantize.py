@@ -46,6 +46,7 @@ SLOW_KERNELS = {("cpu", torch.float32)}
 # differ only in summation order (~1e-6); half-precision ones round x, scales and the output (~4e-3 for bf16).
 KERNEL_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 3e-2}
 PROBE_ROWS = 3  # inputs per probe: a decode-sized batch; small so probing a d20 model takes well under a second
+INT4_GROUP_SIZE = 128  # input columns per int4 scale by default (gpt-fast's choice; tinygemm takes 32-256)
 SCHEMES = {"int8": 8, "int4": 4}  # the serving flags' names (chat_cli, chat_web --quantize) for quantize_model's bits
 
 # ---------------------------------------------------------------------------- the math (one copy of each)
@@ -294,7 +295,7 @@ def quantize_model(
         raise ValueError(f"bits must be 8 (int8, per-row scales) or 4 (int4, grouped scales), got {bits!r}")
     if bits == 8 and group_size is not None:
         raise ValueError("group_size is for bits=4; int8 uses one scale per output row, so leave it unset")
-    group_size = 128 if group_size is None else group_size
+    group_size = INT4_GROUP_SIZE if group_size is None else group_size
     if any(isinstance(m, QUANTIZED_LAYERS) for m in model.modules()):
         raise ValueError(
             "the model is already quantized; quantizing again would round already-rounded weights. Load the "

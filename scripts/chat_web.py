@@ -16,12 +16,13 @@ Listening beyond this machine (`--host 0.0.0.0`) exposes the model to the networ
 """
 
 import argparse
+import json
 import sys
 
 import uvicorn
 
-from nanochat.checkpoint import checkpoint_dir, find_last_step
-from nanochat.quantize import SCHEMES
+from nanochat.checkpoint import checkpoint_dir, find_last_step, meta_path
+from nanochat.quantize import INT4_GROUP_SIZE, SCHEMES, check_group_size
 from nanochat.server import Settings, create_app
 from nanochat.tokenizer import get_tokenizer
 
@@ -80,11 +81,19 @@ def main(argv=None) -> None:
     # Fail here with the loader's own message rather than inside uvicorn's startup, which would bury it.
     try:
         directory = checkpoint_dir(args.source, args.model_tag)
-        if find_last_step(directory) is None:
+        step = args.step if args.step is not None else find_last_step(directory)
+        if step is None:
             raise FileNotFoundError(f"no complete {args.source} checkpoint in {directory}")
         get_tokenizer()
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"chat_web: {e}\n(train one first, or pick another with --source / --model-tag)")
+    if args.quantize == "int4":  # every layer reads n_embd or 4 x n_embd inputs: they must split into groups
+        with open(meta_path(directory, step), encoding="utf-8") as f:
+            n_embd = json.load(f)["model_config"]["n_embd"]
+        try:
+            check_group_size(n_embd, INT4_GROUP_SIZE)
+        except ValueError as e:
+            sys.exit(f"chat_web: --quantize int4: {e}")
     print(f"chat_web: serving {args.source} on http://{args.host}:{args.port} (OpenAI API under /v1)")
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
 

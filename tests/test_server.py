@@ -396,6 +396,19 @@ def greedy_text(model, tokenizer, max_tokens: int) -> str:
     )
 
 
+def test_chat_web_refuses_int4_for_a_width_its_groups_do_not_divide(tmp_path, small_tokenizer, monkeypatch):
+    """A model 64 wide cannot take int4's groups of 128: one line before serving, not a failed startup."""
+    from scripts import chat_web
+
+    small_tokenizer.save(str(tmp_path / "tokenizer"))
+    save_checkpoint(str(tmp_path / "chatsft_checkpoints" / "d2"), 1, tiny_model())
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(SystemExit, match="--quantize int4: group_size 128 does not divide in_features 64"):
+        chat_web.main(["--device-type", "cpu", "--quantize", "int4"])
+    with pytest.raises(SystemExit, match="--compile and --quantize do not combine"):
+        chat_web.main(["--device-type", "cpu", "--quantize", "int8", "--compile"])
+
+
 def test_chat_web_quantize_serves_int8_weights(tmp_path, small_tokenizer, monkeypatch):
     """scripts.chat_web --quantize int8 as its own process: its replies are the engine's on an int8 copy."""
     small_tokenizer.save(str(tmp_path / "tokenizer"))
