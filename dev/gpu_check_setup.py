@@ -23,8 +23,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Packages the stages import that the GPU image lacks (it has torch, numpy, tiktoken, pyarrow, httpx, yaml, ...).
-CARRIED = ["fastapi", "starlette", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "uvicorn",
-           "typing-extensions"]  # fmt: skip
+CARRIED = ["fastapi", "annotated-doc", "starlette", "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
+           "uvicorn", "typing-extensions"]  # fmt: skip
 
 # ---------------------------------------------------------------------------- synthetic data
 
