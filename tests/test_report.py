@@ -218,7 +218,8 @@ def test_cli_status_and_time_do_not_import_torch(base_dir):
 
 
 def test_chat_eval_partial_runs_merge_into_chatcore(base_dir):
-    from scripts.chat_eval import BASELINES, TaskResult, update_report
+    from scripts.chat_eval import update_report
+    from tasks.evaluate import BASELINES, TaskResult
 
     def results(names, passed):
         return [TaskResult(name, "generative", 10, passed, 0, BASELINES[name]) for name in names]
