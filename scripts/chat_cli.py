@@ -3,32 +3,28 @@
     python -m scripts.chat_cli                                   # the sft model: largest depth, last step
     python -m scripts.chat_cli --source base --model-tag d20     # any stage: base | mid | sft | rl
     python -m scripts.chat_cli -p "Why is the sky blue?"         # one reply, printed, then exit 0
-    python -m scripts.chat_cli --source base --model-tag d2 --device-type cpu --max-tokens 32 -p "hi"
-                                    # tiny, CPU: the d2 model of base_train's tiny CPU run, in seconds
+    python -m scripts.chat_cli --quantize int8 --device-type cpu # int8 weights: 2-4x faster CPU decode (BENCHMARKS)
+    python -m scripts.chat_cli --source base --model-tag d2 --device-type cpu --max-tokens 32 -p "hi"  # tiny CPU run
 
 Contract:
-- The conversation is kept as exact token ids, one closed turn per user+assistant pair:
-  `<|user_start|> message <|user_end|> <|assistant_start|>` as the tokenizer renders it, then the reply's own
-  ids (the calculator's forced output included) and `<|assistant_end|>`. The prompt is `<|bos|>` + the turns +
-  the new user message, which is `tokenizer.render_for_completion` of the same chat, without re-encoding the
-  model's replies.
-- Before each reply the oldest turns are dropped, whole, until the prompt leaves room for a reply
-  (`reply_room`), and a notice says how many. A message that does not fit even alone is refused with a
-  notice; the conversation is left as it was.
-- Replies stream through engine.ReplyRenderer, so a multi-byte character is never split; a calculator call
-  shows as `[calculator: 12*5 = 60]` once its output is in, and no other special token is shown.
-- `--quantize int8|int4` chats with weight-only quantized weights (nanochat/quantize.py: decode 2-4x faster
-  on CPU, dev/BENCHMARKS.md); `--compile` decodes through torch.compile (CUDA graphs on a GPU).
-- Reply n of a session samples with seed `--seed` + n, so a scripted session replays exactly.
-- Replies and command answers go to stdout; the banner and notices to stderr. User errors (a missing
-  checkpoint or tokenizer, a message too long for the context with -p) end with a one-line message and exit
-  code 1 (a bad flag: argparse's usage and code 2), never a traceback.
+- The conversation is kept as exact token ids, one closed turn per user+assistant pair: the tokenizer's
+  `<|user_start|> message <|user_end|> <|assistant_start|>`, the reply's own ids (the calculator's forced output
+  included), `<|assistant_end|>`. The prompt is `<|bos|>` + the turns + the new message, i.e.
+  `tokenizer.render_for_completion` of the same chat without re-encoding the model's replies.
+- Before each reply the oldest turns are dropped, whole, until the prompt leaves room for a reply (`reply_room`),
+  with a notice; a message that does not fit even alone is refused, the conversation left as it was.
+- Replies stream through engine.ReplyRenderer (never a split character); a calculator call shows as
+  `[calculator: 12*5 = 60]`, no other special token is shown. Reply n samples with seed `--seed` + n.
+- `--quantize int8|int4`: weight-only quantized weights (nanochat/quantize.py); `--compile`: decode through
+  torch.compile (CUDA graphs on a GPU); the two do not combine yet (dev/LOG.md).
+- Replies and command answers go to stdout, the banner and notices to stderr. User errors (a missing checkpoint
+  or tokenizer, a message too long with -p) end with one line and exit code 1 (bad flags: argparse's 2).
 
-Commands: /help, /clear, /temperature X, /topk N, /topp P, and quit, exit, /quit or Ctrl-D to leave. Ctrl-C
-stops a reply (what was said is kept) or, at the prompt, drops the line.
+Commands: /help, /clear, /temperature X, /topk N, /topp P; quit, exit, /quit or Ctrl-D leave. Ctrl-C stops a
+reply (what was said is kept) or, at the prompt, drops the line.
 
-Not here: serving (scripts/chat_web.py), the sampling and the tool itself (nanochat/engine.py), chat rendering
-rules (nanochat/tokenizer.py).
+Not here: serving (scripts/chat_web.py), sampling and the tool (nanochat/engine.py), chat rendering rules
+(nanochat/tokenizer.py).
 """
 
 import argparse
@@ -312,9 +308,7 @@ def read_stdin_line(prompt: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Model
-    parser.add_argument(
-        "--source", choices=["sft", "rl", "mid", "base"], default="sft", help="training stage to chat with"
-    )
+    parser.add_argument("--source", choices=["sft", "rl", "mid", "base"], default="sft", help="stage to chat with")
     parser.add_argument("--model-tag", default=None, help="checkpoint directory, e.g. d20 (default: largest depth)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last one)")
     parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
