@@ -4,7 +4,7 @@ Architecture (every choice is a GPTConfig field or fixed below, with its reason)
 - token embedding, RMSNorm right after it, no positional embedding; RoPE on q and k;
 - QK-norm (RMSNorm on q and k per head) so attention logits stay bounded without tuning;
 - grouped-query attention: n_kv_head divides n_head (MQA at 1, MHA at n_head);
-- MLP: ReLU² at 4x width (default) or SwiGLU at (almost) equal parameter count;
+- MLP: ReLU² at 4x width (SwiGLU measured no better, dev/LOG.md 2026-11-21);
 - pre-norm residual blocks; RMSNorm without learnable parameters; no biases anywhere;
 - untied lm_head; logits soft-capped at 15 and computed in fp32 for the loss;
 - vocab padded to a multiple of 64 inside (tensor-core friendly shapes) and sliced back in the logits.
@@ -47,7 +47,6 @@ class GPTConfig:
     n_kv_head: int = 10
     n_embd: int = 1280
     rope_base: float = 10000.0
-    mlp: str = "relu2"  # "relu2" or "swiglu"
     logit_softcap: float = 15.0
 
     def __post_init__(self):
@@ -57,8 +56,6 @@ class GPTConfig:
             raise ValueError(f"n_kv_head {self.n_kv_head} must divide n_head {self.n_head} (1 = MQA)")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError(f"head dim {self.n_embd // self.n_head} must be even for RoPE")
-        if self.mlp not in ("relu2", "swiglu"):
-            raise ValueError(f"mlp must be 'relu2' or 'swiglu', got {self.mlp!r}")
 
     @property
     def head_dim(self) -> int:
@@ -84,9 +81,12 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "GPTConfig":
-        """Keys missing from an older checkpoint take today's defaults; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
+        """Keys missing from an older checkpoint take today's defaults; unknown keys are an error. Older
+        checkpoints name their MLP (mlp="relu2"); the SwiGLU option is gone, so any other value is refused."""
+        data = dict(data)
+        if data.pop("mlp", "relu2") != "relu2":
+            raise ValueError("this checkpoint uses a SwiGLU MLP, which nanochat no longer implements")
+        unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown GPTConfig keys {sorted(unknown)} (checkpoint from a newer nanochat?)")
         return cls(**data)
@@ -144,21 +144,10 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        d = config.n_embd
-        self.swiglu = config.mlp == "swiglu"
-        if self.swiglu:
-            # 3 matrices of d x h match ReLU²'s 2 of d x 4d when h = 8d/3 (rounded to a multiple of 64).
-            hidden = max(64, round(8 * d / 3 / 64) * 64)
-            self.c_gate = Linear(d, hidden)
-            self.c_fc = Linear(d, hidden)
-        else:
-            hidden = 4 * d
-            self.c_fc = Linear(d, hidden)
-        self.c_proj = Linear(hidden, d)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
-        if self.swiglu:
-            return self.c_proj(F.silu(self.c_gate(x)) * self.c_fc(x))
         return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU² (Primer, arXiv 2109.08668)
 
 

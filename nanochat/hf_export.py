@@ -6,8 +6,8 @@ Contract:
   no custom code and gives our logits (fp32 on CPU: bit-identical in the tests), and
   `AutoTokenizer.from_pretrained(out_dir)` encodes text to our ids and renders chats to our
   `render_for_completion` ids.
-- Every GPTConfig field is checked against what NanoChatConfig can carry; anything it cannot (SwiGLU, a field
-  this file does not know) raises `UnsupportedModelError` instead of exporting a model that computes something else.
+- Every GPTConfig field is checked against what NanoChatConfig can carry; anything it cannot (a field this
+  file does not know) raises `UnsupportedModelError` instead of exporting a model that computes something else.
 - Each file is written under a temporary name and renamed into place; config.json goes last, so a directory
   with a config.json holds a complete export. A non-empty directory is refused unless `force`.
 - Needs transformers >= 5.0 to load: NanoChat first shipped in v5.0.0rc0 (4.57.6, the last 4.x, lacks it), and
@@ -107,17 +107,12 @@ class UnsupportedModelError(ValueError):
 
 def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: torch.dtype = torch.float32) -> dict:
     """The config.json of NanoChatForCausalLM, after checking every GPTConfig field can be carried over."""
-    handled = set("sequence_len vocab_size n_layer n_head n_kv_head n_embd rope_base mlp logit_softcap".split())
+    handled = set("sequence_len vocab_size n_layer n_head n_kv_head n_embd rope_base logit_softcap".split())
     unknown = [f.name for f in fields(config) if f.name not in handled]
     if unknown:
         raise UnsupportedModelError(
             f"GPTConfig fields {unknown} are not mapped by nanochat/hf_export.py: teach it what they mean in "
             "transformers' NanoChat (or that they cannot be exported) before exporting"
-        )
-    if config.mlp != "relu2":
-        raise UnsupportedModelError(
-            f"mlp={config.mlp!r} cannot be exported: transformers' NanoChat MLP is fc1 -> activation -> fc2 with no "
-            "gate matrix, so only mlp='relu2' has an equivalent"
         )
     if not config.logit_softcap > 0:
         raise UnsupportedModelError(f"logit_softcap must be positive to export, got {config.logit_softcap}")

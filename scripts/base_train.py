@@ -53,7 +53,6 @@ def parse_args(argv=None):
     parser.add_argument("--depth", type=int, default=20, help="number of layers; decides everything else")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
     parser.add_argument("--n-kv-head", type=int, default=-1, help="key/value heads (-1 = as many as heads; 1 = MQA)")
-    parser.add_argument("--mlp", choices=["relu2", "swiglu"], default="relu2")
     parser.add_argument("--model-tag", default=None, help="checkpoint directory name (default: d<depth>)")
     # Training horizon (first one set wins: iterations > FLOPs > tokens:params ratio)
     parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = derive)")
@@ -140,7 +139,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- model
     config = GPTConfig.from_depth(depth=args.depth, vocab_size=tokenizer.get_vocab_size(),
-                                  sequence_len=args.max_seq_len, n_kv_head=args.n_kv_head, mlp=args.mlp)  # fmt: skip
+                                  sequence_len=args.max_seq_len, n_kv_head=args.n_kv_head)  # fmt: skip
     model = GPT.build(config, device)
     model.compute_dtype = runtime.dtype
     hp = derive_hyperparameters(args, config, model.estimate_flops(), runtime.world_size)

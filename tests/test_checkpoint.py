@@ -161,7 +161,7 @@ def test_old_config_keys_default_and_unknown_keys_fail(tmp_path):
     save_checkpoint(str(tmp_path), 1, model)
 
     def drop_new_keys(meta):
-        del meta["model_config"]["rope_base"], meta["model_config"]["mlp"]
+        del meta["model_config"]["rope_base"]
 
     edit_meta(tmp_path, 1, drop_new_keys)
     old, _ = build_model(str(tmp_path), phase="eval")
