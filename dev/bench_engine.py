@@ -11,7 +11,7 @@ threads, it times greedy decoding by
 - transformers: `model.generate(ids, do_sample=False, max_new_tokens=N, min_new_tokens=N)`, B = 8 being 8
   copies of the prompt (its KV cache, its default attention, sdpa).
 Every implementation decodes exactly N tokens per row: the engine gets a stand-in tokenizer whose special
-tokens it can never sample (scripts/infer_bench.py's NeverStops), transformers' min_new_tokens masks its eos
+tokens it can never sample (dev/infer_bench.py's NeverStops), transformers' min_new_tokens masks its eos
 tokens, the naive sampler has no stop rule. The implementations take turns inside each repeat, so a shared
 machine's load falls on all of them alike; medians over repeats are reported.
 
@@ -43,11 +43,11 @@ import time
 
 import torch
 
+from dev.infer_bench import NeverStops, random_model
 from nanochat.common import Runtime, describe_environment
 from nanochat.engine import Engine
 from nanochat.hf_export import export
 from nanochat.tokenizer import Tokenizer
-from scripts.infer_bench import NeverStops, random_model
 
 WIKI_SAMPLE = os.path.join("pretrain", "enwiki-sample.jsonl.gz")  # under the data directory
 

@@ -1,4 +1,4 @@
-"""scripts/infer_bench.py runs end to end on a tiny random model on CPU and writes well-formed JSON.
+"""dev/infer_bench.py runs end to end on a tiny random model on CPU and writes well-formed JSON.
 
 No timing assertions: only that every figure is there, finite and positive, and that each row decoded exactly
 the tokens asked for (the stand-in tokenizer keeps the engine from stopping early).
@@ -8,7 +8,7 @@ import json
 import math
 from functools import partial
 
-from scripts.infer_bench import main
+from dev.infer_bench import main
 
 
 def test_tiny_random_model_on_cpu(tmp_path, capsys):
@@ -54,7 +54,7 @@ def test_compile_decode_measures_the_compiled_engine(tmp_path, monkeypatch):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from scripts import infer_bench
+    from dev import infer_bench
 
     monkeypatch.setattr(infer_bench, "Engine", partial(infer_bench.Engine, backend="aot_eager"))
     torch._dynamo.reset()

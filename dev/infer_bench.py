@@ -6,10 +6,10 @@ them) the time to first token, the median time per decode step (TPOT), decode to
 aggregate, peak memory, and the memory traffic per step (weight bytes + B x KV bytes read) as GB/s and, on a GPU
 that nanochat.common's table knows, as MBU (traffic / TPOT / peak bandwidth), beside the batch-1 roofline.
 
-    python -m scripts.infer_bench --source sft                                          # GPU: latest sft checkpoint
-    python -m scripts.infer_bench --source base --model-tag d12 --step 5000 --json d12.json
-    python -m scripts.infer_bench --depth 20 --compile-decode                           # the CUDA-graph decode path
-    python -m scripts.infer_bench --depth 4 --vocab-size 65536 --batch-sizes 1 8 --decode-tokens 32  # tiny, CPU
+    python -m dev.infer_bench --source sft                                          # GPU: latest sft checkpoint
+    python -m dev.infer_bench --source base --model-tag d12 --step 5000 --json d12.json
+    python -m dev.infer_bench --depth 20 --compile-decode                           # the CUDA-graph decode path
+    python -m dev.infer_bench --depth 4 --vocab-size 65536 --batch-sizes 1 8 --decode-tokens 32  # tiny, CPU
 
 Contract: the engine is measured as it is (its own KV cache, prefill once then B rows; eager unless
 --compile-decode), decoding at temperature 0 with a stand-in tokenizer whose special tokens the model can never
