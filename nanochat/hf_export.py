@@ -2,39 +2,32 @@
 
 Contract:
 - `export(model, tokenizer, out_dir)` writes config.json, model.safetensors, tokenizer.json and
-  tokenizer_config.json (with a chat template) so that `AutoModelForCausalLM.from_pretrained(out_dir)` loads with
-  no custom code and gives our logits (fp32 on CPU: bit-identical in the tests), and
-  `AutoTokenizer.from_pretrained(out_dir)` encodes text to our ids and renders chats to our
-  `render_for_completion` ids.
+  tokenizer_config.json (with a chat template) so that `AutoModelForCausalLM.from_pretrained(out_dir)` loads
+  with no custom code and gives our logits (fp32 on CPU: bit-identical in the tests) and
+  `AutoTokenizer.from_pretrained(out_dir)` encodes and renders chats as we do.
 - Every GPTConfig field is checked against what NanoChatConfig can carry; anything it cannot (a field this
   file does not know) raises `UnsupportedModelError` instead of exporting a model that computes something else.
-- Each file is written under a temporary name and renamed into place; config.json goes last, so a directory
-  with a config.json holds a complete export. A non-empty directory is refused unless `force`.
-- Needs transformers >= 5.0 to load: NanoChat first shipped in v5.0.0rc0 (4.57.6, the last 4.x, lacks it), and
-  the config uses the v5 `rope_parameters` and `dtype` keys. The tests pass on 5.0.0 and 5.23.0. Writing needs
-  only safetensors and tokenizers.
+- Files are written atomically, config.json last (its presence marks a complete export). A non-empty
+  directory is refused unless `force`.
+- Loading needs transformers >= 5.0 (NanoChat and the `rope_parameters`/`dtype` keys arrived in v5; tested on
+  5.0.0 and 5.23.0); writing needs only safetensors and tokenizers.
 
 How our model maps onto transformers' NanoChat (modeling_nanochat.py, read in 5.23):
 - names: wte -> model.embed_tokens, blocks.i.attn.c_{q,k,v,proj} -> model.layers.i.self_attn.{q,k,v,o}_proj,
   blocks.i.mlp.c_fc/c_proj -> model.layers.i.mlp.fc1/fc2, lm_head -> lm_head. No norm has a weight on either side.
 - RoPE: both rotate the pairs (i, i + D/2), but transformers turns them by -angle (its rotate_half is
-  cat(x2, -x1), as Karpathy's nanochat) where ours turns them by +angle. Negating the second half of every
-  q and k head fixes it exactly: with S = diag(1, -1) per pair, R(-a) S = S R(a), the per-head RMSNorm commutes
-  with S, and q·k is unchanged because both sides carry S. Values are untouched, so the output is identical.
-- RMSNorm eps: ours is F.rms_norm's default, float32 machine epsilon (also for bf16 inputs, which PyTorch
-  normalises in fp32); NanoChat's default is 1e-6, so the config carries ours.
-- Vocabulary: exported at our real size, without the padding rows (see hf_state_dict).
-- The rest already agrees: RoPE then QK-norm, the norm right after the embedding, softmax scale head_dim^-0.5,
-  GQA with kv head h // (n_head / n_kv_head) for query head h, ReLU² ("relu2"), cap·tanh(logits / cap).
+  cat(x2, -x1)) where ours turns them by +angle. Negating the second half of every q and k head fixes it
+  exactly: with S = diag(1, -1) per pair, R(-a) S = S R(a), the per-head RMSNorm commutes with S, and q·k is
+  unchanged because both sides carry S.
+- RMSNorm eps: ours is F.rms_norm's default, float32 machine epsilon; NanoChat's default is 1e-6, so the config
+  carries ours. The vocabulary is exported without our padding rows (see hf_state_dict).
 
-The tokenizer: byte-level BPE over our ranks plus a Split pre-tokenizer with our pattern, so text encodes as
-with tiktoken (see bpe_merges for why every split of a token is a merge rule). Two behaviours are transformers'
-own: `tokenizer(text)` prepends <|bos|>, as our documents start (add_special_tokens=False gives our
-`encode(text)`); and a special token's literal text inside a string, chat messages included, becomes that
-special token unless split_special_tokens=True, where ours always keeps it as plain text. There is no pad token.
+The tokenizer: byte-level BPE over our ranks behind a Split pre-tokenizer with our pattern (see bpe_merges).
+Transformers' own behaviours: `tokenizer(text)` prepends <|bos|> (add_special_tokens=False gives our
+`encode(text)`), and a special token's literal text inside a string becomes that token unless
+split_special_tokens=True, where ours keeps it as plain text. There is no pad token.
 
-Not here: loading checkpoints (scripts/export_hf.py does, through nanochat.checkpoint), uploading to the Hub,
-the reverse conversion, or an assistant-token mask for training with transformers (`{% generation %}`).
+Not here: loading checkpoints (scripts/export_hf.py), uploading to the Hub, the reverse conversion.
 """
 
 import json
@@ -49,22 +42,15 @@ from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# What F.rms_norm uses when eps is None, for fp32 and (computed in fp32) for bf16/fp16 inputs alike.
-RMS_NORM_EPS = torch.finfo(torch.float32).eps
+RMS_NORM_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's eps=None, for fp32 and (in fp32) bf16/fp16 inputs
 
-WEIGHTS_FILE = "model.safetensors"
-
-# Files a previous export into the same directory may have left that transformers would read instead of, or on
-# top of, ours (sharded or .bin weights, a separate chat template, another model's generation settings).
-# `force` deletes them.
+# Files an earlier export may have left that transformers would read instead of, or on top of, ours: `force`
+# deletes them.
 SHADOWING_FILES = ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
-    "chat_template.jinja", "chat_template.json", "special_tokens_map.json", "added_tokens.json",
-    "generation_config.json")  # fmt: skip
+    "chat_template.jinja", "chat_template.json", "special_tokens_map.json", "added_tokens.json")  # fmt: skip
 
-# Our chat protocol (nanochat.tokenizer.Tokenizer.render_conversation) in Jinja: a leading system message is
-# merged into the first user turn, turns must alternate user/assistant, and assistant content is a string or a
-# list of {"type": "text" | "python" | "python_output", "text": ...} parts. Every tag trims the template text
-# around it ({%- -%}), so this layout's line breaks and indentation never reach the output.
+# Our chat protocol (Tokenizer.render_conversation) in Jinja; every tag trims the text around it ({%- -%}), so
+# this layout's line breaks and indentation never reach the output.
 CHAT_TEMPLATE = r"""
 {%- if messages[0]['role'] == 'system' -%}
   {%- if messages | length < 2 or messages[1]['role'] != 'user' -%}
@@ -121,7 +107,6 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: torch.dtype = torc
             f"the model has vocab_size {config.vocab_size} but the tokenizer has {tokenizer.get_vocab_size()} tokens: "
             "export the tokenizer the model was trained with"
         )
-    bos_id = tokenizer.get_bos_token_id()
     return {
         "architectures": ["NanoChatForCausalLM"],
         "model_type": "nanochat",
@@ -141,15 +126,19 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: torch.dtype = torc
         "attention_bias": False,
         "attention_dropout": 0.0,
         "tie_word_embeddings": False,
-        "bos_token_id": bos_id,
-        # A chat turn ends at <|assistant_end|>; a base model ends a document by starting the next with <|bos|>.
-        "eos_token_id": [tokenizer.encode_special("<|assistant_end|>"), bos_id],
-        # No pad token: NanoChat passes pad_token_id to nn.Embedding as padding_idx, which would freeze that
-        # token's embedding in any fine-tuning done with transformers (its default, 1, is an ordinary token).
-        "pad_token_id": None,
         "use_cache": True,
         "dtype": str(dtype).removeprefix("torch."),
+        **hf_generation_config(tokenizer),
     }
+
+
+def hf_generation_config(tokenizer: Tokenizer) -> dict:
+    """The special token ids, for config.json and generation_config.json alike."""
+    bos_id = tokenizer.get_bos_token_id()
+    # A chat turn ends at <|assistant_end|>; a base model ends a document by starting the next with <|bos|>.
+    # No pad token: NanoChat makes pad_token_id nn.Embedding's padding_idx, freezing that token in fine-tuning.
+    return {"bos_token_id": bos_id, "eos_token_id": [tokenizer.encode_special("<|assistant_end|>"), bos_id],
+            "pad_token_id": None}  # fmt: skip
 
 
 def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -161,15 +150,13 @@ def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, t
     def take(name: str) -> torch.Tensor:
         return ours.pop(name).detach()
 
-    def rope_sign_flipped(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-        """Negates output rows head_dim/2..head_dim-1 of every head: transformers rotates by -angle (see top)."""
+    def rope_sign_flipped(weight: torch.Tensor, num_heads: int) -> torch.Tensor:  # see "RoPE" at the top
         weight = weight.clone().view(num_heads, head_dim, -1)  # (heads, head_dim, n_embd)
         weight[:, head_dim // 2 :] *= -1
         return weight.view(num_heads * head_dim, -1)
 
-    # The padded rows (vocab_size..padded_vocab_size) are cut: ids never reach them and our forward slices their
-    # logits off, so dropping them gives the same logits over the real vocabulary, logits of the same width as
-    # ours, and a model that cannot sample an id the tokenizer does not have.
+    # The padding rows are cut: ids never reach them and our forward slices their logits off, so the logits are
+    # ours and the model cannot sample an id the tokenizer does not have.
     converted = {
         "model.embed_tokens.weight": take("wte.weight")[:vocab_size],
         "lm_head.weight": take("lm_head.weight")[:vocab_size],
@@ -189,20 +176,15 @@ def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, t
 
 
 def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map, which the tokenizers ByteLevel steps assume: printable
-    Latin-1 bytes stand for themselves, the other 68 bytes take the code points from 256 up, in byte order."""
+    """GPT-2's byte -> printable character map, which tokenizers' ByteLevel steps assume."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [byte for byte in range(256) if byte not in printable]
     return {byte: chr(byte) for byte in printable} | {byte: chr(256 + i) for i, byte in enumerate(others)}
 
 
 def bpe_merges(ranks: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """Merge rules that make a rank-ordered BPE merge like tiktoken.
-
-    tiktoken merges any adjacent pair whose concatenation is a token, lowest token rank first, so every split of
-    every token into two tokens is a rule, ordered by the rank of the token it makes (then by the ranks of its
-    halves, to be deterministic).
-    """
+    """Merge rules that make BPE merge like tiktoken, which merges any adjacent pair whose concatenation is a token,
+    lowest rank first: every split of every token in two is a rule, ordered by (token rank, halves' ranks)."""
     rank_of = {token: rank for rank, token in enumerate(ranks)}
     rules = []
     for rank, token in enumerate(ranks):
@@ -215,8 +197,7 @@ def bpe_merges(ranks: list[bytes]) -> list[tuple[bytes, bytes]]:
 
 
 def hf_tokenizer(tokenizer: Tokenizer):
-    """A `tokenizers.Tokenizer` that encodes exactly as ours: the same split pattern, byte-level BPE over our
-    ranks, and the special tokens at our ids. `add_special_tokens=True` prepends <|bos|>, as our documents begin."""
+    """A `tokenizers.Tokenizer` that encodes exactly as ours, special tokens at our ids."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as FastTokenizer
 
@@ -228,26 +209,15 @@ def hf_tokenizer(tokenizer: Tokenizer):
     def to_text(token: bytes) -> str:
         return "".join(as_chars[byte] for byte in token)
 
-    known = set(ranks)
-    missing_bytes = [byte for byte in range(256) if bytes([byte]) not in known]
-    if missing_bytes:
-        raise UnsupportedModelError(f"byte-level BPE needs all 256 byte tokens; missing {missing_bytes[:8]}...")
     vocab = {to_text(token): rank for rank, token in enumerate(ranks)}
     merges = [(to_text(left), to_text(right)) for left, right in bpe_merges(ranks)]
     # ignore_merges: a piece that is itself a token is emitted whole, as tiktoken does, before any merging.
-    fast = FastTokenizer(
-        models.BPE(vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False, byte_fallback=False)
-    )
-    fast.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(tokenizer.get_pattern()), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # bytes -> characters only
-        ]
-    )
+    fast = FastTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False))
+    split = pre_tokenizers.Split(Regex(tokenizer.get_pattern()), behavior="isolated", invert=False)
+    bytes_to_chars = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    fast.pre_tokenizer = pre_tokenizers.Sequence([split, bytes_to_chars])
     fast.decoder = decoders.ByteLevel()
-    fast.add_special_tokens(
-        [AddedToken(name, special=True, normalized=False, lstrip=False, rstrip=False) for name in SPECIAL_TOKENS]
-    )
+    fast.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in SPECIAL_TOKENS])
     for name in SPECIAL_TOKENS:
         if fast.token_to_id(name) != tokenizer.encode_special(name):
             raise UnsupportedModelError(
@@ -277,21 +247,20 @@ def _write_json(path: str, data: dict) -> None:
 
 
 def check_out_dir(out_dir: str, force: bool) -> None:
-    """Raises FileExistsError if `out_dir` is a file, or a non-empty directory and not `force`."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    """Raises OSError, before anything is loaded or written, when `out_dir` cannot take an export: a non-empty
+    directory (unless `force`), or a path whose nearest existing part is not a writable directory."""
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
         raise FileExistsError(f"{out_dir} is not empty; pass --force to overwrite the export files in it")
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not (os.path.isdir(existing) and os.access(existing, os.W_OK)):
+        raise PermissionError(f"cannot write to {out_dir}: {existing} is not a writable directory")
 
 
-def export(
-    model: GPT, tokenizer: Tokenizer, out_dir: str, dtype: torch.dtype = torch.float32, force: bool = False
-) -> list[str]:
-    """Writes the transformers NanoChat files for `model` and `tokenizer` into `out_dir`; returns their paths.
-
-    Everything is converted (and every check run) before the first file is written. Refuses a non-empty
-    `out_dir` unless `force`, which replaces our files and deletes SHADOWING_FILES; other files are left alone.
-    """
+def export(model: GPT, tokenizer: Tokenizer, out_dir: str, dtype=torch.float32, force: bool = False) -> list[str]:
+    """Writes the transformers NanoChat files into `out_dir` and returns their paths. Everything is converted and
+    checked before the first write; `force` replaces our files and deletes SHADOWING_FILES, leaving others alone."""
     from safetensors.torch import save_file
 
     if dtype not in EXPORT_DTYPES.values():
@@ -299,20 +268,16 @@ def export(
     config_json = hf_config(model.config, tokenizer, dtype)
     tensors = hf_state_dict(model, dtype)
     fast_tokenizer = hf_tokenizer(tokenizer)
-    tokenizer_config_json = hf_tokenizer_config(model.config)
 
     check_out_dir(out_dir, force)
     os.makedirs(out_dir, exist_ok=True)
-    for stale in [os.path.join(out_dir, name) for name in SHADOWING_FILES]:
-        if os.path.exists(stale):
-            os.remove(stale)
-
-    paths = {
-        name: os.path.join(out_dir, name)
-        for name in (WEIGHTS_FILE, "tokenizer.json", "tokenizer_config.json", "config.json")
-    }
-    atomic_write(paths[WEIGHTS_FILE], lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}), by_path=True)
-    atomic_write(paths["tokenizer.json"], lambda tmp: fast_tokenizer.save(tmp), by_path=True)
-    _write_json(paths["tokenizer_config.json"], tokenizer_config_json)
-    _write_json(paths["config.json"], config_json)  # last: its presence marks a complete export
-    return list(paths.values())
+    for name in SHADOWING_FILES:
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    names = ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json")
+    weights, tokenizer_json, tokenizer_config, config = paths = [os.path.join(out_dir, name) for name in names]
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}), by_path=True)
+    atomic_write(tokenizer_json, fast_tokenizer.save, by_path=True)
+    _write_json(tokenizer_config, hf_tokenizer_config(model.config))
+    _write_json(config, config_json)  # last: its presence marks a complete export
+    return paths

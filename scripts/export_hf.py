@@ -1,9 +1,9 @@
 """Export a trained checkpoint to the Hugging Face transformers format (model type "nanochat").
 
-Loads a stage's checkpoint and the tokenizer from the base dir and writes config.json, model.safetensors,
-tokenizer.json and tokenizer_config.json (with our chat template) to --out. The result loads with plain
-transformers (>= 5.0, no trust_remote_code) and gives our logits; see nanochat/hf_export.py for the mapping and
-for what cannot be exported (an mlp="swiglu" model fails with a message instead of exporting something else).
+Loads a stage's checkpoint and the tokenizer from the base dir and writes the files of nanochat/hf_export.py (which
+gives the mapping and what cannot be exported) to --out; they load with plain transformers >= 5.0 and give our
+logits. A user error (an --out that is not empty or not writable, a missing checkpoint, a model the format cannot
+express) ends in one line naming it; runs on the CPU; does not upload to the Hub.
 
     python -m scripts.export_hf --source sft --out hf/d20                      # latest sft checkpoint, largest depth
     python -m scripts.export_hf --source base --model-tag d12 --step 5000 --out hf/d12-base --dtype bfloat16
@@ -14,8 +14,6 @@ Then:
     model, tokenizer = AutoModelForCausalLM.from_pretrained("hf/d20"), AutoTokenizer.from_pretrained("hf/d20")
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi!"}], add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True)
-
-Runs on the CPU (the weights are only copied). Does not upload to the Hub or write a model card.
 """
 
 import argparse
@@ -36,9 +34,7 @@ def main(argv=None):
     parser.add_argument("--step", type=int, default=None, help="training step to export (default: the last complete)")
     # Output
     parser.add_argument("--out", required=True, help="output directory (refused if not empty, unless --force)")
-    parser.add_argument(
-        "--dtype", default="float32", choices=sorted(EXPORT_DTYPES), help="saved weights; float32: our logits exactly"
-    )
+    parser.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES), help="float32: our logits exactly")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing an export there")
     args = parser.parse_args(argv)
 
@@ -46,10 +42,9 @@ def main(argv=None):
         check_out_dir(args.out, args.force)  # before loading anything: a refused --out should not cost a load
         source_dir = checkpoint_dir(args.source, args.model_tag)
         model, meta = load_model(args.source, "cpu", "eval", model_tag=args.model_tag, step=args.step)
-        tokenizer = get_tokenizer()
         print(f"export_hf: {source_dir} step {meta['step']}: {model.config}")
-        paths = export(model, tokenizer, args.out, dtype=EXPORT_DTYPES[args.dtype], force=args.force)
-    except (FileExistsError, FileNotFoundError, CheckpointError, ValueError) as e:  # UnsupportedModelError too
+        paths = export(model, get_tokenizer(), args.out, dtype=EXPORT_DTYPES[args.dtype], force=args.force)
+    except (OSError, CheckpointError, ValueError) as e:  # OSError: also a write that fails (disk full, read-only)
         parser.exit(1, f"export_hf: {e}\n")
     for path in paths:
         print(f"wrote {path} ({os.path.getsize(path):,} bytes)")

@@ -218,6 +218,27 @@ def test_non_empty_directory_needs_force(tmp_path, tokenizer):
     assert (tmp_path / "config.json").exists()
 
 
+def test_unwritable_out_is_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    """Issue 15: these used to end in a traceback after the checkpoint had been loaded."""
+    from scripts.export_hf import main
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "no-checkpoints-here"))  # a load would fail differently
+    (tmp_path / "a-file").write_text("")
+    for out in (tmp_path / "a-file", tmp_path / "a-file" / "hf"):
+        with pytest.raises(SystemExit) as refused:
+            main(["--source", "sft", "--out", str(out)])
+        assert refused.value.code == 1
+        assert (
+            capsys.readouterr().err
+            == f"export_hf: cannot write to {out}: {tmp_path / 'a-file'} is not a writable directory\n"
+        )
+    if os.geteuid() != 0:  # root writes anywhere, so a read-only directory only refuses other users
+        (tmp_path / "read-only").mkdir(mode=0o555)
+        with pytest.raises(SystemExit):
+            main(["--source", "sft", "--out", str(tmp_path / "read-only" / "hf")])
+        assert "is not a writable directory" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- the script
 
 
