@@ -5,7 +5,9 @@ A 2-layer, 128-wide GPT on the CPU; every test saves into its own tmp_path.
 
 import json
 import os
+import struct
 import time
+import zipfile
 from datetime import timedelta
 
 import pytest
@@ -19,12 +21,15 @@ from nanochat.checkpoint import (
     checkpoint_dir,
     complete_steps,
     find_last_step,
+    last_verified_step,
     load_checkpoint,
     load_model,
     meta_path,
     model_path,
     optimizer_path,
     save_checkpoint,
+    sha256_file,
+    verifies,
 )
 from nanochat.gpt import GPT, GPTConfig
 
@@ -137,7 +142,8 @@ def test_meta_round_trip_and_last_complete_step(tmp_path):
     assert complete_steps(str(tmp_path)) == [1, 5, 10]
     _, optimizer_state, meta = load_checkpoint(str(tmp_path))
     assert optimizer_state is None
-    assert meta == {"step": 10, "model_config": CONFIG.to_dict(), "world_size": 1, **user_meta}
+    checksums = {"model_000010.pt": sha256_file(model_path(str(tmp_path), 10))}
+    assert meta == {"step": 10, "model_config": CONFIG.to_dict(), "world_size": 1, "checksums": checksums, **user_meta}
 
     os.remove(meta_path(str(tmp_path), 10))  # step 10's model file is there but it is no longer complete
     assert find_last_step(str(tmp_path)) == 5
@@ -181,6 +187,7 @@ def test_compile_prefix_is_stripped(tmp_path):
     save_checkpoint(str(tmp_path), 1, model)
     prefixed = {f"_orig_mod.{key}": value for key, value in model.state_dict().items()}
     torch.save(prefixed, model_path(str(tmp_path), 1))
+    edit_meta(tmp_path, 1, lambda meta: meta.pop("checksums"))  # that older save path recorded no checksums
     loaded, _ = build_model(str(tmp_path), phase="eval")
     with torch.no_grad():
         assert torch.equal(loaded(tokens), model(tokens))
@@ -265,6 +272,9 @@ def test_corrupt_files_are_clear_errors(tmp_path):
 
     with open(path, "wb") as f:
         f.write(intact[: len(intact) // 2])  # truncated, like an interrupted copy
+    with pytest.raises(CheckpointError, match=f"{path} does not match the sha256.*corrupt"):
+        build_model(directory)
+    edit_meta(tmp_path, 1, lambda meta: meta.pop("checksums"))  # a checkpoint from before checksums
     with pytest.raises(CheckpointError, match=f"cannot read {path}.*truncated or corrupt"):
         build_model(directory)
     with open(path, "wb") as f:
@@ -283,6 +293,35 @@ def test_corrupt_files_are_clear_errors(tmp_path):
     os.remove(model_path(directory, 2))
     with pytest.raises(FileNotFoundError, match=r"model_000002\.pt is missing"):
         load_checkpoint(directory)
+
+
+def test_tensors_changed_in_place_fail_the_checksum(tmp_path):
+    # Same size, NaNs in every tensor: torch.load reads it happily, so only the checksum in meta can tell.
+    directory = str(tmp_path)
+    model = make_model()
+    optimizer = make_optimizer(model)
+    train_step(model, optimizer, make_tokens(1))
+    for step in (1, 2):
+        save_checkpoint(directory, step, model, optimizer)
+    path = model_path(directory, 2)
+    size = os.path.getsize(path)
+    with zipfile.ZipFile(path) as archive:  # torch's zip stores tensors uncompressed: NaNs over the largest one
+        entry = max(archive.infolist(), key=lambda info: info.file_size)
+    with open(path, "r+b") as f:
+        f.seek(entry.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+        f.seek(entry.header_offset + 30 + name_length + extra_length)
+        f.write(struct.pack("<f", float("nan")) * (entry.file_size // 4))
+    assert os.path.getsize(path) == size
+    with pytest.raises(CheckpointError, match=r"model_000002\.pt does not match the sha256"):
+        build_model(directory)
+    assert last_verified_step(directory) == 1 and verifies(directory, 1) and not verifies(directory, 2)
+    loaded, _ = build_model(directory, step=1)  # the earlier step is untouched
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())
+    edit_meta(tmp_path, 2, lambda meta: meta.pop("checksums"))
+    assert last_verified_step(directory) == 2  # old checkpoints without checksums load unverified, as before
+    unverified, _ = build_model(directory)
+    assert not all(torch.isfinite(p).all() for p in unverified.parameters())  # what used to load silently
 
 
 def test_optimizer_state_needs_the_saving_world_size(tmp_path):
