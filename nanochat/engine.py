@@ -2,26 +2,20 @@
 
 Contract:
 - `Engine(model, tokenizer).generate(tokens, num_samples, max_tokens, temperature, top_k, top_p, seed)` prefills
-  the prompt once (in chunks), copies its cache into `num_samples` rows, and yields one column of tokens and
-  one column of masks per step (mask 1 = sampled, 0 = forced by the tool). `generate_batch` runs it to the end
-  and returns a `Completion` per row with its finish reason.
-- Rows stop on `<|assistant_end|>` or `<|bos|>` (yielded, mask 1), at `max_tokens`, or when the model's
-  context is full; a prompt that leaves no room raises `ContextFullError`. `token_budget` says up front how
-  many tokens a prompt leaves room for.
-- Sampling is greedy at temperature 0; otherwise temperature, top-k then top-p. Randomness comes from a
-  counter-based hash of (seed, row, step, token id), so row i of a request is the same whether it runs alone,
-  with other samples, or beside other requests, and the same on every device.
-- Tool use: a row that emits `<|python_start|> expr <|python_end|>` gets `<|output_start|> result
-  <|output_end|>` forced into it (mask 0) from `nanochat.execution.use_calculator`. `ToolState` is the one
-  reading of these markers: the engine's per-row state, and what `ReplyRenderer` turns into text and tool calls
-  for the server and the CLI. `finish_reason` is the one rule for "length" versus "context".
-- The model is used as given: load it with the compute dtype (`load_model(..., phase="eval", dtype=...)`) so
-  decoding pays no per-step weight casts.
-- `compile_decode=True` decodes through torch.compile over a static KV cache (CUDA graphs on a GPU).
+  the prompt once, copies its cache into `num_samples` rows and yields a column of tokens and one of masks per
+  step (1 = sampled, 0 = forced by the tool); `generate_batch` returns a `Completion` per row.
+- Rows stop on `<|assistant_end|>` or `<|bos|>` (yielded, mask 1), at `max_tokens`, or when the context is full
+  (`token_budget`; no room at all raises `ContextFullError`).
+- Sampling: greedy at temperature 0, else temperature, top-k, top-p, with noise hashed from (seed, row, step,
+  token id): row i of a request is the same alone, beside other requests, and on every device.
+- Tool use: `<|python_start|> expr <|python_end|>` gets `<|output_start|> result <|output_end|>` forced (mask 0)
+  from `nanochat.execution.use_calculator`. `ToolState` is the one reading of these markers, for the engine and
+  for `ReplyRenderer` (text and tool calls for the server and the CLI).
+- The model is used as given (load it in the compute dtype); `compile_decode=True` decodes through torch.compile
+  over a static KV cache (CUDA graphs on a GPU).
 
-Not here: chat rendering (nanochat/tokenizer.py), serving many requests (nanochat/batching.py drives a KVCache
-row by row), quantization (nanochat/quantize.py), speculative decoding (measured slower at this size and
-removed: dev/LOG.md). The slow reference that tests hold this against is `GPT.generate` in nanochat/gpt.py.
+Not here: chat rendering (tokenizer.py), many requests (batching.py), quantization (quantize.py), speculative
+decoding (slower at this size: dev/LOG.md). The slow reference the tests hold this against is `GPT.generate`.
 """
 
 import codecs
@@ -43,20 +37,14 @@ class ContextFullError(ValueError):
 
 
 # ---------------------------------------------------------------------------- KV cache
-
-
 class KVCache:
-    """Keys and values of `batch_size` rows, up to `max_len` positions each, allocated once.
+    """Keys and values of `batch_size` rows of up to `max_len` positions, allocated once; gpt.py's protocol
+    (`max_len`, `prepare(T)`, `insert_kv`). Each row has its own length (continuous batching), kept on the host
+    too so shapes never wait for the device; state changes in place, so `head(n)` can share it.
 
-    Each row has its own length, so rows can hold different requests (continuous batching). The row lengths
-    are kept on the host as well as on the device: shapes and capacity checks never wait for the device.
-    Implements the protocol nanochat/gpt.py documents: `max_len`, `prepare(T)`, `insert_kv(layer, k, v)`.
-    All state is updated in place, so `head(n)` can hand out the first n rows as a cache sharing it.
-
-    static=True makes every decode step the same computation on the same tensors, which torch.compile can
-    capture whole (and CUDA graphs replay, gpt-fast style): positions and the mask come from the device copy
-    of the lengths, attention always spans all `max_len` keys, and nothing reads the host copy inside the step;
-    the caller checks capacity and calls `advance_host` after each step.
+    static=True makes every decode step the same computation on the same tensors (torch.compile and CUDA graphs
+    capture it whole): attention spans all `max_len` keys and the step never reads the host lengths; the caller
+    checks capacity and calls `advance_host` after each step.
     """
 
     def __init__(self, num_layers, batch_size, num_kv_heads, head_dim, max_len, dtype, device, static=False):
@@ -83,9 +71,6 @@ class KVCache:
         dtype = model.compute_dtype or model.wte.weight.dtype
         device = model.wte.weight.device
         return cls(c.n_layer, batch_size, c.n_kv_head, c.head_dim, max_len, dtype, device, static)
-
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
 
     def prepare(self, T: int):
         """Positions (B, T) of T new tokens per row, and the attention mask (None when every key is visible)."""
@@ -160,20 +145,14 @@ class KVCache:
         length = int(source.lengths[source_row])
         if length > self.max_len:
             raise ContextFullError(f"a prefix of {length} positions does not fit in a KV cache of {self.max_len}")
-        for buffer, source_buffer in ((self.k, source.k), (self.v, source.v)):
-            prefix = source_buffer[:, source_row : source_row + 1, :, :length]  # (L, 1, H, length, D)
-            if rows == list(range(self.batch_size)):
-                buffer[:, :, :, :length] = prefix  # broadcast over the batch
-            else:
-                for row in rows:
-                    buffer[:, row : row + 1, :, :length] = prefix
-        for row in rows:
-            self.lengths[row] = length
-            self.lengths_tensor[row] = length
+        # (L, 1, H, length, D), broadcast over the rows
+        self.k[:, rows, :, :length] = source.k[:, source_row : source_row + 1, :, :length]
+        self.v[:, rows, :, :length] = source.v[:, source_row : source_row + 1, :, :length]
+        self.lengths[rows] = length
+        self.lengths_tensor[rows] = length
 
 
 # ---------------------------------------------------------------------------- sampling
-
 _MASK64 = (1 << 64) - 1
 
 
@@ -208,10 +187,9 @@ def _uniform(keys: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, keys=None, steps=None) -> torch.Tensor:
-    """Next token per row from fp32 logits (B, V): argmax at temperature 0, else a sample from
-    softmax(logits / temperature) restricted to the top_k tokens, then to the smallest set whose probability
-    reaches top_p. Sampling takes the argmax of logits / temperature plus Gumbel noise (exactly a draw from
-    the softmax; Gumbel 1954), the noise hashed from (keys, steps, token id). Returns (B,) int64."""
+    """Next token (B,) from fp32 logits (B, V): argmax at temperature 0, else a draw from softmax(logits /
+    temperature) cut to the top_k tokens, then to the smallest set reaching top_p: the argmax of the logits plus
+    Gumbel noise (Gumbel 1954) hashed from (keys, steps, token id)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     if keys is None or steps is None:
@@ -232,21 +210,9 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, keys=None
     return token_ids.gather(-1, choice).squeeze(-1)
 
 
-def check_sampling(temperature, top_k, top_p) -> None:
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None (off), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None (off), got {top_p}")
-
-
 # ---------------------------------------------------------------------------- tool use and text
-
-
 def finish_reason(stopped: bool, budget: int, max_tokens: int | None) -> str:
-    """Why a reply of at most `budget` tokens ended: "stop" (its own stop token), "length" (the max_tokens asked
-    for) or "context" (the model's context cut it shorter, see Engine.token_budget)."""
+    """Why a reply of at most `budget` tokens ended: "stop" (its stop token), "length" (max_tokens) or "context"."""
     if stopped:
         return "stop"
     return "length" if max_tokens is not None and budget == max_tokens else "context"
@@ -300,26 +266,14 @@ class ToolState:
         return finished
 
 
-class TextStream:
-    """Turns token ids into text as they arrive without ever splitting a multi-byte UTF-8 character."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token_id: int) -> str:
-        return self.decoder.decode(self.tokenizer.id_to_bytes(token_id))
-
-    def flush(self) -> str:
-        return self.decoder.decode(b"", final=True)
-
-
 class ReplyRenderer:
-    """One reply's tokens -> pieces `("text", str)` and `("tool", expression, output or None)` as they arrive.
-    hide_special=True drops the other special tokens (they are protocol, not text); the API keeps them."""
+    """One reply's tokens -> pieces `("text", str)` and `("tool", expression, output or None)` as they arrive,
+    the text decoded incrementally so that no multi-byte UTF-8 character is ever split. hide_special=True drops
+    the other special tokens (they are protocol, not text); the API keeps them."""
 
     def __init__(self, tokenizer, hide_special: bool = False):
-        self.state, self.text = ToolState(tokenizer), TextStream(tokenizer)
+        self.tokenizer, self.state = tokenizer, ToolState(tokenizer)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.hidden = {tokenizer.encode_special(name) for name in SPECIAL_TOKENS} if hide_special else set()
 
     def push(self, token: int) -> list[tuple]:
@@ -328,12 +282,12 @@ class ReplyRenderer:
         if kind == "start" or token in self.hidden:
             pieces += self._flush()  # a marker ends any partial character before it
         elif kind == "text":
-            text = self.text.push(token)
+            text = self.decoder.decode(self.tokenizer.id_to_bytes(token))
             pieces += [("text", text)] if text else []
         return pieces
 
     def _flush(self) -> list[tuple]:
-        text = self.text.flush()
+        text = self.decoder.decode(b"", final=True)
         return [("text", text)] if text else []
 
     def finish(self) -> list[tuple]:
@@ -342,8 +296,6 @@ class ReplyRenderer:
 
 
 # ---------------------------------------------------------------------------- the engine
-
-
 @dataclass
 class Completion:
     tokens: list[int]  # generated tokens, the stop token excluded
@@ -353,12 +305,9 @@ class Completion:
 
 class Engine:
     def __init__(self, model, tokenizer, prefill_chunk: int = 512, compile_decode: bool = False, backend=None):
-        """`prefill_chunk`: prompt tokens per prefill forward (bounds the attention mask and activations).
-
-        `compile_decode`: decode through torch.compile over a static, reused KV cache of the full context per
-        batch size (CUDA: mode "reduce-overhead", i.e. CUDA graphs). The first request per batch size pays the
-        compilation; later steps launch one graph instead of hundreds of kernels. `backend` overrides
-        torch.compile's backend (tests use "aot_eager")."""
+        """`prefill_chunk`: prompt tokens per prefill forward. `compile_decode`: torch.compile over a reused
+        full-context static cache per batch size (CUDA graphs on CUDA; the first request per size compiles).
+        `backend` overrides torch.compile's (tests use "aot_eager")."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.tokenizer, self.prefill_chunk = model.eval(), tokenizer, prefill_chunk
@@ -410,7 +359,12 @@ class Engine:
             raise ValueError("the prompt is empty; start it with <|bos|>")
         if any(not 0 <= t < vocab_size for t in tokens):
             raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
-        check_sampling(temperature, top_k, top_p)
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None (off), got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] or None (off), got {top_p}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         budget = self.token_budget(len(tokens), max_tokens)
@@ -422,21 +376,15 @@ class Engine:
         del prompt_cache
         keys = row_keys(seed, num_samples, self.device)
         rows = [ToolState(self.tokenizer) for _ in range(num_samples)]
-        last = [0] * num_samples
+        column = [0] * num_samples  # a row that has stopped keeps its last token
         for step in range(budget):
             steps = torch.full((num_samples,), step, dtype=torch.long, device=self.device)
             sampled = sample_next_token(logits, temperature, top_k, top_p, keys, steps).tolist()
-            column, masks = [], []
+            masks = [0] * num_samples
             for i, row in enumerate(rows):
-                if row.done:
-                    column.append(last[i])
-                    masks.append(0)
-                    continue
-                token, mask = self.next_token(row, sampled[i])
-                column.append(token)
-                masks.append(mask)
-                last[i] = token
-            yield column, masks
+                if not row.done:
+                    column[i], masks[i] = self.next_token(row, sampled[i])
+            yield list(column), masks
             if all(row.done for row in rows) or step == budget - 1:
                 return
             ids = torch.tensor(column, dtype=torch.long, device=self.device)[:, None]

@@ -4,7 +4,7 @@ calculator tool, stop conditions, the context limit, finish reasons and the repl
 import pytest
 import torch
 
-from nanochat.engine import Engine, KVCache, ReplyRenderer, TextStream, finish_reason, row_keys, sample_next_token
+from nanochat.engine import Engine, KVCache, ReplyRenderer, finish_reason, row_keys, sample_next_token
 from nanochat.gpt import GPT, GPTConfig
 
 VOCAB = 512
@@ -294,12 +294,12 @@ def test_never_runs_past_the_context(small_tokenizer):
 # ---------------------------------------------------------------------------- text
 
 
-def test_text_stream_never_splits_a_character(small_tokenizer):
+def test_reply_text_never_splits_a_character(small_tokenizer):
     text = "naïve café — 日本語 ✓ 🙂 done"
     ids = small_tokenizer.encode(text)
     assert any(len(small_tokenizer.id_to_bytes(i).decode("utf-8", errors="ignore")) == 0 for i in ids)  # partial bytes
-    stream = TextStream(small_tokenizer)
-    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    renderer = ReplyRenderer(small_tokenizer)
+    pieces = [piece[1] for i in ids for piece in renderer.push(i)] + [piece[1] for piece in renderer.finish()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in piece for piece in pieces)
 
