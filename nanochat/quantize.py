@@ -4,28 +4,23 @@
     quantize_model(model, bits=8)                    # or bits=4 (group_size=128), include_lm_head=False
     weight_bytes(model)                              # {"float": ..., "quantized": ..., "total": ...}
 
-Every `nanochat.gpt.Linear` (the block matrices and, by default, lm_head) is replaced in place by a module that
-holds integer weights and float scales; activations and the embedding stay float.
+Every `nanochat.gpt.Linear` (the blocks and, by default, lm_head) is replaced in place by a module holding
+integer weights and float scales; activations and the embedding stay float.
 - int8: symmetric, one scale per output row: w ≈ q · scale, q in [-127, 127] (as gpt-fast's int8 handler).
-- int4: asymmetric, one (scale, zero) per group of `group_size` input columns of a row: w ≈ (q - 8) · scale +
-  zero, q in [0, 15], two per byte: the convention of PyTorch's tinygemm kernels (`_weight_int4pack_mm*`, as
-  used by gpt-fast and torchao), so they take our scales as is. Rounding bounds each weight's error by scale / 2.
+- int4: one (scale, zero) per group of `group_size` input columns: w ≈ (q - 8) · scale + zero, q in [0, 15], two
+  per byte: the convention of PyTorch's tinygemm kernels (`_weight_int4pack_mm*`, used by gpt-fast and torchao).
 
-Speed (dev/bench_quantize.py, dev/BENCHMARKS.md): dequantizing in every forward is slower than float, so layers
-use PyTorch's fused kernels where they exist (`_weight_int8pack_mm`; `_weight_int4pack_mm_for_cpu` on CPU,
-`_weight_int4pack_mm` on CUDA). They are private ops that change between releases, so they are found by probing,
-never by version: each is run on the layer's own weights for each input dtype at quantization time and kept only
-where it matches the reference path (dequantize, then F.linear), which runs otherwise (`use_kernels=False`
-forces it; the tests compare the two). On CPU they are fast only for bf16/fp16 inputs, so fp32 inputs are
-rounded to bf16 for the matmul (SLOW_KERNELS); what that costs is measured in dev/BENCHMARKS.md (+0.0000 bpb).
+Speed (dev/bench_quantize.py, dev/BENCHMARKS.md): dequantizing every forward is slower than float, so layers use
+PyTorch's fused kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm[_for_cpu]`). These private ops change
+between releases, so they are found by probing, never by version: each runs on the layer's own weights per input
+dtype and is kept only where it matches the reference path (dequantize, then F.linear; `use_kernels=False`
+forces it). On CPU they are fast only for bf16/fp16, so fp32 inputs go through bf16 (+0.0000 bpb, BENCHMARKS).
 
-Contract: forward takes and returns any float dtype, as gpt.Linear. The model keeps working with gpt.py
-unchanged, for inference only (quantized layers have no parameters). Quantizing twice is refused (ValueError):
-re-rounding compounds the error. Quantize on the device the model runs on: the int4 kernels repack weights into
-a device-specific layout, so a quantized state_dict is not a file format (load the float checkpoint, quantize).
+Contract: forward takes and returns any float dtype, as gpt.Linear; inference only (no parameters). Quantizing
+twice is refused (ValueError): re-rounding compounds the error. Quantize on the device the model runs on: int4
+kernels repack into a device-specific layout, so a quantized state_dict is not a file format.
 
-Not here: activation quantization, calibration-based methods (GPTQ, AWQ), quantization-aware training,
-saving quantized checkpoints.
+Not here: activation quantization, calibration (GPTQ, AWQ), quantization-aware training, quantized checkpoints.
 """
 
 import torch
@@ -38,20 +33,17 @@ INT8_MAX = 127  # symmetric range [-127, 127]: -128 is left out so that q and -q
 INT4_LEVELS = 16
 INT4_MIDPOINT = 8  # tinygemm subtracts 8 from every stored nibble before scaling
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # probed in this order of preference
-# Kernels that work but lose to the reference path, so they are never used. Measured with torch 2.15 on an AVX-512
-# EPYC (dev/bench_quantize.py, d4 at vocab 8,192, (8, 1) decode step): int8 with fp32 inputs 31.7 ms vs 4.4 ms for
-# dequantize + F.linear, int4 75.5 ms vs 16.3 ms, while with bf16 inputs they take 1.6 and 1.5 ms.
+# Kernels slower than the reference path, never used. torch 2.15, AVX-512 EPYC, d4 (8, 1) decode step
+# (dev/bench_quantize.py): fp32 inputs int8 31.7 ms vs 4.4 ms reference, int4 75.5 vs 16.3; bf16 1.6 and 1.5 ms.
 SLOW_KERNELS = {("cpu", torch.float32)}
-# A kernel is accepted when its relative error against the reference path stays under this: fp32 kernels
-# differ only in summation order (~1e-6); half-precision ones round x, scales and the output (~4e-3 for bf16).
+# Relative error a kernel may have against the reference path: fp32 differs in summation order (~1e-6); bf16 ~4e-3.
 KERNEL_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 3e-2}
 PROBE_ROWS = 3  # inputs per probe: a decode-sized batch; small so probing a d20 model takes well under a second
 INT4_GROUP_SIZE = 128  # input columns per int4 scale by default (gpt-fast's choice; tinygemm takes 32-256)
 SCHEMES = {"int8": 8, "int4": 4}  # the serving flags' names (chat_cli, chat_web --quantize) for quantize_model's bits
 
+
 # ---------------------------------------------------------------------------- the math (one copy of each)
-
-
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float -> q (out, in) int8 in [-127, 127] and scale (out,) fp32, with weight ≈ q · scale[:, None]."""
     w = weight.detach().float()
@@ -112,13 +104,6 @@ def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_
 
 
 # ---------------------------------------------------------------------------- kernels, found by probing
-
-
-def _int8_kernel(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M, in) -> (M, out) in x's dtype; wants scales in x's dtype."""
-    return torch._weight_int8pack_mm(x, qweight, scale.to(x.dtype))
-
-
 def _int4_pack_cpu(packed: torch.Tensor) -> torch.Tensor:
     # The CPU packer takes one int32 per value; its layout depends on the CPU's vector width (AVX2 / AVX-512).
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(torch.int32), 1)
@@ -128,21 +113,17 @@ def _int4_pack_cuda(packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack(packed, 8)  # inner_k_tiles = 8 (gpt-fast's choice)
 
 
-def _int4_mm_cpu(x, kernel_weight, group_size, scales_and_zeros):
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, kernel_weight, group_size, scales_and_zeros.to(x.dtype))
-
-
-def _int4_mm_cuda(x, kernel_weight, group_size, scales_and_zeros):
-    return torch.ops.aten._weight_int4pack_mm(x, kernel_weight, group_size, scales_and_zeros.to(x.dtype))
-
-
-INT4_KERNELS = {"cpu": (_int4_pack_cpu, _int4_mm_cpu), "cuda": (_int4_pack_cuda, _int4_mm_cuda)}
+# device -> (packer from pack_int4's layout, the name of its matmul op: (x, packed, group size, scales and zeros))
+INT4_KERNELS = {
+    "cpu": (_int4_pack_cpu, "_weight_int4pack_mm_for_cpu"),
+    "cuda": (_int4_pack_cuda, "_weight_int4pack_mm"),
+}
 
 
 def working_dtypes(kernel, reference_weight: torch.Tensor) -> frozenset:
     """The input dtypes for which `kernel(x)` (x: (M, in) -> (M, out)) runs here and agrees with
-    F.linear(x, reference_weight). A missing op, an unsupported dtype or shape, or a wrong result all count as
-    'not available': the caller then uses the reference path, so a private op can never make results wrong."""
+    F.linear(x, reference_weight). A missing op, a refused dtype or shape, or a wrong result all mean the
+    reference path, so a private op can never make results wrong."""
     device_type = reference_weight.device.type
     generator = torch.Generator(device=reference_weight.device).manual_seed(0)
     x = torch.randn(PROBE_ROWS, reference_weight.size(1), generator=generator, device=reference_weight.device)
@@ -159,43 +140,24 @@ def working_dtypes(kernel, reference_weight: torch.Tensor) -> frozenset:
     return frozenset(found)
 
 
-def kernel_dtype_for(dtype: torch.dtype, kernel_dtypes: frozenset) -> torch.dtype | None:
-    """The dtype the kernel runs in for inputs of `dtype`: the same one when it has a kernel, else the first that
-    has one (bf16 before fp16; cast in and back out), None when there is no kernel (the reference path)."""
-    if not kernel_dtypes:
-        return None
-    return dtype if dtype in kernel_dtypes else next(d for d in KERNEL_DTYPES if d in kernel_dtypes)
-
-
 # ---------------------------------------------------------------------------- the quantized layers
+class QuantizedLinear(nn.Module):
+    """What both layers share: y = x · wᵀ for x (..., in) of any float dtype, through the subclass's `kernel`
+    (x (M, in) -> (M, out)) for inputs on `kernel_device` when probing found it working, else through
+    `dequantize()` and F.linear (the reference path)."""
 
-
-class Int8Linear(nn.Module):
-    """y = x · (q · scale)ᵀ, q (out, in) int8, scale (out,) fp32; the int8 kernel where probing found it."""
-
-    def __init__(self, weight: torch.Tensor, use_kernels: bool = True):
+    def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        qweight, scale = quantize_int8(weight)
-        self.register_buffer("qweight", qweight)  # (out, in) int8
-        self.register_buffer("scale", scale)  # (out,) fp32
-        # The kernel reads the plain int8 matrix, so the reference path stays available for every other dtype.
-        self.kernel_device_type = weight.device.type
-        self.kernel_dtypes = frozenset()
-        if use_kernels:
-            kernel = lambda x: _int8_kernel(x, self.qweight, self.scale)
-            self.kernel_dtypes = working_dtypes(kernel, self.dequantize())
-
-    def dequantize(self) -> torch.Tensor:
-        return dequantize_int8(self.qweight, self.scale)  # (out, in) fp32
+        self.kernel_device, self.kernel_dtypes = weight.device.type, frozenset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (B*T, in)
-        dtype = kernel_dtype_for(x.dtype, self.kernel_dtypes) if x.device.type == self.kernel_device_type else None
-        if dtype is None:
+        if not self.kernel_dtypes or x.device.type != self.kernel_device:
             y = F.linear(x2, self.dequantize().to(x.dtype))
-        else:
-            y = _int8_kernel(x2.to(dtype).contiguous(), self.qweight, self.scale).to(x.dtype)
+        else:  # the input's dtype if it has a kernel, else the first that has one (cast in and back out)
+            dtype = x.dtype if x.dtype in self.kernel_dtypes else min(self.kernel_dtypes, key=KERNEL_DTYPES.index)
+            y = self.kernel(x2.to(dtype).contiguous()).to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -203,37 +165,53 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel=[{kernel}]"
 
 
-class Int4Linear(nn.Module):
-    """y = x · wᵀ with w = (q - 8) · scale + zero per group of `group_size` input columns.
+class Int8Linear(QuantizedLinear):
+    """w = q · scale, q (out, in) int8, scale (out,) fp32. The kernel reads the plain int8 matrix, so the
+    reference path stays available for every other dtype."""
 
-    `qweight` holds the 4-bit values two per byte in one of two layouts (`layout`): "portable" (pack_int4's,
-    any device, served by the reference path) or the device's kernel layout ("cpu" or "cuda", opaque and made
-    by the kernel's own packer), chosen at construction when probing found a working kernel. Only one copy is
-    kept, so int4 costs half a byte per weight either way. `scales_and_zeros` is (in / group_size, out, 2) fp32.
-    """
+    def __init__(self, weight: torch.Tensor, use_kernels: bool = True):
+        super().__init__(weight)
+        qweight, scale = quantize_int8(weight)
+        self.register_buffer("qweight", qweight)  # (out, in) int8
+        self.register_buffer("scale", scale)  # (out,) fp32
+        if use_kernels:
+            self.kernel_dtypes = working_dtypes(self.kernel, self.dequantize())
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x, self.qweight, self.scale.to(x.dtype))
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int8(self.qweight, self.scale)  # (out, in) fp32
+
+
+class Int4Linear(QuantizedLinear):
+    """w = (q - 8) · scale + zero per group of `group_size` input columns; `scales_and_zeros` (in / group_size,
+    out, 2) fp32. `qweight` holds the values two per byte, in one layout (`layout`): "portable" (pack_int4's,
+    the reference path) or, when probing found a working kernel, the device's opaque kernel layout ("cpu" or
+    "cuda"); so int4 costs half a byte per weight either way."""
 
     def __init__(self, weight: torch.Tensor, group_size: int = 128, use_kernels: bool = True):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.group_size = group_size
+        super().__init__(weight)
+        self.group_size, self.layout = group_size, "portable"
         q, scale, zero = quantize_int4(weight, group_size)
-        packed = pack_int4(q)  # (out, in / 2) uint8
         # (groups, out, 2): the tinygemm kernels' own layout, so they read it without conversion
         self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous())
-        self.layout, self.kernel_dtypes = "portable", frozenset()
-        pack, matmul = INT4_KERNELS.get(weight.device.type, (None, None)) if use_kernels else (None, None)
-        if pack is not None:
-            try:
-                kernel_weight = pack(packed)
-            except (AttributeError, RuntimeError, NotImplementedError, TypeError):
-                kernel_weight = None  # no packer for this device in this torch, or it refuses the shape
-            if kernel_weight is not None:
-                reference = dequantize_int4(packed, self.scales_and_zeros, group_size)
-                kernel = lambda x: matmul(x, kernel_weight, group_size, self.scales_and_zeros)
-                self.kernel_dtypes = working_dtypes(kernel, reference)
-                if self.kernel_dtypes:
-                    self.layout, packed = weight.device.type, kernel_weight
-        self.register_buffer("qweight", packed)
+        self.register_buffer("qweight", pack_int4(q))  # (out, in / 2) uint8
+        pack, _ = INT4_KERNELS.get(self.kernel_device, (None, None)) if use_kernels else (None, None)
+        if pack is None:
+            return
+        reference, portable = self.dequantize(), self.qweight
+        try:
+            self.qweight, self.layout = pack(portable), self.kernel_device
+        except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+            return  # no packer for this device in this torch, or it refuses the shape
+        self.kernel_dtypes = working_dtypes(self.kernel, reference)
+        if not self.kernel_dtypes:
+            self.qweight, self.layout = portable, "portable"
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        matmul = getattr(torch.ops.aten, INT4_KERNELS[self.layout][1])  # looked up late: a private op may be absent
+        return matmul(x, self.qweight, self.group_size, self.scales_and_zeros.to(x.dtype))
 
     def dequantize(self) -> torch.Tensor:
         """(out, in) fp32; the kernel layouts are opaque, so only the portable one can be read back."""
@@ -243,34 +221,18 @@ class Int4Linear(nn.Module):
         return dequantize_int4(self.qweight, self.scales_and_zeros, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)  # (B*T, in)
-        if self.layout == "portable":
-            y = F.linear(x2, self.dequantize().to(x.dtype))
-        else:
-            if x.device.type != self.layout:
-                raise RuntimeError(
-                    f"int4 weights were packed for {self.layout} but the input is on {x.device.type}: quantize "
-                    "after moving the model to the device it runs on"
-                )
-            dtype = kernel_dtype_for(x.dtype, self.kernel_dtypes)
-            _, matmul = INT4_KERNELS[self.layout]
-            y = matmul(x2.to(dtype).contiguous(), self.qweight, self.group_size, self.scales_and_zeros).to(x.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+        if self.layout != "portable" and x.device.type != self.layout:
+            raise RuntimeError(
+                f"int4 weights were packed for {self.layout} but the input is on {x.device.type}: quantize "
+                "after moving the model to the device it runs on"
+            )
+        return super().forward(x)
 
     def extra_repr(self) -> str:
-        kernel = ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES if d in self.kernel_dtypes)
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-            f"layout={self.layout}, kernel=[{kernel}]"
-        )
-
-
-QUANTIZED_LAYERS = (Int8Linear, Int4Linear)
+        return f"{super().extra_repr()}, group_size={self.group_size}, layout={self.layout}"
 
 
 # ---------------------------------------------------------------------------- applied from outside
-
-
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -281,22 +243,17 @@ def quantize_model(
 ) -> nn.Module:
     """Replace every nanochat.gpt.Linear of `model` in place by its int8 or int4 version; returns the model.
 
-    bits: 8 (per-output-row scales) or 4 (grouped). group_size: input columns per int4 scale (default 128);
-    only for bits=4. include_lm_head: quantize `model.lm_head` too (default). At vocab 65,536 it is most of
-    what a small model's decode step reads (d4: 84% of the matmul weights), so leaving it float forfeits most of
-    the speed. Its cost in loss, trained d4 at vocab 8,192 (dev/BENCHMARKS.md): int8 +0.0001 bpb with it vs
-    +0.0000 without; int4 +0.0052 with it vs +0.0020 without, and +0.0021 with lm_head in int8 instead
-    (quantize `model.blocks` at 4 bits and `nn.ModuleList([model.lm_head])` at 8, as dev/bench_quantize.py does).
-    use_kernels: False forces the reference path (dequantize, then F.linear), for tests and comparisons.
-    Raises ValueError for other bit widths, a group size that does not divide a layer's inputs, or a model
-    that is already quantized; in each case before changing anything.
-    """
+    bits: 8 (per-row scales) or 4 (group_size input columns per scale, default 128). include_lm_head: lm_head is
+    most of a small model's decode reads (d4: 84%); its cost, d4 at vocab 8,192 (dev/BENCHMARKS.md): int8 +0.0001
+    bpb vs +0.0000 without; int4 +0.0052 vs +0.0020, +0.0021 with lm_head in int8 (as dev/bench_quantize.py does).
+    use_kernels=False forces the reference path. ValueError, before any change: other bits, a group size that
+    does not divide a layer's inputs, a model already quantized."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 8 (int8, per-row scales) or 4 (int4, grouped scales), got {bits!r}")
     if bits == 8 and group_size is not None:
         raise ValueError("group_size is for bits=4; int8 uses one scale per output row, so leave it unset")
     group_size = INT4_GROUP_SIZE if group_size is None else group_size
-    if any(isinstance(m, QUANTIZED_LAYERS) for m in model.modules()):
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise ValueError(
             "the model is already quantized; quantizing again would round already-rounded weights. Load the "
             "float checkpoint again and quantize it once"
@@ -324,14 +281,13 @@ def quantize_model(
 
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of the weights of `model` (any module, e.g. model.blocks): "float" (parameters: embedding and
-    layers left in float), "quantized" (integer weights, scales and zeros of quantized layers), "total". The
-    non-persistent RoPE tables are recomputed, not weights, and are not counted."""
+    """Weight bytes of `model` (any module): "float" (parameters), "quantized" (integer weights, scales and
+    zeros of quantized layers), "total". RoPE tables are buffers, not weights: not counted."""
     float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     quantized_bytes = sum(
         b.numel() * b.element_size()
         for m in model.modules()
-        if isinstance(m, QUANTIZED_LAYERS)
+        if isinstance(m, QuantizedLinear)
         for b in m.buffers(recurse=False)
     )
     return {"float": float_bytes, "quantized": quantized_bytes, "total": float_bytes + quantized_bytes}
