@@ -21,6 +21,11 @@ pub struct Tokenizer {
     pattern: String,
 }
 
+fn type_name(object: &Bound<'_, PyAny>) -> String {
+    let name = object.get_type().name();
+    name.map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+}
+
 /// Pulls up to `size` strings from the iterator; an empty batch means it is exhausted.
 fn pull_batch(
     iter: &mut Bound<'_, PyIterator>,
@@ -32,10 +37,10 @@ fn pull_batch(
         let Some(item) = iter.next() else { break };
         let item = item?;
         let text = item.cast::<PyString>().map_err(|_| {
-            let type_name = item.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
             PyTypeError::new_err(format!(
-                "train_from_iterator expects an iterator of str, but item {} is of type {type_name}",
-                *seen
+                "train_from_iterator expects an iterator of str, but item {} is of type {}",
+                *seen,
+                type_name(&item)
             ))
         })?;
         let text = text.to_str().map_err(|e| {
@@ -92,11 +97,7 @@ impl Tokenizer {
         let mut iter = iterator.try_iter().map_err(|_| {
             PyTypeError::new_err(format!(
                 "train_from_iterator expects an iterable of str, got {}",
-                iterator
-                    .get_type()
-                    .name()
-                    .map(|n| n.to_string())
-                    .unwrap_or_else(|_| "?".into())
+                type_name(iterator)
             ))
         })?;
         let started = Instant::now();
@@ -140,13 +141,15 @@ impl Tokenizer {
         }
 
         let num_merges = (vocab_size - 256) as usize;
+        let merging = Instant::now();
         let merges = py.detach(|| {
             train::train(counter.iter(), num_merges, |done, total| {
                 if verbose {
+                    let seconds = merging.elapsed().as_secs_f64();
+                    let eta_min = seconds * (total - done) as f64 / done as f64 / 60.0;
                     eprintln!(
-                        "rustbpe: {done}/{total} merges ({:.0}%), {:.2}s",
-                        100.0 * done as f64 / total as f64,
-                        started.elapsed().as_secs_f64()
+                        "rustbpe: {done}/{total} merges ({:.0}%), {seconds:.2}s, ETA {eta_min:.1} min",
+                        100.0 * done as f64 / total as f64
                     );
                 }
             })
@@ -173,25 +176,6 @@ impl Tokenizer {
     /// The merges in order, as `(left_id, right_id)`; merge k created token 256 + k.
     fn get_merges(&self) -> Vec<(u32, u32)> {
         self.merges.clone()
-    }
-
-    /// Number of tokens: 256 bytes plus the merges learned.
-    #[getter]
-    fn vocab_size(&self) -> usize {
-        256 + self.merges.len()
-    }
-
-    /// Reference encoder (simple and slow; use tiktoken for real work).
-    fn encode(&self, text: &str) -> PyResult<Vec<u32>> {
-        let splitter = Splitter::new(&self.pattern, false).map_err(PyValueError::new_err)?;
-        let ranks = train::rank_table(&self.merges);
-        let mut ids = Vec::new();
-        splitter
-            .for_each_chunk(text, |chunk| {
-                train::encode_chunk(chunk.as_bytes(), &ranks, &mut ids)
-            })
-            .map_err(PyValueError::new_err)?;
-        Ok(ids)
     }
 }
 

@@ -26,7 +26,7 @@ fn pack(left: u32, right: u32) -> Pair {
 }
 
 #[inline]
-pub fn unpack(pair: Pair) -> (u32, u32) {
+fn unpack(pair: Pair) -> (u32, u32) {
     ((pair >> 32) as u32, pair as u32)
 }
 
@@ -236,83 +236,9 @@ pub fn token_bytes(merges: &[(u32, u32)]) -> Vec<Vec<u8>> {
     vocab
 }
 
-/// Encodes one chunk: repeatedly merge the adjacent pair with the lowest rank (earliest merge).
-pub fn encode_chunk(chunk: &[u8], ranks: &FxHashMap<Pair, u32>, out: &mut Vec<u32>) {
-    let mut ids: Vec<u32> = chunk.iter().map(|&b| b as u32).collect();
-    loop {
-        let best = ids
-            .windows(2)
-            .enumerate()
-            .filter_map(|(i, w)| ranks.get(&pack(w[0], w[1])).map(|&r| (r, i)))
-            .min();
-        let Some((rank, _)) = best else { break };
-        let mut merged = Vec::with_capacity(ids.len());
-        let mut i = 0;
-        while i < ids.len() {
-            if i + 1 < ids.len() && ranks.get(&pack(ids[i], ids[i + 1])) == Some(&rank) {
-                merged.push(256 + rank);
-                i += 2;
-            } else {
-                merged.push(ids[i]);
-                i += 1;
-            }
-        }
-        ids = merged;
-    }
-    out.extend_from_slice(&ids);
-}
-
-/// Merge table for `encode_chunk`: pair -> merge index.
-pub fn rank_table(merges: &[(u32, u32)]) -> FxHashMap<Pair, u32> {
-    merges
-        .iter()
-        .enumerate()
-        .map(|(i, &(a, b))| (pack(a, b), i as u32))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The obviously-correct version: recount every pair from scratch before each merge.
-    fn naive(corpus: &[(&str, i64)], num_merges: usize) -> Vec<(u32, u32)> {
-        let mut words: Vec<(Vec<u32>, i64)> = corpus
-            .iter()
-            .map(|(s, c)| (s.bytes().map(u32::from).collect(), *c))
-            .collect();
-        let mut merges = Vec::new();
-        for k in 0..num_merges {
-            let mut counts: std::collections::BTreeMap<(u32, u32), i64> = Default::default();
-            for (ids, c) in &words {
-                for w in ids.windows(2) {
-                    *counts.entry((w[0], w[1])).or_default() += c;
-                }
-            }
-            // Highest count; among equals the smallest pair (BTreeMap iterates pairs in ascending order).
-            let Some(&best_count) = counts.values().max() else {
-                break;
-            };
-            let best = *counts.iter().find(|(_, &c)| c == best_count).unwrap().0;
-            merges.push(best);
-            let new = 256 + k as u32;
-            for (ids, _) in &mut words {
-                let mut out = Vec::new();
-                let mut i = 0;
-                while i < ids.len() {
-                    if i + 1 < ids.len() && (ids[i], ids[i + 1]) == best {
-                        out.push(new);
-                        i += 2;
-                    } else {
-                        out.push(ids[i]);
-                        i += 1;
-                    }
-                }
-                *ids = out;
-            }
-        }
-        merges
-    }
 
     fn fast(corpus: &[(&str, i64)], num_merges: usize) -> Vec<(u32, u32)> {
         train(
@@ -320,28 +246,6 @@ mod tests {
             num_merges,
             |_, _| {},
         )
-    }
-
-    #[test]
-    fn matches_naive_on_tricky_words() {
-        let corpus = [
-            ("aaaa", 3),
-            ("aaa", 5),
-            ("abab", 2),
-            ("ababab", 1),
-            ("ba", 4),
-            ("abcabc", 2),
-            ("bcbc", 2),
-            ("x", 100),
-            ("aabb", 1),
-            ("😀😀", 2),
-            ("hello", 3),
-            ("yellow", 2),
-            ("hell", 1),
-        ];
-        for n in [1, 2, 5, 10, 20, 40] {
-            assert_eq!(fast(&corpus, n), naive(&corpus, n), "after {n} merges");
-        }
     }
 
     #[test]
@@ -358,17 +262,9 @@ mod tests {
     }
 
     #[test]
-    fn encode_uses_the_merges() {
-        let merges = fast(&[("hello", 5), ("help", 3)], 3);
-        let ranks = rank_table(&merges);
-        let vocab = token_bytes(&merges);
-        let mut ids = Vec::new();
-        encode_chunk(b"hello", &ranks, &mut ids);
-        let decoded: Vec<u8> = ids
-            .iter()
-            .flat_map(|&i| vocab[i as usize].clone())
-            .collect();
-        assert_eq!(decoded, b"hello");
-        assert!(ids.len() < 5);
+    fn overlapping_occurrences_merge_left_to_right() {
+        // "aaa" becomes [aa, a] and "aaaa" [aa, aa]: then (aa, a), 5 times, beats (aa, aa), 3 times.
+        let merges = fast(&[("aaa", 5), ("aaaa", 3)], 2);
+        assert_eq!(merges, vec![(97, 97), (256, 97)]);
     }
 }
