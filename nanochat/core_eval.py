@@ -1,35 +1,26 @@
 """The DCLM CORE metric: in-context-learning accuracy on the eval bundle's tasks, centered and averaged.
 
-CORE (DCLM paper, "DataComp-LM", §3 and appendix) scores a base model on up to 22 tasks defined in the bundle's
-`core.yaml`. Every task is scored by comparing per-token losses, never by generating text:
-- multiple_choice `{"query","choices","gold"}`: one context, one continuation per choice; the model picks the
-  choice with the lowest mean loss over its continuation tokens.
-- schema `{"context_options","continuation","gold"}`: one context per option, one shared continuation; the
-  model picks the option under which the continuation has the lowest mean loss.
+CORE (DCLM paper, "DataComp-LM", §3 and appendix) scores a base model on the tasks of the bundle's `core.yaml`
+by comparing per-token losses, never by generating text:
+- multiple_choice `{"query","choices","gold"}`: the choice whose continuation has the lowest mean loss.
+- schema `{"context_options","continuation","gold"}`: the option under which the shared continuation has the
+  lowest mean loss.
 - language_modeling `{"context","continuation"}`: correct iff greedy argmax reproduces every continuation token.
-Per task, centered accuracy = (accuracy - baseline) / (1 - baseline), with the random baseline read from
-`eval_meta_data.csv` (stored there in percent). CORE = mean of the centered accuracies of the tasks evaluated.
+Per task, centered accuracy = (accuracy - baseline) / (1 - baseline), the random baseline from
+`eval_meta_data.csv` (in percent there); CORE = the mean centered accuracy of the tasks evaluated.
 
 Contract:
-- Prompts: few-shot examples, each rendered like the question but completed with its gold answer, joined by
-  a blank line, then the question. Few-shot rule: for the example at index i of the task's file,
-  `random.Random(1234 + i).sample([every index except i], num_fewshot)`; independent of rank, world size,
-  `max_per_task` and evaluation order, so a prompt is the same wherever and whenever it is built.
-- Continuation tokens are found by tokenizing the context alone and context + continuation, and taking the
-  tokens after their common prefix (so a delimiter space that merges into the answer's first token is scored
-  with the answer, as the tokenizer would see it).
-- Every sequence starts with BOS. A sequence longer than the model's context is cropped from the left,
-  keeping the continuation (the BOS and the oldest few-shot text go). Rows of one batch are right-padded
-  with BOS; padding is never scored.
-- `max_per_task` > 0 keeps the first N examples of the file's indices shuffled by `random.Random(1337)`.
-- Distributed: with a torch.distributed process group, rank r scores examples r, r+W, ...; the per-example
-  correctness vector is summed across ranks, so every rank returns the same result.
-- A task whose data file is absent is reported as missing and excluded: the result says how many of the
-  tasks CORE covers (a bundle without hellaswag, squad and coqa covers 18 of 22).
-- The model is anything callable as `model(idx) -> logits (B, T, V)`: nanochat's GPT, or a Hugging Face
-  causal LM behind `HuggingFaceModel`. A model whose forward takes `logits_to_keep` (GPT) is asked only for
-  the last positions' logits, from the first scored one on, and must return what `model(idx)` gives there (up
-  to float rounding). The tokenizer needs `encode(list of str, prepend=id)` and `get_bos_token_id()`.
+- Prompts: few-shot examples completed with their gold answers, joined by a blank line, then the question;
+  example i takes `random.Random(1234 + i).sample([every index except i], num_fewshot)`, independent of ranks.
+- The continuation is the tokens of context + continuation after their common prefix with the context alone (a
+  delimiter space merged into the answer's first token is scored with the answer).
+- Every sequence starts with BOS; one too long for the model is cropped from the left, keeping the continuation.
+  Batch rows are right-padded with BOS, which is never scored.
+- `max_per_task` > 0 keeps the first N of the file's indices shuffled by `random.Random(1337)`.
+- Rank r scores examples r, r+W, ...; a task whose data file is absent is reported as missing and excluded.
+- The model is anything callable as `model(idx) -> logits (B, T, V)` (GPT, or `HuggingFaceModel`); one whose
+  forward takes `logits_to_keep` is asked only for the positions from the first scored one on. The tokenizer
+  needs `encode(list of str, prepend=id)` and `get_bos_token_id()`.
 
 Not here: the command line, checkpoint loading and result files (scripts/base_eval.py); the chat-model tasks.
 """
@@ -88,11 +79,9 @@ def ensure_bundle(bundle_dir: str | None = None, base_dir: str | None = None) ->
             # ~162 MB; a dropped connection leaves no truncated zip
             atomic_write(zip_path, lambda f: f.writelines(response.iter_content(1 << 20)))
     except requests.RequestException as e:
-        raise RuntimeError(
-            f"cannot download the CORE eval bundle from {BUNDLE_URL} ({type(e).__name__}: {e}). Offline? Pass "
-            "--bundle PATH (the unzipped eval_bundle/ directory) or set NANOCHAT_DATA_DIR to a data directory holding "
-            "core/eval_bundle"
-        ) from e
+        raise RuntimeError(f"cannot download the CORE eval bundle from {BUNDLE_URL} ({type(e).__name__}: {e}). "
+                           "Offline? Pass --bundle PATH (the unzipped eval_bundle/) or set NANOCHAT_DATA_DIR to a data "
+                           "directory holding core/eval_bundle") from e  # fmt: skip
     # Unzip beside the target and rename, so an interrupted unzip never looks like a complete bundle.
     staging = f"{target}.{os.getpid()}.tmp"
     with zipfile.ZipFile(zip_path) as archive:
@@ -151,7 +140,8 @@ def fewshot_indices(index: int, num_examples: int, num_fewshot: int) -> list[int
 
 
 def render_example(task_type: str, example: dict, delimiter: str) -> tuple[list[str], list[str]]:
-    """(contexts, full texts), one pair per scored option; full = context + continuation."""
+    """(contexts, full texts), one pair per scored option; full = context + continuation; gold's full text is
+    the example as a few-shot example shows it."""
     if task_type == "multiple_choice":
         context = example["query"] + delimiter
         return [context] * len(example["choices"]), [context + choice for choice in example["choices"]]
@@ -162,27 +152,14 @@ def render_example(task_type: str, example: dict, delimiter: str) -> tuple[list[
     return [context], [context + example["continuation"]]
 
 
-def solved_text(task_type: str, example: dict, delimiter: str) -> str:
-    """A few-shot example as the model sees it: the question completed with its gold answer."""
-    if task_type == "multiple_choice":
-        return example["query"] + delimiter + example["choices"][example["gold"]]
-    if task_type == "schema":
-        return example["context_options"][example["gold"]] + delimiter + example["continuation"]
-    return example["context"] + delimiter + example["continuation"]
-
-
 def build_prompts(spec: TaskSpec, examples: list[dict], index: int) -> tuple[list[str], list[str]]:
     """(contexts, full texts) of example `index`, each prefixed with its few-shot examples."""
-    shots = fewshot_indices(index, len(examples), spec.num_fewshot)
-    prefix = "".join(
-        solved_text(spec.task_type, examples[i], spec.continuation_delimiter) + EXAMPLE_DELIMITER for i in shots
-    )
-    contexts, fulls = render_example(spec.task_type, examples[index], spec.continuation_delimiter)
+    kind, delimiter = spec.task_type, spec.continuation_delimiter
+    shots = [examples[i] for i in fewshot_indices(index, len(examples), spec.num_fewshot)]
+    solved = [render_example(kind, shot, delimiter)[1][shot.get("gold", 0)] for shot in shots]  # gold's full text
+    prefix = "".join(text + EXAMPLE_DELIMITER for text in solved)
+    contexts, fulls = render_example(kind, examples[index], delimiter)
     return [prefix + c for c in contexts], [prefix + f for f in fulls]
-
-
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def tokenize_options(tokenizer, contexts: list[str], fulls: list[str], max_seq_len: int | None):
@@ -192,21 +169,14 @@ def tokenize_options(tokenizer, contexts: list[str], fulls: list[str], max_seq_l
     full_tokens = tokenizer.encode(fulls, prepend=bos)
     options = []
     for context, full in zip(context_tokens, full_tokens):
-        start = min(common_prefix_length(context, full), len(full) - 1)  # at least one token is scored
+        common = next((i for i, (x, y) in enumerate(zip(context, full)) if x != y), min(len(context), len(full)))
+        start = min(common, len(full) - 1)  # at least one token is scored
         end = len(full)
         if max_seq_len is not None and end > max_seq_len:
             crop = end - max_seq_len  # drop the oldest context: the continuation must stay whole
             full, start, end = full[crop:], max(start - crop, 1), max_seq_len
         options.append((full, start, end))
     return options
-
-
-def accepts_logits_to_keep(model) -> bool:
-    """Whether the model can be asked for the last positions' logits only (nanochat's GPT can)."""
-    try:
-        return "logits_to_keep" in inspect.signature(getattr(model, "forward", model)).parameters
-    except (TypeError, ValueError):  # a callable without a readable signature: ask for every position
-        return False
 
 
 @torch.no_grad()
@@ -217,12 +187,11 @@ def score_options(model, options, pad_id: int, device) -> tuple[torch.Tensor, to
     for row, (tokens, _, _) in enumerate(options):  # positions: attention is causal
         idx[row, : len(tokens)] = torch.tensor(tokens)
     idx = idx.to(device)
-    # Position t predicts token t + 1, so continuation tokens [start, end) are scored at [start - 1, end - 1).
-    # Only those positions need logits: ~3% of all positions in the local bundle's prompts under a 256-token
-    # context. Unembedding, softcap and loss over every position took most of a d4 model's CPU forward, so a
-    # model that can is asked for logits from the first scored position on (dev/bench_core.py, issue 5).
+    # Position t predicts token t + 1, so continuation tokens [start, end) are scored at [start - 1, end - 1):
+    # ~3% of all positions under a 256-token context, while the unembedding over every position took most of a
+    # d4 model's CPU forward, so a model that can is asked for logits from there on (dev/bench_core.py, issue 5).
     first_kept = min(start for _, start, _ in options) - 1
-    if accepts_logits_to_keep(model):
+    if "logits_to_keep" in inspect.signature(getattr(model, "forward", model)).parameters:
         logits = model(idx, logits_to_keep=longest - first_kept).float()  # (B, longest - first_kept, V)
     else:
         logits = model(idx).float()[:, first_kept:]  # (B, longest - first_kept, V)
@@ -230,9 +199,7 @@ def score_options(model, options, pad_id: int, device) -> tuple[torch.Tensor, to
     for row, (_, start, end) in enumerate(options):
         scored = logits[row, start - 1 - first_kept : end - 1 - first_kept]  # (n, V)
         targets = idx[row, start:end]  # (n,)
-        # The scored positions' loss alone, in the (1, V, n) layout the former whole-batch loss used. Losses agree
-        # with that one's to float32 rounding (~1e-7 relative), not always to the last bit; every task's accuracy
-        # was unchanged (dev/bench_core.py --compare-with HEAD checks it).
+        # In the (1, V, n) layout of the former whole-batch loss: equal to float32 rounding, same accuracies.
         losses = F.cross_entropy(scored.T.unsqueeze(0), targets.unsqueeze(0), reduction="none")  # (1, n)
         mean_losses.append(losses[0].mean())
         exact.append(torch.equal(scored.argmax(dim=-1), targets))
@@ -303,15 +270,12 @@ def evaluate_task(model, tokenizer, spec: TaskSpec, examples, device, max_seq_le
     rank, _, world_size = dist_info()
     correct = torch.zeros(len(indices), dtype=torch.float32, device=device)
     for position in range(rank, len(indices), world_size):
-        correct[position] = float(
-            evaluate_example(model, tokenizer, spec, examples, indices[position], device, max_seq_len)
-        )
+        correct[position] = evaluate_example(model, tokenizer, spec, examples, indices[position], device, max_seq_len)
     if world_size > 1:
         dist.all_reduce(correct)  # each position was filled by exactly one rank
     accuracy = correct.mean().item() if len(indices) else 0.0
-    centered = centered_accuracy(accuracy, spec.baseline)
     return TaskResult(spec.label, spec.task_type, spec.num_fewshot, spec.baseline, len(examples), spec.csv_rows,
-                      len(indices), accuracy, centered)  # fmt: skip
+                      len(indices), accuracy, centered_accuracy(accuracy, spec.baseline))  # fmt: skip
 
 
 def model_max_seq_len(model) -> int | None:
@@ -323,20 +287,10 @@ def model_max_seq_len(model) -> int | None:
     return None
 
 
-def evaluate_core(
-    model,
-    tokenizer,
-    bundle_dir: str,
-    device="cpu",
-    max_per_task: int = -1,
-    max_seq_len: int | None = None,
-    tasks: list[str] | None = None,
-    log=None,
-) -> CoreResult:
+def evaluate_core(model, tokenizer, bundle_dir: str, device="cpu", max_per_task=-1, max_seq_len=None, tasks=None,
+                  log=None) -> CoreResult:  # fmt: skip
     """CORE over the bundle's tasks (or the labels in `tasks`); missing data files are reported and skipped.
-
-    max_seq_len None = ask the model (model_max_seq_len). `log`, if given, receives one line per task.
-    """
+    max_seq_len None = ask the model (model_max_seq_len). `log`, if given, receives one line per task."""
     max_seq_len = max_seq_len or model_max_seq_len(model)
     specs = load_task_specs(bundle_dir)
     unknown = sorted(set(tasks or []) - {spec.label for spec in specs})
@@ -348,9 +302,8 @@ def evaluate_core(
             continue
         path = task_path(bundle_dir, spec)
         if not os.path.exists(path):
-            result.tasks.append(
-                TaskResult(spec.label, spec.task_type, spec.num_fewshot, spec.baseline, csv_rows=spec.csv_rows)
-            )
+            task = TaskResult(spec.label, spec.task_type, spec.num_fewshot, spec.baseline, None, spec.csv_rows)
+            result.tasks.append(task)
             if log:
                 log(f"{spec.label}: missing ({spec.dataset_uri} not in the bundle), excluded from CORE")
             continue

@@ -96,17 +96,13 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: torch.dtype = torc
     handled = set("sequence_len vocab_size n_layer n_head n_kv_head n_embd rope_base logit_softcap".split())
     unknown = [f.name for f in fields(config) if f.name not in handled]
     if unknown:
-        raise UnsupportedModelError(
-            f"GPTConfig fields {unknown} are not mapped by nanochat/hf_export.py: teach it what they mean in "
-            "transformers' NanoChat (or that they cannot be exported) before exporting"
-        )
+        raise UnsupportedModelError(f"GPTConfig fields {unknown} are not mapped by nanochat/hf_export.py: teach it "
+                                    "their meaning in transformers' NanoChat (or that it has none)")  # fmt: skip
     if not config.logit_softcap > 0:
         raise UnsupportedModelError(f"logit_softcap must be positive to export, got {config.logit_softcap}")
     if tokenizer.get_vocab_size() != config.vocab_size:
-        raise UnsupportedModelError(
-            f"the model has vocab_size {config.vocab_size} but the tokenizer has {tokenizer.get_vocab_size()} tokens: "
-            "export the tokenizer the model was trained with"
-        )
+        raise UnsupportedModelError(f"the model has vocab_size {config.vocab_size} but the tokenizer has "
+                                    f"{tokenizer.get_vocab_size()} tokens: export the one it trained with")  # fmt: skip
     return {
         "architectures": ["NanoChatForCausalLM"],
         "model_type": "nanochat",
@@ -218,15 +214,11 @@ def hf_tokenizer(tokenizer: Tokenizer):
     fast.pre_tokenizer = pre_tokenizers.Sequence([split, bytes_to_chars])
     fast.decoder = decoders.ByteLevel()
     fast.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in SPECIAL_TOKENS])
-    for name in SPECIAL_TOKENS:
-        if fast.token_to_id(name) != tokenizer.encode_special(name):
-            raise UnsupportedModelError(
-                f"special token {name} would get id {fast.token_to_id(name)}, ours is {tokenizer.encode_special(name)}"
-            )
-    bos_id = tokenizer.get_bos_token_id()
-    fast.post_processor = processors.TemplateProcessing(
-        single="<|bos|> $A:0", pair="<|bos|> $A:0 <|bos|>:1 $B:1", special_tokens=[("<|bos|>", bos_id)]
-    )
+    wrong = [name for name in SPECIAL_TOKENS if fast.token_to_id(name) != tokenizer.encode_special(name)]
+    if wrong:
+        raise UnsupportedModelError(f"special tokens {wrong} would not keep our ids")
+    bos = [("<|bos|>", tokenizer.get_bos_token_id())]
+    fast.post_processor = processors.TemplateProcessing("<|bos|> $A:0", "<|bos|> $A:0 <|bos|>:1 $B:1", bos)
     return fast
 
 

@@ -5,13 +5,10 @@
     NANOCHAT_DATA_DIR=/path/to/data python -m scripts.base_eval --max-per-task 16   # tiny, CPU, offline
     python -m scripts.base_eval --hf-path openai-community/gpt2 --bundle PATH      # a reference model
 
-The metric lives in nanochat/core_eval.py. The bundle: --bundle, else $NANOCHAT_DATA_DIR/core/eval_bundle when
-the data directory is set, else <base dir>/eval_bundle (downloaded once). Every rank scores its share of each
-task's examples and the correctness is summed across ranks; rank 0 prints a per-task table and the CORE line,
-and writes <base dir>/base_eval/core_<tag>_<step>.csv and .json atomically. Tasks whose data file is absent from
-the bundle are listed as missing and excluded, and the CORE line says how many tasks it covers. A nanochat
-checkpoint's CORE and per-task centered accuracies also go to the report card (<base dir>/report/base_eval.json,
-with "model_tag" and "step"); an --hf-path reference model's do not.
+The metric: nanochat/core_eval.py. The bundle: --bundle, else $NANOCHAT_DATA_DIR/core/eval_bundle, else
+<base dir>/eval_bundle (downloaded once). Rank 0 prints a per-task table and the CORE line (how many tasks it
+covers: absent data files are excluded) and writes <base dir>/base_eval/core_<tag>_<step>.csv and .json; a
+nanochat checkpoint's scores also go to the report card (report/base_eval.json, with "model_tag" and "step").
 Not here: bits per byte (scripts/base_loss.py); chat evaluations.
 """
 
@@ -43,14 +40,9 @@ def format_table(result) -> str:
 ROW_KEYS = ("task", "type", "shots", "baseline", "file_rows", "csv_rows", "examples", "accuracy", "centered", "missing")
 
 
-def result_rows(result) -> list[dict]:
-    """One row per task; csv_rows is eval_meta_data.csv's count, which for arc_challenge disagrees with its file."""
-    return [dict(zip(ROW_KEYS, (*astuple(task), task.missing), strict=True)) for task in result.tasks]
-
-
 def to_csv(rows: list[dict]) -> bytes:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buffer, fieldnames=ROW_KEYS)
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue().encode("utf-8")
@@ -106,19 +98,11 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- save
     if runtime.is_master:
-        rows = result_rows(result)
-        summary = {
-            "model_tag": tag,
-            "step": step,
-            "core": result.core,
-            "tasks_covered": len(result.evaluated),
-            "tasks_defined": len(result.tasks),
-            "missing": result.missing,
-            "max_per_task": args.max_per_task,
-            "seconds": seconds,
-            "summary": result.summary(),
-            "tasks": rows,
-        }
+        rows = [dict(zip(ROW_KEYS, (*astuple(task), task.missing), strict=True)) for task in result.tasks]
+        report = {"model_tag": tag, "step": step, "core": result.core, "tasks_covered": len(result.evaluated),
+                  "tasks_defined": len(result.tasks), "max_per_task": args.max_per_task,
+                  "seconds": seconds}  # fmt: skip
+        summary = {**report, "missing": result.missing, "summary": result.summary(), "tasks": rows}
         out_dir = os.path.join(get_base_dir(), "base_eval")
         os.makedirs(out_dir, exist_ok=True)
         stem = os.path.join(out_dir, f"core_{tag}" + (f"_{step:06d}" if step is not None else ""))
@@ -127,8 +111,7 @@ def main(argv=None):
         print0(f"wrote {stem}.json and {stem}.csv")
         if not args.hf_path:
             centered = {row["task"]: row["centered"] for row in rows if not row["missing"]}
-            write_stage_summary("base_eval", {**{k: summary[k] for k in ("model_tag", "step", "core", "tasks_covered",
-                                "tasks_defined", "max_per_task", "seconds")}, "tasks": centered})  # fmt: skip
+            write_stage_summary("base_eval", {**report, "tasks": centered})
     compute_cleanup()
     return result
 

@@ -5,19 +5,15 @@
     NANOCHAT_DATA_DIR=/path/to/data python -m scripts.chat_eval -i sft --device-type cpu -x 4 -m 64 \\
         --arc-split validation                                                        # tiny, CPU, offline
 
-Tasks (scoring, prompts too long for the model and ChatCORE: tasks/evaluate.py): ARC-Easy, ARC-Challenge (test
-split; `--arc-split validation` offline) and MMLU are categorical, `-b` prompts per forward pass; GSM8K, HumanEval
-and SpellingBee generative: `-n` samples per problem (at most `-m` new tokens, temperature `-t`, top-k `-k`), pass@n.
+ARC-Easy, ARC-Challenge (test split; `--arc-split validation` offline) and MMLU are categorical, `-b` prompts
+per forward pass; GSM8K, HumanEval and SpellingBee generative: `-n` samples per problem (at most `-m` new tokens,
+temperature `-t`, top-k `-k`), pass@n. `-x N`: the first N problems of each task (-1 = all).
 
-Contract:
-- `-x N` evaluates the first N problems of each task (in the task's order), -1 all of them. Under torchrun rank r
-  takes problems r, r+W, ...; the counts are summed over ranks.
-- Rank 0 prints a table and writes `<base dir>/chat_eval/chat_<source>_<tag>_<step>[_<tasks>].json` and `.md`
-  atomically (the task names are appended when not all six ran), and the report card's
-  `<base dir>/report/chat_eval_<source>.json` ("model_tag", "step", per-task "tasks" and "chatcore"; a partial
-  run adds its tasks to those of an earlier run of the same checkpoint, so ChatCORE appears once all six ran).
+Rank 0 prints a table and writes `<base dir>/chat_eval/chat_<source>_<tag>_<step>[_<tasks>].json` and `.md` (the
+task names appended when not all six ran) and the report card's `report/chat_eval_<source>.json` ("model_tag",
+"step", "tasks", "chatcore"; a partial run adds its tasks to an earlier run's of the same checkpoint).
 
-Not here: the scoring (tasks/evaluate.py), the tasks (tasks/), generation (nanochat/engine.py), CORE (base_eval).
+Not here: the scoring, splitting across ranks and ChatCORE (tasks/evaluate.py), generation, CORE (base_eval).
 """
 
 import argparse
@@ -31,7 +27,6 @@ from nanochat.engine import Engine
 from nanochat.report import read_stage, report_dir, write_stage_summary
 from tasks.common import resolve_data_dir
 from tasks.evaluate import ALL_TASKS, TaskResult, chatcore, evaluate_task, load_task
-from tasks.evaluate import BASELINES as BASELINES  # re-exported until tests/test_report.py imports tasks.evaluate
 
 
 def summary_line(results: list[TaskResult]) -> str:
@@ -48,10 +43,8 @@ def to_markdown(results: list[TaskResult], num_samples: int) -> str:
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         kind = "categorical" if r.eval_type == "categorical" else f"pass@{num_samples}"
-        lines.append(
-            f"| {r.name} | {kind} | {r.problems} | {r.passed} | {r.too_long} | {r.accuracy:.4f} | "
-            f"{r.baseline:.2f} | {r.centered:.4f} |"
-        )
+        counts = f"{r.problems} | {r.passed} | {r.too_long}"
+        lines.append(f"| {r.name} | {kind} | {counts} | {r.accuracy:.4f} | {r.baseline:.2f} | {r.centered:.4f} |")
     return "\n".join(lines) + f"\n\n{summary_line(results)}\n"
 
 
@@ -107,8 +100,8 @@ def main(argv=None):
             parser.error(f"{flag} must be >= 1, got {value}")
     if args.top_k == 0 or args.top_k < -1:
         parser.error(f"-k must be >= 1, or -1 for off, got {args.top_k}")
-    sampling = {"num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
-    sampling["top_k"] = None if args.top_k == -1 else args.top_k
+    sampling = {"num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                "top_k": None if args.top_k == -1 else args.top_k}  # fmt: skip
     data_dir = resolve_data_dir(args.data_dir)  # None = the Hugging Face hub
     if data_dir is not None and args.arc_split == "test" and {"ARC-Easy", "ARC-Challenge"} & set(task_names):
         parser.error(f"the local data in {data_dir} has no ARC test split: pass --arc-split validation")
@@ -135,9 +128,8 @@ def main(argv=None):
     for name in task_names:
         start = time.time()
         task = load_task(name, data_dir, args.arc_split)
-        result = evaluate_task(
-            name, task, model, tokenizer, runtime.device, args.max_problems, args.batch_size, engine, **sampling
-        )
+        result = evaluate_task(name, task, model, tokenizer, runtime.device, args.max_problems, args.batch_size, engine,
+                               **sampling)  # fmt: skip
         seconds[name] = time.time() - start
         results.append(result)
         too_long = f" ({result.too_long} too long for the context, counted as failed)" if result.too_long else ""
@@ -147,15 +139,9 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- save
     if runtime.is_master:
-        summary = {
-            "source": args.source,
-            "model_tag": tag,
-            "step": step,
-            "chatcore": chatcore(results),
-            "summary": summary_line(results),
-            "config": resolved,
-            "tasks": [{**row, "seconds": seconds[row["name"]]} for row in task_rows(results)],
-        }
+        summary = {"source": args.source, "model_tag": tag, "step": step, "chatcore": chatcore(results),
+                   "summary": summary_line(results), "config": resolved,
+                   "tasks": [{**row, "seconds": seconds[row["name"]]} for row in task_rows(results)]}  # fmt: skip
         out_dir = os.path.join(get_base_dir(), "chat_eval")
         os.makedirs(out_dir, exist_ok=True)
         partial = "" if task_names == list(ALL_TASKS) else "_" + "_".join(task_names)  # never overwrites a full run

@@ -1,14 +1,10 @@
 """AI2 ARC (ARC-Easy, ARC-Challenge): grade-school science questions, multiple choice, scored categorically.
 
 Contract:
-- `ARC(subset="ARC-Easy" | "ARC-Challenge", split="train" | "validation" | "test")`, "dev" meaning
-  "validation" (the local files call it Dev). Rows in file order, the same as the hub's order.
-- Local layout: `<data_dir>/arc/<subset>/<subset>-{Train,Dev}.jsonl`; the hub: allenai/ai2_arc.
-- Each conversation is the `render_mc` prompt and the answer label, with "letters" for the evaluator. The
-  labels are kept as published: about 4% of rows use "1".."4" instead of "A".."D", and a few have 3 or 5
-  choices; every label is a single character, hence a single token.
-
-Not here: the test split locally (it was not downloaded), or any few-shot prompting.
+- `ARC(subset="ARC-Easy" | "ARC-Challenge", split="train" | "validation" ("dev") | "test")`, in the hub's order.
+- Local layout: `<data_dir>/arc/<subset>/<subset>-{Train,Dev}.jsonl` (no test split); the hub: allenai/ai2_arc.
+- Labels as published: ~4% of rows use "1".."4" instead of "A".."D", a few have 3 or 5 choices; each label is
+  one character, hence one token.
 """
 
 import os

@@ -1,15 +1,12 @@
 """What every task shares: the Task base class, mixtures of tasks, multiple-choice rendering, data loading.
 
 Contract:
-- A `Task` is a read-only sequence of conversations, `{"messages": [...], ...task keys}`, sliced once at
-  construction with `start`/`stop`/`step` (like `range`), so `len(task)` and `task[i]` see only the slice.
-- `eval_type` is "categorical" (the completion is one answer letter, scored among `conversation["letters"]`),
-  "generative" (the completion is free text) or None (a training-only task: `evaluate` raises).
-- `TaskMixture` interleaves tasks in one deterministic shuffle (seeded); `TaskSequence` plays them in order.
-  Both are Tasks themselves, so they can be sliced and nested.
-- Datasets load from a local data directory when one is given (argument `data_dir`, or the NANOCHAT_DATA_DIR
-  environment variable; each task's docstring gives its files' layout there), otherwise from the Hugging Face
-  hub through `datasets`, imported only then. Either way a task yields the same rows in the same order.
+- A `Task` is a read-only sequence of conversations, `{"messages": [...], ...task keys}`, sliced at construction
+  with `start`/`stop`/`step` (like `range`). `eval_type`: "categorical" (the completion is one of
+  `conversation["letters"]`), "generative" (free text) or None (training-only: `evaluate` raises).
+- `TaskMixture` interleaves tasks in one seeded shuffle, `TaskSequence` plays them in order; both are Tasks.
+- Rows come from a local data directory when one is given (`data_dir`, else $NANOCHAT_DATA_DIR; each task's
+  docstring gives its layout), otherwise from the Hugging Face hub; either way the same rows in the same order.
 
 Not here: tokenization (nanochat/tokenizer.py renders the conversations), generation, or the eval loops.
 """
@@ -60,11 +57,8 @@ class Task(abc.ABC):
 
 
 class TaskMixture(Task):
-    """All examples of all tasks, shuffled together once by `seed`; a task listed twice is seen twice.
-
-    The shuffle is over (task, example) pairs, so small tasks are spread evenly through a long run instead of
-    arriving in one block (which would swing the training loss). seed None keeps them in order.
-    """
+    """All examples of all tasks, shuffled together by `seed` (None: in order); a task listed twice is seen twice.
+    Shuffling (task, example) pairs spreads small tasks through a run instead of one block that swings the loss."""
 
     def __init__(self, tasks: list[Task], seed: int | None = 42, **slice_args):
         super().__init__(**slice_args)
@@ -89,12 +83,8 @@ class TaskSequence(TaskMixture):
 
 
 def render_mc(question: str, letters: list[str], choices: list[str]) -> str:
-    """The user prompt of a multiple-choice question.
-
-    Each letter comes right after its choice and an "=" with no space ("- Paris=A"), because " A" and "A" are
-    different tokens: this way the letter in the prompt is the same single token the assistant answers with,
-    which the categorical evaluator compares logits over (karpathy/nanochat tasks/common.py, render_mc).
-    """
+    """The user prompt of a multiple-choice question. "- Paris=A", no space: " A" and "A" are different tokens, and
+    the prompt's letter must be the token the assistant answers with (karpathy/nanochat tasks/common.py)."""
     lines = [f"Multiple Choice question: {question}"]
     lines += [f"- {choice}={letter}" for letter, choice in zip(letters, choices, strict=True)]
     lines.append("\nRespond only with the letter of the correct answer.")
@@ -155,15 +145,9 @@ OFFLINE_HINT = f"Offline, pass data_dir= (or set ${DATA_DIR_ENV}) to a local dat
 
 
 def load_hub_rows(path: str, name: str | None, split: str, offline_hint: str = OFFLINE_HINT):
-    """A Hugging Face hub dataset split via `datasets` (imported only here): len() and row dicts by index.
+    """A hub dataset split (Arrow-backed, so 460K rows are not all made Python objects up front)."""
+    from datasets import load_dataset
 
-    Kept as the Arrow-backed dataset rather than a list, so a 460K-row split is not all turned into Python
-    objects up front.
-    """
-    try:
-        from datasets import load_dataset
-    except ImportError as e:
-        raise ImportError(f"loading {path} from the hub needs the `datasets` package ({e})") from e
     try:
         dataset = load_dataset(path, name, split=split)
     except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, HfHubHTTPError...)

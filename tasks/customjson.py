@@ -1,12 +1,10 @@
 """CustomJSON: your own conversations from a JSONL file (e.g. the identity conversations), for training.
 
 Contract:
-- `CustomJSON(path)`: each non-blank line is a JSON list of messages `{"role", "content"}` with string
-  contents: an optional leading "system" message, then "user" and "assistant" alternating, starting with user
-  with at least one assistant reply. A trailing user message is allowed: it is rendered but never trained on
-  (4 of the 996 identity conversations end that way). Conversations come in file order.
-- The whole file is validated at construction; every bad line is reported in one ValueError, each as
-  `<path>:<line>: <what is wrong>`, so a hand-written file can be fixed in one pass.
+- `CustomJSON(path)`: each non-blank line is a JSON list of `{"role", "content"}` string messages: an optional
+  "system" message, then user/assistant alternating with at least one reply (a trailing user message is
+  rendered but never trained on: 4 of the 996 identity conversations end so).
+- The whole file is validated at construction: one ValueError lists every bad line as `<path>:<line>: <what>`.
 
 Not here: tool-call parts (write those through a Task of their own) or evaluation (training-only).
 """

@@ -1,20 +1,14 @@
 """Scoring a chat model on the evaluation tasks: categorical (answer-letter logits) and generative (pass@n).
 
 Contract:
-- `load_task(name, data_dir=None, arc_split="test")`: the evaluation split of one of ALL_TASKS; data_dir None
-  = $NANOCHAT_DATA_DIR, else the Hugging Face hub.
-- Categorical (ARC-Easy, ARC-Challenge, MMLU): each batch of `batch_size` prompts (rendered for completion,
-  right-padded with BOS) takes one forward pass; the logits at each prompt's last position, restricted to that
-  question's answer letters (each a single token, checked), pick the predicted letter, which `task.evaluate`
-  scores.
-- Generative (GSM8K, HumanEval, SpellingBee): each problem gets `num_samples` samples from
-  `Engine.generate_batch` (seed = the problem's index); it passes if any sample passes `task.evaluate` (pass@n).
-- A prompt too long for the model is skipped, never cropped (cropping would cut the question, which comes
-  first), and counted as failed: both evaluators return (passed, too long).
-- `evaluate_task` strides a task's problems over the ranks (rank r takes r, r+W, ...) and sums the counts with
-  all_reduce, so every rank holds the same TaskResult.
-- ChatCORE = the mean over the six tasks of centered accuracy, baseline 0.25 for the multiple-choice tasks and
-  0 for the generative ones; None unless all six have a result.
+- Categorical (ARC-Easy, ARC-Challenge, MMLU): one forward pass per `batch_size` prompts; the logits at each
+  prompt's last position, restricted to its answer letters (each one token, checked), pick the letter.
+- Generative (GSM8K, HumanEval, SpellingBee): `num_samples` samples per problem from `Engine.generate_batch`
+  (seed = the problem's index); the problem passes if any sample does (pass@n).
+- A prompt too long for the model is skipped, never cropped (that would cut the question), and counted as failed.
+- `evaluate_task` strides the problems over the ranks (rank r takes r, r+W, ...) and sums the counts.
+- ChatCORE = the mean centered accuracy over the six tasks (baseline 0.25 multiple choice, else 0); None unless
+  all six have a result.
 
 Not here: the command line and result files (scripts/chat_eval.py), the tasks themselves, generation.
 """
@@ -41,7 +35,7 @@ SPELLING_BEE_SIZE = 256  # test examples, as in karpathy/nanochat
 
 
 def load_task(name: str, data_dir: str | None = None, arc_split: str = "test") -> Task:
-    """The evaluation split of a task by name; data_dir None = $NANOCHAT_DATA_DIR, else the hub."""
+    """The evaluation split of one of ALL_TASKS; data_dir None = $NANOCHAT_DATA_DIR, else the hub."""
     if name in ("ARC-Easy", "ARC-Challenge"):
         return ARC(name, arc_split, data_dir=data_dir)
     if name == "MMLU":
@@ -66,12 +60,9 @@ def letter_token_ids(tokenizer, letters: list[str]) -> list[int]:
 
 @torch.inference_mode()
 def last_position_logits(model, prompts: list[list[int]], pad_id: int, device) -> torch.Tensor:
-    """fp32 logits (B, V) at each prompt's last position, from one forward pass over the batch.
-
-    Rows are right-padded with `pad_id`: attention is causal, so padding never reaches a prompt's last
-    position. Only the last (longest - shortest + 1) positions get logits, the window holding every row's
-    last position (a batch of similar lengths then skips most of the (B, T, V) logits).
-    """
+    """fp32 logits (B, V) at each prompt's last position, from one forward pass over the batch, right-padded with
+    `pad_id` (causal attention: padding never reaches a prompt). Only the window holding every row's last
+    position gets logits."""
     lengths = [len(prompt) for prompt in prompts]
     longest, shortest = max(lengths), min(lengths)
     idx = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
@@ -90,21 +81,19 @@ def predict_choices(model, prompts: list[list[int]], letter_ids: list[list[int]]
 
 def evaluate_categorical(model, tokenizer, task, indices, batch_size: int, device) -> tuple[int, int]:
     """(passed, too long) over the problems `indices` of a categorical task."""
-    context_len = model.config.sequence_len
-    pad_id = tokenizer.get_bos_token_id()
     passed = too_long = 0
     pending = []  # (conversation, prompt) of the prompts that fit, evaluated batch_size at a time
     for position, index in enumerate(indices):
         conversation = task[index]
         prompt = tokenizer.render_for_completion(conversation)
-        if len(prompt) > context_len:
+        if len(prompt) > model.config.sequence_len:
             too_long += 1
         else:
             pending.append((conversation, prompt))
         if pending and (len(pending) == batch_size or position == len(indices) - 1):
             letters = [conversation["letters"] for conversation, _ in pending]
             letter_ids = [letter_token_ids(tokenizer, row_letters) for row_letters in letters]
-            choices = predict_choices(model, [prompt for _, prompt in pending], letter_ids, pad_id, device)
+            choices = predict_choices(model, [p for _, p in pending], letter_ids, tokenizer.get_bos_token_id(), device)
             passed += sum(bool(task.evaluate(c, row[i])) for (c, _), row, i in zip(pending, letters, choices))
             pending = []
     return passed, too_long
@@ -119,9 +108,8 @@ def evaluate_generative(
         conversation = task[index]
         prompt = tokenizer.render_for_completion(conversation)
         try:
-            completions = engine.generate_batch(
-                prompt, num_samples, max_new_tokens, temperature=temperature, top_k=top_k, seed=index
-            )
+            sampling = {"temperature": temperature, "top_k": top_k, "seed": index}
+            completions = engine.generate_batch(prompt, num_samples, max_new_tokens, **sampling)
         except ContextFullError:
             too_long += 1
             continue
@@ -157,8 +145,7 @@ def chatcore(results: list[TaskResult]) -> float | None:
 def evaluate_task(
     name: str, task, model, tokenizer, device, max_problems=-1, batch_size=8, engine=None, **sampling
 ) -> TaskResult:
-    """One task's result, its problems strided over the ranks when a process group is up. `sampling`:
-    evaluate_generative's num_samples, max_new_tokens, temperature and top_k."""
+    """One task's result; `sampling`: evaluate_generative's num_samples, max_new_tokens, temperature and top_k."""
     num_problems = len(task) if max_problems < 0 else min(len(task), max_problems)
     rank, _, world_size = dist_info()
     indices = range(rank, num_problems, world_size)

@@ -4,12 +4,10 @@ Contract:
 - `GSM8K(subset="main" | "socratic", split="train" | "test")`: 7,473 / 1,319 rows in file order (the hub's
   order). Local layout: `<data_dir>/gsm8k/{train,test}.jsonl` (socratic: `test_socratic.jsonl`, test only);
   the hub: openai/gsm8k.
-- The answer's calculator spans `<<expr=result>>` become tool calls: the text before a span, then a "python"
-  part holding expr and a "python_output" part holding result, then the text after. The text parts alone are
-  the answer with the spans removed ("48/2 = 24 clips"), so the visible text reads exactly as published.
-  Spans split at their last "=" (every span in the data has exactly one).
-- `evaluate` extracts the number after the last "#### " in the completion, commas removed, and compares it
-  with the reference's (OpenAI grade-school-math normalization). `reward` is the same as a float for RL.
+- Each calculator span `<<expr=result>>` becomes a "python" part (expr) and a "python_output" part (result),
+  split at the last "="; the text parts alone read exactly as published ("48/2 = 24 clips").
+- `evaluate` compares the number after the last "#### " (commas removed, as OpenAI's grade-school-math does)
+  with the reference's; `reward` is the same as a float for RL.
 
 Not here: running the python parts (the engine does, at inference).
 """
@@ -26,9 +24,7 @@ FINAL_ANSWER = re.compile(r"#### (-?[0-9.,]+)")
 def extract_answer(text: str) -> str | None:
     """The number after "#### " (the last one if several), commas removed; None when there is none."""
     matches = FINAL_ANSWER.findall(text)
-    if not matches:
-        return None
-    return matches[-1].replace(",", "").rstrip(".")
+    return matches[-1].replace(",", "").rstrip(".") if matches else None
 
 
 def answer_to_parts(answer: str) -> list[dict]:
@@ -69,11 +65,8 @@ class GSM8K(Task):
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
-        messages = [
-            {"role": "user", "content": row["question"]},
-            {"role": "assistant", "content": answer_to_parts(row["answer"])},
-        ]
-        return {"messages": messages}
+        user = {"role": "user", "content": row["question"]}
+        return {"messages": [user, {"role": "assistant", "content": answer_to_parts(row["answer"])}]}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
         reference = extract_answer(reference_text(conversation))

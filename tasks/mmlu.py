@@ -1,14 +1,10 @@
 """MMLU: 57 subjects of four-way multiple-choice questions, scored categorically.
 
 Contract:
-- `MMLU(subset="all" | "<subject>" | "auxiliary_train", split="dev" | "validation" | "test" | "train")`;
-  "val" means "validation". Sizes: dev 285, validation 1,531, test 14,042 over the 57 subjects.
-- Order: "all" is the subjects in alphabetical order of their names, each subject's rows in file order. This
-  is the order of cais/mmlu's "all" config on the hub, so local and hub runs see the same rows.
-- Local layout: `<data_dir>/mmlu/{dev,val,test}/<subject>_{dev,val,test}.csv`, no header, columns question,
-  A, B, C, D, answer letter (the original Hendrycks release). The hub: cais/mmlu.
-- "auxiliary_train" (about 100K questions from ARC, MCTest, OBQA and RACE, split "train") exists only on the
-  hub; asking for it with a local data directory is an error rather than a silent substitute.
+- `MMLU(subset="all" | "<subject>" | "auxiliary_train", split="dev" | "validation" ("val") | "test" | "train")`:
+  dev 285, validation 1,531, test 14,042 rows; "all" = the subjects alphabetically, as cais/mmlu's "all" on the hub.
+- Local layout: `<data_dir>/mmlu/{dev,val,test}/<subject>_{dev,val,test}.csv`, no header: question, A, B, C, D,
+  answer letter (the Hendrycks release). "auxiliary_train" (~100K rows, split "train") is on the hub only.
 
 Not here: few-shot prompts built from the dev split (nanochat evaluates chat models zero-shot).
 """
@@ -33,10 +29,8 @@ class MMLU(MultipleChoice):
     def _read_local(self, data_dir: str) -> list[dict]:
         """Local CSV rows in the hub's row format: {question, subject, choices, answer index}."""
         if self.subset == "auxiliary_train":
-            raise FileNotFoundError(
-                "MMLU auxiliary_train exists only on the Hugging Face hub (cais/mmlu), not in the local data "
-                "directory: load it without data_dir (and unset NANOCHAT_DATA_DIR) on a machine that can reach the hub"
-            )
+            raise FileNotFoundError("MMLU auxiliary_train is on the hub only (cais/mmlu): load it without data_dir "
+                                    "(and unset NANOCHAT_DATA_DIR) where the hub can be reached")  # fmt: skip
         split_dir = os.path.join(data_dir, "mmlu", LOCAL_SPLIT_NAMES[self.split])
         suffix = f"_{LOCAL_SPLIT_NAMES[self.split]}.csv"
         require_file(split_dir, f"MMLU {self.split}")
@@ -60,6 +54,5 @@ class MMLU(MultipleChoice):
         row = self.rows[index]
         if "train" in row:  # the hub's auxiliary_train config nests each row under a "train" column
             row = row["train"]
-        return mc_conversation(
-            row["question"], list(LETTERS), row["choices"], LETTERS[row["answer"]], subject=row["subject"]
-        )
+        letters, subject = list(LETTERS), row["subject"]
+        return mc_conversation(row["question"], letters, row["choices"], LETTERS[row["answer"]], subject=subject)

@@ -1,11 +1,8 @@
 """SmolTalk: general chat conversations (HuggingFaceTB/smol-smoltalk), for midtraining and SFT.
 
 Contract:
-- `SmolTalk(split="train" | "test")`: about 460K / 24K conversations in the hub's order, each `{"messages":
-  [...]}` as published (an optional system message, then user/assistant turns; the tokenizer folds a system
-  message into the first user turn).
-- Hub only, through `datasets`: no local copy exists here, so offline (or with no cached copy) construction
-  fails with an error naming the dataset, rather than silently training without it.
+- `SmolTalk(split="train" | "test")`: about 460K / 24K conversations, `{"messages": [...]}` as published.
+- Hub only: offline without a cached copy, construction fails naming the dataset instead of training without it.
 
 Not here: evaluation (training-only), or filtering of the conversations.
 """
@@ -13,10 +10,7 @@ Not here: evaluation (training-only), or filtering of the conversations.
 from tasks.common import Task, check_choice, load_hub_rows
 
 HUB_PATH = "HuggingFaceTB/smol-smoltalk"
-OFFLINE_HINT = (
-    "SmolTalk has no local copy: run where the hub is reachable once (datasets then caches it under HF_HOME), "
-    "or leave SmolTalk out of the mixture."
-)
+OFFLINE_HINT = "SmolTalk has no local copy: run once where the hub is reachable (it is cached), or leave it out."
 
 
 class SmolTalk(Task):

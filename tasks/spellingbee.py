@@ -1,18 +1,14 @@
 """Synthetic spelling tasks from an English word list: counting letters (SpellingBee) and spelling (SimpleSpelling).
 
-Small models see words as tokens, not letters, so they cannot count the r's in "strawberry". These tasks teach
-the two steps that make it possible: spell a word out letter by letter, then count along the spelling, and
-check the count with the python tool.
+Small models see tokens, not letters, so they cannot count the r's in "strawberry"; these tasks teach spelling a
+word out, counting along the spelling, and checking the count with the python tool.
 
 Contract:
-- `SpellingBee(size, split="train" | "test", data_dir=None)` and `SimpleSpelling(size, split, data_dir)`: `size`
-  generated examples. Example i is a pure function of (split, i): drawn with `random.Random(seed + i)`, the seed
-  fixed per split and per task, so any slice or mixture sees the same examples every run, on every rank.
-- The words are `<data_dir>/words/words_alpha.txt` (dwyl/english-words, 370,099 lowercase words, CRLF lines).
-  There is no hub copy: a data directory is required.
-- SpellingBee's answer: the word spelled out, a running count per letter, a python `'word'.count('x')` call
-  with its output, and a final "#### N" line; `evaluate` compares the "#### N" number of the completion with
-  the true count. SimpleSpelling: "Spell the word: apple" -> "apple:a,p,p,l,e", compared exactly.
+- `SpellingBee(size, split="train" | "test", data_dir=None)`, `SimpleSpelling(...)`: `size` examples; example i
+  is drawn with `random.Random(task seed + split seed + i)`, the same on every run and rank.
+- Words: `<data_dir>/words/words_alpha.txt` (dwyl/english-words, 370,099 words); there is no hub copy.
+- SpellingBee's answer spells the word, keeps a running count, calls `'word'.count('x')` and ends "#### N";
+  `evaluate` compares the numbers. SimpleSpelling: "Spell the word: apple" -> "apple:a,p,p,l,e", exactly.
 
 Not here: words outside the list, or letters other than a-z.
 """
@@ -46,10 +42,8 @@ def load_words(data_dir: str | None = None) -> tuple[str, ...]:
     """The word list in file order (line ends stripped, blank lines skipped)."""
     resolved = resolve_data_dir(data_dir)
     if resolved is None:
-        raise FileNotFoundError(
-            "the spelling tasks read words/words_alpha.txt from a local data directory (there is no hub copy): "
-            "pass data_dir= or set NANOCHAT_DATA_DIR to a data directory holding it"
-        )
+        raise FileNotFoundError("the spelling tasks read words/words_alpha.txt (no hub copy): pass data_dir= or set "
+                                "NANOCHAT_DATA_DIR to a data directory holding it")  # fmt: skip
     path = require_file(os.path.join(resolved, "words", "words_alpha.txt"), "the English word list")
     with open(path, encoding="utf-8") as f:
         return tuple(word for word in (line.strip() for line in f) if word)
@@ -88,9 +82,9 @@ class SpellingBee(_GeneratedTask):
             f"{','.join(tally)}\n\n"
             f"That makes {count}. Let me check with Python:\n\n"
         )
-        parts = [{"type": "text", "text": spelled}, {"type": "python", "text": f"'{word}'.count('{letter}')"}]
-        parts.append({"type": "python_output", "text": str(count)})
-        parts.append({"type": "text", "text": f"\n\nPython agrees: {count}.\n\n#### {count}"})
+        parts = [("text", spelled), ("python", f"'{word}'.count('{letter}')"), ("python_output", str(count)),
+                 ("text", f"\n\nPython agrees: {count}.\n\n#### {count}")]  # fmt: skip
+        parts = [{"type": kind, "text": text} for kind, text in parts]
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]
         return {"messages": messages, "word": word, "letter": letter}
 
@@ -104,11 +98,8 @@ class SimpleSpelling(_GeneratedTask):
 
     def get_example(self, index: int) -> dict:
         word = self.rng_for(index).choice(self.words)
-        messages = [
-            {"role": "user", "content": f"Spell the word: {word}"},
-            {"role": "assistant", "content": f"{word}:{','.join(word)}"},
-        ]
-        return {"messages": messages, "word": word}
+        user, answer = f"Spell the word: {word}", f"{word}:{','.join(word)}"
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], "word": word}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
         return completion.strip() == conversation["messages"][-1]["content"]

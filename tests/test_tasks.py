@@ -105,7 +105,7 @@ def test_mmlu_single_subject_and_answers(data_dir):
 
 
 def test_mmlu_auxiliary_train_is_hub_only(data_dir):
-    with pytest.raises(FileNotFoundError, match="only on the Hugging Face hub"):
+    with pytest.raises(FileNotFoundError, match="on the hub only"):
         MMLU("auxiliary_train", "train", data_dir=data_dir)
 
 
