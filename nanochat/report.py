@@ -19,6 +19,10 @@ Contract:
   error); Environment and Summary are always there. A JSON file that cannot be read is named as unreadable in
   its section instead of crashing the report. Plots: <stage>.png for every stage with curves (base_train,
   mid_train, chat_sft, chat_rl) and chat_eval_<source>.png for every chat evaluation.
+- Chat evaluations show each task's chance level ("baseline") in the tables and as a dashed line on the bars; a
+  figure from fewer than FEW_PROBLEMS problems gives its count and 95% margin (in the summary table: `*`).
+  Summary ends with "### Sample conversation": the latest chat model (rl > sft > mid) answering SAMPLE_CHAT
+  greedily, or why there is none. Paths show relative to the base dir, which Environment names once.
 - A stage is done when its summary is there for the model tag and, for an evaluation, for the step its training
   stage ended at (so a retrained model is evaluated again); a training stage that is not done but left a checkpoint
   is to be resumed. Stage summaries carry "model_tag" and "step" for this.
@@ -31,6 +35,7 @@ Not here: running or timing the stages (speedrun.sh), the metrics themselves (co
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import time
@@ -50,13 +55,12 @@ SOURCES = ["base", "mid", "sft", "rl"]  # the summary table's columns
 CHAT_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
 CHECKPOINT_DIRS = {"base_train": "base_checkpoints", "mid_train": "mid_checkpoints", "chat_sft": "chatsft_checkpoints",
                    "chat_rl": "chatrl_checkpoints"}  # fmt: skip
-EVALUATES = {
-    "base_loss": "base_train",
-    "base_eval": "base_train",
-    "chat_eval_mid": "mid_train",
-    "chat_eval_sft": "chat_sft",
-    "chat_eval_rl": "chat_rl",
-}  # evaluation stage -> the stage it evaluates
+# evaluation stage -> the stage it evaluates
+EVALUATES = {"base_loss": "base_train", "base_eval": "base_train", "chat_eval_mid": "mid_train",
+             "chat_eval_sft": "chat_sft", "chat_eval_rl": "chat_rl"}  # fmt: skip
+FEW_PROBLEMS = 100  # below this many problems an accuracy is noisy: the report says so, with its 95% margin
+SAMPLE_CHAT = ["Hello! Who are you?", "What is 7 times 6?"]  # identity and arithmetic: both in SFT's mixture
+SAMPLE_TOKENS = 64  # per reply: a few seconds for the tiny CPU model
 LANGUAGES = {".py": "Python", ".rs": "Rust", ".sh": "Shell", ".html": "HTML", ".md": "Markdown"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -164,6 +168,25 @@ def fmt(value) -> str:
     return str(value)
 
 
+def noisy(problems) -> bool:
+    return isinstance(problems, int) and 0 < problems < FEW_PROBLEMS
+
+
+def margin95(problems: int) -> float:
+    """Half-width of a 95% interval on an accuracy from `problems` problems: 1.96 binomial standard errors at
+    p = 0.5, where they are largest, so it holds whatever the true accuracy (8 problems: 0.35)."""
+    return 1.96 * math.sqrt(0.25 / problems)
+
+
+def caveat(counts: dict) -> list[str]:
+    """A line naming the figures from fewer than FEW_PROBLEMS problems ({name: problems}), with their margins."""
+    few = {name: n for name, n in counts.items() if noisy(n)}
+    if not few:
+        return []
+    named = ", ".join(f"{name} {n} problems: ±{margin95(n):.2f}" for name, n in few.items())
+    return ["", f"Noisy, too few problems to compare: {named} (95%, at worst)."]
+
+
 def fmt_seconds(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
@@ -212,19 +235,26 @@ def plot_curves(curves: dict, title: str, path: str) -> None:
     save_png(figure, path)
 
 
-def plot_bars(tasks: dict, title: str, path: str) -> None:
+def plot_bars(tasks: dict, title: str, path: str):
+    """Accuracy bars labelled with their problem counts, each task's chance level a dashed line across its bar."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(max(5, 1.2 * len(tasks)), 3.5))
     FigureCanvasAgg(figure)
     axes = figure.subplots()
-    names = list(tasks)
-    axes.bar(names, [tasks[name].get("accuracy") or 0.0 for name in names])
+    rows = list(tasks.values())
+    bars = axes.bar(range(len(rows)), [row.get("accuracy") or 0.0 for row in rows], tick_label=list(tasks))
+    axes.bar_label(bars, labels=[f"n={row.get('problems')}" for row in rows], fontsize=8)
+    chance = [row["baseline"] if row.get("baseline") is not None else math.nan for row in rows]
+    axes.hlines(chance, [i - 0.4 for i in range(len(rows))], [i + 0.4 for i in range(len(rows))], colors="crimson",
+                linestyles="--", label="chance")  # fmt: skip
     axes.set(title=title, ylabel="accuracy", ylim=(0, 1))
+    axes.legend(loc="upper right", fontsize=8)
     axes.tick_params(axis="x", labelrotation=30)
     axes.grid(axis="y", alpha=0.3)
     save_png(figure, path)
+    return figure
 
 
 def stage_body(stage: str, summary: dict, directory: str) -> list[str]:
@@ -240,12 +270,13 @@ def stage_body(stage: str, summary: dict, directory: str) -> list[str]:
     if stage == "base_eval" and summary.get("tasks"):
         lines += ["", "| task | centered accuracy |", "|---|---:|"]
         lines += [f"| {task} | {fmt(centered)} |" for task, centered in summary["tasks"].items()]
+        lines += caveat({"each CORE task": summary.get("max_per_task")})
     if stage.startswith("chat_eval_") and summary.get("tasks"):
-        lines += ["", "| task | problems | accuracy | centered |", "|---|---:|---:|---:|"]
+        lines += ["", "| task | problems | accuracy | chance | centered |", "|---|---:|---:|---:|---:|"]
         for task, row in summary["tasks"].items():
-            lines.append(
-                f"| {task} | {fmt(row.get('problems'))} | {fmt(row.get('accuracy'))} | {fmt(row.get('centered'))} |"
-            )
+            cells = [row.get(key) for key in ("problems", "accuracy", "baseline", "centered")]
+            lines.append(f"| {task} | " + " | ".join("-" if c is None else fmt(c) for c in cells) + " |")
+        lines += caveat({task: row.get("problems") for task, row in summary["tasks"].items()})
         plot_bars(summary["tasks"], stage.replace("_", " "), os.path.join(directory, f"{stage}.png"))
         lines += ["", f"![{stage}]({stage}.png)"]
     curves = curves_of(summary)
@@ -256,17 +287,29 @@ def stage_body(stage: str, summary: dict, directory: str) -> list[str]:
 
 
 def summary_table(summaries: dict) -> list[str]:
-    """CORE and the chat tasks (accuracy) and ChatCORE per stage; '-' where a stage or task did not run."""
-    rows = {"CORE": {"base": (summaries.get("base_eval") or {}).get("core")}}
+    """CORE, the chat tasks (accuracy) and ChatCORE per stage, and chance; '-' where a stage or task did not run,
+    '*' on a figure from fewer than FEW_PROBLEMS problems (per task)."""
+
+    def cell(value, problems=None) -> str:
+        return "-" if value is None else fmt(value) + ("*" if noisy(problems) else "")
+
+    base_eval = summaries.get("base_eval") or {}
+    rows = {"CORE": {"base": cell(base_eval.get("core"), base_eval.get("max_per_task")), "chance": "0 (centered)"}}
     for source in SOURCES:
         chat = summaries.get(f"chat_eval_{source}") or {}
+        tasks = chat.get("tasks") or {}
         for task in CHAT_TASKS:
-            rows.setdefault(task, {})[source] = (chat.get("tasks") or {}).get(task, {}).get("accuracy")
-        rows.setdefault("ChatCORE", {})[source] = chat.get("chatcore")
-    lines = ["| metric | " + " | ".join(SOURCES) + " |", "|---|" + "---:|" * len(SOURCES)]
-    for metric, by_source in rows.items():
-        cells = [fmt(by_source[s]) if by_source.get(s) is not None else "-" for s in SOURCES]
-        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+            row = tasks.get(task) or {}
+            rows.setdefault(task, {})[source] = cell(row.get("accuracy"), row.get("problems"))
+            if row.get("baseline") is not None:
+                rows[task]["chance"] = fmt(row["baseline"])
+        few = min([row.get("problems") or FEW_PROBLEMS for row in tasks.values()], default=FEW_PROBLEMS)
+        rows.setdefault("ChatCORE", {"chance": "0 (centered)"})[source] = cell(chat.get("chatcore"), few)
+    columns = [*SOURCES, "chance"]
+    lines = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {name} | " + " | ".join(cells.get(c, "-") for c in columns) + " |" for name, cells in rows.items()]
+    if any("*" in line for line in lines):
+        lines += ["", f"\\* from fewer than {FEW_PROBLEMS} problems per task: noisy (margins in the sections above)"]
     return lines
 
 
@@ -276,6 +319,38 @@ def hourly_cost(environment: dict, override: float | None) -> float:
     if os.environ.get("NANOCHAT_HOURLY_COST"):
         return float(os.environ["NANOCHAT_HOURLY_COST"])
     return GPU_HOURLY_COST * environment.get("gpu_count", 0)
+
+
+def sample_conversation(summaries: dict) -> list[str]:
+    """The most advanced chat model there is (rl > sft > mid; the tag its summary names, else the largest)
+    answering SAMPLE_CHAT greedily in one conversation, as markdown; a note instead when none loads."""
+    from nanochat.checkpoint import checkpoint_dir, load_model  # here: they import torch, `status` and `time` do not
+    from nanochat.common import autodetect_device_type, autodetect_dtype
+    from nanochat.engine import Engine
+    from nanochat.tokenizer import get_tokenizer
+
+    for source, stage in (("rl", "chat_rl"), ("sft", "chat_sft"), ("mid", "mid_train")):
+        try:
+            tag = os.path.basename(checkpoint_dir(source, (summaries.get(stage) or {}).get("model_tag")))
+            device_type = autodetect_device_type()
+            model, meta = load_model(source, device_type, "eval", tag, dtype=autodetect_dtype(device_type))
+        except FileNotFoundError:  # no checkpoint of this stage: try the one before it
+            continue
+        except Exception as e:  # corrupt or incompatible: the report card goes on without its sample
+            return [f"No sample conversation: the {source} model did not load ({type(e).__name__}: {e})."]
+        try:
+            tokenizer = get_tokenizer()
+            engine, ids, lines = Engine(model, tokenizer), [tokenizer.get_bos_token_id()], []
+            for message in SAMPLE_CHAT:  # the turns as exact ids, the replies never re-encoded (as chat_cli)
+                ids += tokenizer.render_for_completion([{"role": "user", "content": message}])[1:]
+                reply = engine.generate_batch(ids, max_tokens=SAMPLE_TOKENS, temperature=0.0)[0].tokens
+                ids += [*reply, tokenizer.encode_special("<|assistant_end|>")]
+                lines += [f"User: {message}", f"Assistant: {tokenizer.decode(reply)}"]
+        except Exception as e:  # a tokenizer from another run, a context too short for the turns
+            return [f"No sample conversation: the {source} model did not answer ({type(e).__name__}: {e})."]
+        return [f"The {source} model {tag} step {meta['step']}, greedy (temperature 0), at most {SAMPLE_TOKENS} "
+                "tokens a reply:", "", "```text", *lines, "```"]  # fmt: skip
+    return ["No sample conversation: no mid, sft or rl checkpoint in the base dir."]
 
 
 # ---------------------------------------------------------------------------- generate
@@ -289,7 +364,9 @@ def generate(cost_per_hour: float | None = None) -> str:
     header, header_error = read_stage(directory, "header")
     environment = (header or {}).get("environment") or current_environment()
     rate = hourly_cost(environment, cost_per_hour)
+    base_dir = get_base_dir()
     out = ["# nanochat report card", "", "## Environment", ""]
+    out.append(f"- base dir: {base_dir} (the paths below are relative to it)")
     out.append(f"- generated: {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(now))}")
     if header and isinstance(header.get("started_at"), (int, float)):
         started = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(header["started_at"]))
@@ -303,19 +380,15 @@ def generate(cost_per_hour: float | None = None) -> str:
     gpu = environment.get("gpu")
     hardware = f"{environment.get('gpu_count', 1)} x {gpu} ({environment.get('gpu_memory_gib')} GiB)" if gpu else "none"
     out.append(f"- GPUs: {hardware}")
-    out.append(
-        f"- CPU: {environment.get('cpu')} ({environment.get('cpu_count')} cores); host {environment.get('host')}"
-    )
+    cpu = f"{environment.get('cpu')} ({environment.get('cpu_count')} cores)"
+    out.append(f"- CPU: {cpu}; host {environment.get('host')}")
     versions = {k: environment.get(k) for k in ("python", "torch", "cuda") if environment.get(k)}
     out.append("- software: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     out.append(f"- hourly cost assumed: ${rate:.2f}/h (--hourly-cost or NANOCHAT_HOURLY_COST)")
     code = lines_of_code()
     if code:
-        out.append(
-            f"- lines of code: {sum(code.values()):,} ("
-            + ", ".join(f"{lang} {n:,}" for lang, n in sorted(code.items(), key=lambda kv: -kv[1]))
-            + ")"
-        )
+        by_language = ", ".join(f"{lang} {n:,}" for lang, n in sorted(code.items(), key=lambda kv: -kv[1]))
+        out.append(f"- lines of code: {sum(code.values()):,} ({by_language})")
 
     summaries = {}
     for title, stages in SECTIONS:
@@ -331,16 +404,11 @@ def generate(cost_per_hour: float | None = None) -> str:
             out += ["", f"## {title}", *parts]
 
     out += ["", "## Summary", "", *summary_table(summaries), ""]
-    minutes = {
-        s: summaries.get(s, {}).get("training_minutes") for s in ("base_train", "mid_train", "chat_sft", "chat_rl")
-    }
+    minutes = {s: summaries.get(s, {}).get("training_minutes") for s in CHECKPOINT_DIRS}
     minutes = {s: m for s, m in minutes.items() if isinstance(m, (int, float))}
     if minutes:
-        out.append(
-            f"- training time: {sum(minutes.values()):.1f} min ("
-            + ", ".join(f"{s} {m:.1f}" for s, m in minutes.items())
-            + ")"
-        )
+        by_stage = ", ".join(f"{s} {m:.1f}" for s, m in minutes.items())
+        out.append(f"- training time: {sum(minutes.values()):.1f} min ({by_stage})")
     times, _ = read_stage(directory, "times")
     if times:
         hours = sum(times.values()) / 3600
@@ -349,7 +417,8 @@ def generate(cost_per_hour: float | None = None) -> str:
                    f"at ${rate:.2f}/h")  # fmt: skip
     else:
         out.append("- total wall time: unknown (no stage times recorded); estimated cost: unknown")
-    text = "\n".join(out) + "\n"
+    out += ["", "### Sample conversation", "", *sample_conversation(summaries)]
+    text = "\n".join(out).replace(os.path.join(base_dir, ""), "") + "\n"  # every path relative to the base dir
     path = os.path.join(directory, "report.md")
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
     return path
@@ -361,12 +430,8 @@ def main(argv=None):
     parser.add_argument("stage", nargs="?", help="status/time: the stage (base_train, chat_eval_sft, ...)")
     parser.add_argument("seconds", nargs="?", type=float, help="time: the stage's wall time in seconds")
     parser.add_argument("--tag", default=None, help="status: the model tag (d20, ...)")
-    parser.add_argument(
-        "--hourly-cost",
-        type=float,
-        default=None,
-        help="$ per hour of the whole machine (default: $NANOCHAT_HOURLY_COST, else $3 per GPU, 0 on CPU)",
-    )
+    parser.add_argument("--hourly-cost", type=float, default=None, help="$ per hour of the whole machine "
+                        "(default: $NANOCHAT_HOURLY_COST, else $3 per GPU, 0 on CPU)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.command in ("status", "time") and (
         args.stage is None or (args.command == "time") != (args.seconds is not None)

@@ -9,24 +9,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO
+from conftest import REPO, make_base_dir
 from nanochat import report
 from nanochat.report import write_stage_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHAT_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
 
 
 def curve(n, start, end):
     return [[step, start + (end - start) * step / n] for step in range(0, n + 1, max(1, n // 10))]
 
 
-def chat_eval(source, offset, with_chatcore=True):
+def chat_eval(source, offset, with_chatcore=True, problems=100):
     """Accuracy of task i = offset + i / 100, so every cell of the summary table is distinct."""
     tasks = {
-        name: {"name": name, "problems": 100, "accuracy": offset + i / 100, "centered": offset + i / 100 - 0.1}
+        name: {"name": name, "problems": problems, "accuracy": offset + i / 100, "centered": offset + i / 100 - 0.1,
+               "baseline": BASELINES[name]}
         for i, name in enumerate(CHAT_TASKS)
-    }
+    }  # fmt: skip
     return {"source": source, "model": "d4", "step": 7, "chatcore": offset + 0.5 if with_chatcore else None,
             "tasks": tasks}  # fmt: skip
 
@@ -91,13 +93,12 @@ def write_every_stage():
         write_stage_summary(f"chat_eval_{source}", chat_eval(source, offset))
 
 
-def table_rows(text):
-    """{metric: [base, mid, sft, rl]} from the summary table."""
-    summary = text.split("## Summary", 1)[1]
+def table_rows(text, heading="## Summary"):
+    """{first cell: the other cells} of the first table after `heading`."""
     rows = {}
-    for line in summary.splitlines():
+    for line in text.split(heading, 1)[1].split("\n\n|", 1)[1].split("\n\n", 1)[0].splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) == 5 and cells[0] not in ("metric", "---"):
+        if cells[0] not in ("metric", "task") and not cells[0].startswith("---"):
             rows[cells[0]] = cells[1:]
     return rows
 
@@ -123,12 +124,12 @@ def test_full_report_has_every_section_table_and_plot(base_dir):
     for fact in ("git commit:", "lines of code:", "Python", "torch", "$24.00/h", "0.8123", "12,345,678", "4.8300"):
         assert fact in text, fact
 
-    rows = table_rows(text)
-    assert rows["CORE"] == ["0.2219", "-", "-", "-"]
-    assert rows["ARC-Easy"] == ["-", "0.1000", "0.2000", "0.3000"]
-    assert rows["GSM8K"] == ["-", "0.1300", "0.2300", "0.3300"]
-    assert rows["SpellingBee"] == ["-", "0.1500", "0.2500", "0.3500"]
-    assert rows["ChatCORE"] == ["-", "0.6000", "0.7000", "0.8000"]
+    rows = table_rows(text)  # base, mid, sft, rl, chance
+    assert rows["CORE"] == ["0.2219", "-", "-", "-", "0 (centered)"]
+    assert rows["ARC-Easy"] == ["-", "0.1000", "0.2000", "0.3000", "0.2500"]
+    assert rows["GSM8K"] == ["-", "0.1300", "0.2300", "0.3300", "0.0000"]
+    assert rows["SpellingBee"] == ["-", "0.1500", "0.2500", "0.3500", "0.0000"]
+    assert rows["ChatCORE"] == ["-", "0.6000", "0.7000", "0.8000", "0 (centered)"]
     assert set(rows) == {"CORE", *CHAT_TASKS, "ChatCORE"}
     wall = re.search(r"total wall time: ([\d.]+) min", text)
     assert wall and 119 < float(wall.group(1)) < 125
@@ -136,6 +137,7 @@ def test_full_report_has_every_section_table_and_plot(base_dir):
     assert cost and 47.9 < float(cost.group(1)) < 50
     assert "training time: 4.7 min" in text
     assert "wall time by stage: base_train 100.0 min, chat_sft 21.7 min" in text
+    assert "No sample conversation: no mid, sft or rl checkpoint in the base dir." in text
 
     for plot in ("base_train", "mid_train", "chat_sft", "chat_rl", "chat_eval_mid", "chat_eval_sft", "chat_eval_rl"):
         path = base_dir / "report" / f"{plot}.png"
@@ -143,6 +145,65 @@ def test_full_report_has_every_section_table_and_plot(base_dir):
         assert data.startswith(PNG_MAGIC) and len(data) > 1000, plot
         assert f"({plot}.png)" in text, plot
     assert not list((base_dir / "report").glob(".*.tmp"))
+
+
+def test_chance_levels_and_a_caveat_on_few_problems(base_dir):
+    write_stage_summary("base_eval", {"core": 0.1, "max_per_task": 8, "tasks": {"piqa": 0.1}})
+    write_stage_summary("chat_eval_mid", chat_eval("mid", 0.1))
+    write_stage_summary("chat_eval_sft", chat_eval("sft", 0.2, problems=8))
+    text = open(report.generate()).read()
+
+    assert table_rows(text, "### chat_eval_sft")["MMLU"] == ["8", "0.2200", "0.2500", "0.1200"]  # problems .. centered
+    assert table_rows(text, "### chat_eval_sft")["GSM8K"][2] == "0.0000"
+    assert report.margin95(8) == pytest.approx(1.96 * (0.5 * 0.5 / 8) ** 0.5)  # the binomial SE's largest value
+    assert "ARC-Easy 8 problems: ±0.35" in text.split("### chat_eval_sft")[1]
+    assert "problems: ±" not in text.split("### chat_eval_mid")[1].split("###")[0]  # 100 problems: no caveat
+    assert "each CORE task 8 problems: ±0.35" in text.split("### base_eval")[1]
+    rows = table_rows(text)
+    assert rows["MMLU"] == ["-", "0.1200", "0.2200*", "-", "0.2500"] and rows["CORE"][0] == "0.1000*"
+    assert rows["ChatCORE"][1:3] == ["0.6000", "0.7000*"] and "\\* from fewer than 100 problems" in text
+
+    figure = report.plot_bars(chat_eval("sft", 0.2)["tasks"], "t", str(base_dir / "bars.png"))
+    (chance,) = figure.axes[0].collections  # one dashed segment across each bar, at the task's chance level
+    assert [segment[0][1] for segment in chance.get_segments()] == list(BASELINES.values())
+    assert [text.get_text() for text in figure.axes[0].texts] == ["n=100"] * 6
+
+
+def test_sample_conversation_is_the_latest_chat_models_greedy_replies(base_dir, small_tokenizer):
+    import shutil
+
+    from nanochat.checkpoint import build_model
+
+    make_base_dir(base_dir, small_tokenizer)  # a random d1 with a 128-token context
+    for stage in ("mid_checkpoints", "chatsft_checkpoints"):
+        shutil.copytree(base_dir / "base_checkpoints" / "d1", base_dir / stage / "d1")
+    model, _ = build_model(str(base_dir / "chatsft_checkpoints" / "d1"))
+    tokenizer, expected = small_tokenizer, []
+    end, stops = tokenizer.encode_special("<|assistant_end|>"), {tokenizer.encode_special("<|bos|>")}
+    ids = [tokenizer.get_bos_token_id()]
+    for message in report.SAMPLE_CHAT:  # the slow reference sampler, greedy, up to the context's end
+        ids += tokenizer.render_for_completion([{"role": "user", "content": message}])[1:]
+        reply = list(model.generate(ids, min(report.SAMPLE_TOKENS, 128 - len(ids)), temperature=0))
+        reply = reply[: min([reply.index(t) for t in {end, *stops} if t in reply], default=len(reply))]
+        ids += [*reply, end]
+        expected += [f"User: {message}", f"Assistant: {tokenizer.decode(reply)}"]
+
+    sample = open(report.generate()).read().split("### Sample conversation", 1)[1]
+    assert f"The sft model d1 step 0, greedy (temperature 0), at most {report.SAMPLE_TOKENS} tokens" in sample
+    assert "\n".join(expected) in sample
+
+    rl = base_dir / "chatrl_checkpoints" / "d1"
+    shutil.copytree(base_dir / "chatsft_checkpoints" / "d1", rl)
+    (rl / "model_000000.pt").write_bytes(b"truncated")
+    sample = open(report.generate()).read().split("### Sample conversation", 1)[1]
+    assert "No sample conversation: the rl model did not load (" in sample and "is corrupt" in sample
+
+
+def test_paths_are_relative_to_the_base_dir(base_dir):
+    write_stage_summary("chat_sft", {"source": str(base_dir / "mid_checkpoints" / "d4"), "step": 3})
+    text = open(report.generate()).read()
+    assert text.count(str(base_dir)) == 1 and f"- base dir: {base_dir} (the paths below" in text
+    assert "- source: mid_checkpoints/d4\n" in text
 
 
 def test_absent_stages_are_skipped_and_corrupt_ones_reported(base_dir):
@@ -158,9 +219,9 @@ def test_absent_stages_are_skipped_and_corrupt_ones_reported(base_dir):
     assert not (base_dir / "report" / "mid_train.png").exists()
     assert (base_dir / "report" / "base_train.png").read_bytes().startswith(PNG_MAGIC)
     rows = table_rows(text)
-    assert rows["CORE"] == ["-", "-", "-", "-"]
-    assert rows["ARC-Easy"] == ["-", "-", "0.2000", "-"]
-    assert rows["ChatCORE"] == ["-", "-", "-", "-"]  # not all six tasks counted: no ChatCORE
+    assert rows["CORE"] == ["-", "-", "-", "-", "0 (centered)"]
+    assert rows["ARC-Easy"] == ["-", "-", "0.2000", "-", "0.2500"]
+    assert rows["ChatCORE"] == ["-", "-", "-", "-", "0 (centered)"]  # not all six tasks counted: no ChatCORE
     assert "total wall time: unknown" in text and "$0.00/h" in text  # CPU: no GPUs, no cost
 
 
@@ -179,7 +240,7 @@ def test_cli_reset_then_generate(base_dir):
     result = subprocess.run([*env_run, "generate", "--hourly-cost", "10"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     text = (base_dir / "report" / "report.md").read_text()
-    assert table_rows(text)["CORE"] == ["0.1234", "-", "-", "-"] and "$10.00/h" in text
+    assert table_rows(text)["CORE"] == ["0.1234", "-", "-", "-", "0 (centered)"] and "$10.00/h" in text
 
 
 def test_stage_status_is_speedruns_one_question(base_dir):
