@@ -44,6 +44,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be used: corrupt or truncated file, or incompatible with the request."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A file of the step is damaged (checksum mismatch, unreadable): an earlier step may still be intact."""
+
+
 def model_path(checkpoint_dir: str, step: int) -> str:
     return os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
 
@@ -146,7 +150,7 @@ def _read_meta(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(
+        raise CorruptCheckpointError(
             f"cannot parse {path} as JSON ({e}); the meta file is corrupt: restore it, or delete it to make "
             "loading fall back to an earlier step"
         ) from e
@@ -159,14 +163,14 @@ def _load_file(path: str, device, meta: dict, missing_hint: str):
         raise FileNotFoundError(f"{path} is missing although step {step} has its meta file; {missing_hint}")
     expected = meta.get("checksums", {}).get(os.path.basename(path))
     if expected is not None and sha256_file(path) != expected:
-        raise CheckpointError(
+        raise CorruptCheckpointError(
             f"{path} does not match the sha256 recorded when step {step} was saved: the file is corrupt or was "
             f"changed since; restore it, or delete step {step}'s files to fall back to an earlier step"
         )
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # zip reader, unpickler and EOF errors all mean the file cannot be used
-        raise CheckpointError(
+        raise CorruptCheckpointError(
             f"cannot read {path} ({type(e).__name__}: {e}). The file is truncated or corrupt (an interrupted "
             f"copy, a full disk); restore it, or delete step {step}'s files to fall back to an earlier step"
         ) from e

@@ -1,19 +1,13 @@
-"""The training spine of every training stage (base_train, mid_train, chat_sft, chat_rl): plain functions.
+"""The training spine of the four training stages (base_train, mid_train, chat_sft, chat_rl): plain functions.
 
-Each stage script keeps its own visible `while` loop and calls these for what used to be written four times:
-- `StageRecord`: the typed record a stage saves in its checkpoint meta ("record") and the next stage reads
-  (`StageRecord.from_meta`; metas from before the record load too, missing fields taking today's values).
-- Schedules, all here: `lr_multiplier` (base: warmup, constant, warmdown by steps), `warmdown_multiplier` (chat
-  stages: constant, then linear over the last fraction of the run's progress), `muon_momentum`, `set_schedule`.
-- `accumulate` (forward and backward over one micro-batch per loader), `optimizer_step` (the non-finite stop,
-  the fp16 scaler, optional clipping of the global grad norm, the step).
-- `StageLog`: the resolved config and environment printed, debiased EMA of the loss, timed steps, tok/s, MFU,
-  the curves of the report card, wandb, and the stage summary; its `state` is saved with every checkpoint.
-- `save_stage` / `resume_stage`: checkpoints with the record, the loop state and every rank's loader states.
-- `add_stage_flags`: the flags all four share. `sample`: greedy continuations of SAMPLE_PROMPTS (base_train, base_loss).
+Each stage keeps its own visible `while` loop and calls these: `StageRecord` (what a stage hands the next, in
+its checkpoint meta), the LR and momentum schedules, `accumulate` and `optimizer_step` (one optimizer step, with
+the non-finite stop), `StageLog` (prints, EMA, MFU, curves, wandb, the stage summary), `save_stage` /
+`resume_stage` (checkpoints with the loop and loader states), the shared flags and `sample`.
 Not here: data, losses and evaluations (the stage scripts, nanochat/chat_data.py, nanochat/loss_eval.py).
 """
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -21,8 +15,16 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import find_last_step, load_checkpoint, save_checkpoint
+from nanochat.checkpoint import (
+    CheckpointError,
+    CorruptCheckpointError,
+    complete_steps,
+    last_verified_step,
+    load_checkpoint,
+    save_checkpoint,
+)
 from nanochat.common import compute_cleanup, describe_environment, gpu_peaks, print0
+from nanochat.dataset import DatasetError
 from nanochat.gpt import GPTConfig
 from nanochat.report import write_stage_summary
 
@@ -38,8 +40,7 @@ SAMPLE_PROMPTS = [
 
 @dataclass(frozen=True)
 class StageRecord:
-    """What a training stage hands the next, saved as meta["record"]: its batch layout and the LRs it was given
-    (before any --init-lr-frac). A chat stage inherits device batch, token batch and LRs from its source's."""
+    """What a stage hands the next, saved as meta["record"]: its batch layout and LRs (before --init-lr-frac)."""
 
     stage: str = ""  # base | mid | sft | rl
     model_tag: str = ""
@@ -58,7 +59,6 @@ class StageRecord:
 
 
 def add_stage_flags(parser, save_every: int = -1) -> None:
-    """The flags every training stage shares, spelled and defaulted once (they drifted when written four times)."""
     parser.add_argument("--grad-clip", type=float, default=-1, help="max global grad norm (-1 = off)")
     parser.add_argument("--save-every", type=int, default=save_every, help="steps between checkpoints (-1 = end only)")
     parser.add_argument("--resume", action="store_true", help="continue from this stage's last checkpoint of the tag")
@@ -67,9 +67,24 @@ def add_stage_flags(parser, save_every: int = -1) -> None:
     parser.add_argument("--seed", type=int, default=42, help="initialisation, data order and sampling")
 
 
+def one_line_errors(stage: str):
+    """Decorator of a stage's main: an unusable checkpoint or dataset ends the run with one line, not a traceback."""
+
+    def decorate(main):
+        @functools.wraps(main)
+        def main_with_one_line_errors(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except (CheckpointError, DatasetError) as e:
+                raise SystemExit(f"{stage}: {e}") from e
+
+        return main_with_one_line_errors
+
+    return decorate
+
+
 # ---------------------------------------------------------------------------- schedules
-# Two LR shapes, not one: base counts whole steps (its warmdown is rounded to steps), the chat stages count
-# progress (mid: the fraction of its data read). Folding either into the other changes the LRs in the last bits.
+# Two LR shapes: base counts whole steps, the chat stages count progress (folding one into the other changes bits).
 
 
 def lr_multiplier(step: int, num_steps: int, warmup_steps: int, warmdown_ratio: float, final_lr_frac: float) -> float:
@@ -84,8 +99,7 @@ def lr_multiplier(step: int, num_steps: int, warmup_steps: int, warmdown_ratio: 
 
 
 def warmdown_multiplier(progress: float, warmdown_ratio: float, final_lr_frac: float) -> float:
-    """Constant, then linear to final_lr_frac over the last warmdown_ratio of the run (progress 0..1); with
-    ratio 1 and final 0 it is RL's linear decay 1 - progress."""
+    """Constant, then linear to final_lr_frac over the last warmdown_ratio of progress 0..1 (1, 0: RL's decay)."""
     if progress <= 1 - warmdown_ratio:
         return 1.0
     remaining = max(0.0, 1 - progress) / max(warmdown_ratio, 1e-9)
@@ -109,8 +123,7 @@ def set_schedule(optimizer, lrm: float, momentum: float | None = None) -> None:
 
 
 def accumulate(forward, loaders, runtime, scaler=None) -> torch.Tensor:
-    """Forward and backward of one micro-batch from each loader, each loss divided by their number; returns the
-    step's mean loss averaged over ranks (the optimizer itself averages the gradients)."""
+    """Forward and backward of one micro-batch per loader; returns the step's mean loss over ranks."""
     train_loss = torch.zeros((), device=runtime.device)
     for loader in loaders:
         inputs, targets = next(loader)
@@ -123,10 +136,15 @@ def accumulate(forward, loaders, runtime, scaler=None) -> torch.Tensor:
     return train_loss
 
 
-def optimizer_step(model, optimizer, scaler, train_loss, runtime, grad_clip: float = -1, hint: str = "") -> None:
-    """Stop on a non-finite loss (exit 1, checkpoints untouched), else unscale, clip, step and zero the grads."""
+def optimizer_step(model, optimizer, scaler, train_loss, runtime, grad_clip=-1, checkpoint_dir=None):
+    """Stop on a non-finite loss (exit 1, naming the last checkpoint that verifies), else unscale, clip, step and
+    zero the grads."""
     if not torch.isfinite(torch.as_tensor(train_loss)):
-        print0(f"loss is {float(train_loss)}; stopping. The last checkpoint is intact: {hint or 'lower the LRs'}.")
+        last = last_verified_step(checkpoint_dir) if checkpoint_dir and runtime.is_master else None
+        verified = f"step {last} verifies (--resume continues from it)" if last else "no checkpoint verifies"
+        print0(
+            f"loss is {float(train_loss)}; stopping. Lower the LRs (or --init-lr-frac); in {checkpoint_dir} {verified}."
+        )
         compute_cleanup()
         raise SystemExit(1)
     if scaler:
@@ -151,10 +169,8 @@ def optimizer_step(model, optimizer, scaler, train_loss, runtime, grad_clip: flo
 
 
 class StageLog:
-    """Bookkeeping of one run: prints, EMA, timing, MFU, curves, wandb. `state` (JSON) travels in checkpoints.
-
-    `flops_per_token`: the model's training FLOPs per token (MFU needs it and a known GPU; else no MFU).
-    """
+    """Bookkeeping of one run: prints, EMA, timing, MFU (given flops_per_token and a known GPU), curves, wandb.
+    `state` (JSON) travels in checkpoints."""
 
     def __init__(self, stage: str, runtime, config: dict, run: str | None, state: dict | None = None,
                  num_steps: int | None = None, flops_per_token: float | None = None, start_step: int = 0):  # fmt: skip
@@ -175,14 +191,12 @@ class StageLog:
         self.started = None
 
     def start(self) -> None:
-        """Mark the start of a step's work (after syncing the device, so the time is the step's own)."""
         if self.runtime.device.type == "cuda":
             torch.cuda.synchronize()
         self.started = time.time()
 
     def step(self, step: int, loss: float, tokens: int | None = None, smooth: bool = True, **shown) -> float:
-        """Record step `step` (1-based, just finished) with its loss and `tokens` processed; print and log it.
-        Returns the debiased EMA of the loss (or the loss itself with smooth=False)."""
+        """Record step `step` (1-based, just finished): print and log it; returns the debiased EMA of the loss."""
         if self.runtime.device.type == "cuda":
             torch.cuda.synchronize()
         seconds, state = time.time() - self.started, self.state
@@ -208,8 +222,7 @@ class StageLog:
         return value
 
     def evaluated(self, step: int, results: dict) -> None:
-        """Record evaluation results {name: value} at `step`: curves (once per step, so a resume that re-evaluates
-        its step adds nothing) and the minimum of each."""
+        """Record {name: value} at `step` in the curves (once per step: a resume re-evaluates) and the minima."""
         for name, value in results.items():
             curve = self.state.setdefault(f"{name}_curve", [])
             if not curve or curve[-1][0] != step:
@@ -223,7 +236,6 @@ class StageLog:
             self.wandb.log({"step": step, **{f"val/{name.removeprefix('val_')}": v for name, v in results.items()}})
 
     def summary(self) -> dict:
-        """Timing and MFU over the timed steps (not the first steps of each session), for the stage summary."""
         state, summary = self.state, {"training_minutes": self.state["training_seconds"] / 60}
         if self.peak_flops and state["training_seconds"]:
             summary["mfu"] = self.flops_per_token * state["timed_tokens"] / state["training_seconds"] / self.peak_flops
@@ -232,7 +244,6 @@ class StageLog:
         return summary
 
     def finish(self, summary: dict, curves=("train_loss",)) -> dict:
-        """Print the summary, write it (with the named curves) as the stage's report card entry, close wandb."""
         print0(f"done: {json.dumps(summary, default=str)}")
         if self.runtime.is_master:
             write_stage_summary(self.stage, {**summary, **{f"{c}_curve": self.state.get(f"{c}_curve") for c in curves}})
@@ -269,14 +280,29 @@ def save_stage(directory, step, model, optimizer, runtime, record: StageRecord, 
     print0(f"saved checkpoint step {step} to {directory}")
 
 
+def _load_last_intact(directory, runtime, below: int | None = None) -> tuple:
+    """load_checkpoint of the last step (below `below`) whose files this rank reads intact; (None, None, {}) if none."""
+    for step in reversed([step for step in complete_steps(directory) if below is None or step <= below]):
+        try:
+            return load_checkpoint(directory, step, runtime.device, True, runtime.rank, runtime.world_size)
+        except CorruptCheckpointError as e:
+            print(f"--resume: step {step} is unusable, trying the one before: {e}", flush=True)
+    return None, None, {}
+
+
 def resume_stage(directory, model, optimizer, runtime, must_match: dict) -> tuple[int, dict, list | None, dict]:
-    """Load the last checkpoint of `directory` into model and optimizer: (step, loop state, this rank's loader
-    states or None, meta). `must_match`: settings that must equal the checkpoint's for an exact replay."""
-    last = find_last_step(directory)
-    if last is None:
+    """Load the last intact checkpoint of `directory` into model and optimizer: (step, loop state, this rank's
+    loader states or None, meta). `must_match`: settings that must equal the checkpoint's for an exact replay."""
+    if not complete_steps(directory):
         raise SystemExit(f"--resume: no checkpoint in {directory}; start without --resume")
-    model_state, optim_state, meta = load_checkpoint(directory, last, runtime.device, load_optimizer=True,
-                                                     rank=runtime.rank, world_size=runtime.world_size)  # fmt: skip
+    model_state, optim_state, meta = _load_last_intact(directory, runtime)
+    if runtime.is_distributed:  # every rank continues from the last step that all of them read intact
+        agreed = torch.tensor(meta.get("step", -1), device=runtime.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        if agreed.item() != meta.get("step", -1):
+            model_state, optim_state, meta = _load_last_intact(directory, runtime, below=agreed.item())
+    if not meta:
+        raise SystemExit(f"--resume: no checkpoint in {directory} is intact (see above); start without --resume")
     if GPTConfig.from_dict(meta["model_config"]) != model.config:
         raise SystemExit(f"--resume: {directory} holds a different model ({meta['model_config']})")
     saved = {**meta.get("user_config", {}), **meta, **meta.get("record", {})}

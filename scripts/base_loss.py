@@ -23,9 +23,10 @@ from nanochat.dataset import default_pretrain_paths
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import write_stage_summary
 from nanochat.tokenizer import get_tokenizer
-from nanochat.train import sample
+from nanochat.train import one_line_errors, sample
 
 
+@one_line_errors("base_loss")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-tag", default=None, help="checkpoint directory (default: largest depth)")

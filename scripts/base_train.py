@@ -37,6 +37,7 @@ from nanochat.train import (
     add_stage_flags,
     lr_multiplier,
     muon_momentum,
+    one_line_errors,
     optimizer_step,
     resume_stage,
     sample,
@@ -128,6 +129,7 @@ def derive_hyperparameters(args, config: GPTConfig, flops_per_token: float, worl
     }
 
 
+@one_line_errors("base_train")
 def main(argv=None):
     args = parse_args(argv)
     # ---------------------------------------------------------------- init
@@ -207,7 +209,7 @@ def main(argv=None):
         lrm = lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
         set_schedule(optimizer, lrm, muon_momentum(step))
         train_loss = accumulate(forward, loaders, runtime, scaler)
-        optimizer_step(model, optimizer, scaler, train_loss, runtime, args.grad_clip, f"resume from {checkpoint_dir}")
+        optimizer_step(model, optimizer, scaler, train_loss, runtime, args.grad_clip, checkpoint_dir)
         step += 1
         log.step(step, train_loss.item(), hp["total_batch_size"], lrm=lrm)
 

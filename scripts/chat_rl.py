@@ -43,6 +43,7 @@ from nanochat.train import (
     StageLog,
     StageRecord,
     add_stage_flags,
+    one_line_errors,
     optimizer_step,
     resume_stage,
     save_stage,
@@ -221,6 +222,7 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_problems: int, k: int, max_t
 # ---------------------------------------------------------------------------- the run
 
 
+@one_line_errors("chat_rl")
 def main(argv=None):
     args = parse_args(argv)
     # Derived values
@@ -326,7 +328,7 @@ def main(argv=None):
         loss = backward_groups(
             model, groups, args.device_batch_size, pad_id, world_size, scaler.scale if scaler else None
         )
-        optimizer_step(model, optimizer, scaler, loss, runtime, args.grad_clip, "lower --init-lr-frac, --resume")
+        optimizer_step(model, optimizer, scaler, loss, runtime, args.grad_clip, out_dir)
         model.eval()
         step += 1
         log.state["rewards"].append(mean_reward)

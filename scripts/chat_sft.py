@@ -37,23 +37,15 @@ from nanochat.train import (
     StageLog,
     StageRecord,
     add_stage_flags,
+    one_line_errors,
     optimizer_step,
     resume_stage,
     save_stage,
     set_schedule,
     warmdown_multiplier,
 )
-from tasks.common import resolve_data_dir
 from tasks.evaluate import evaluate_categorical, load_task
-from tasks.mixture import (
-    COMPONENTS,
-    MixtureError,
-    Sources,
-    build_mixture,
-    default_identity_path,
-    describe_mixture,
-    parse_mixture,
-)
+from tasks.mixture import COMPONENTS, add_mixture_flags, load_stage_mixtures
 
 # The recipe: component -> sizes (stop: the first n rows; size: generated examples). Reference nanochat's SFT
 # mixture: SmolTalk's first 10K, 300 of each spelling task. `--mixture` picks among all but mmlu-aux.
@@ -70,11 +62,7 @@ def parse_args(argv=None):
     parser.add_argument("--model-tag", default=None, help="source checkpoint dir, and ours (default: largest d<N>)")
     parser.add_argument("--model-step", type=int, default=-1, help="source checkpoint step (-1 = last)")
     # Data
-    parser.add_argument("--mixture", default=None, help="components, comma-separated (default: MIXTURE's, the "
-                        "ones a local --data-dir holds)")  # fmt: skip
-    parser.add_argument("--data", default=None, help="your conversations, JSONL (adds the component 'data')")
-    parser.add_argument("--data-dir", default=None, help="local data dir (default: $NANOCHAT_DATA_DIR, else hub)")
-    parser.add_argument("--identity", default=None, help="identity JSONL (default: <data dir>/chat/ or <base dir>/)")
+    add_mixture_flags(parser, STAGE_COMPONENTS, user_data=True)
     # Training horizon
     parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch)")
     # Optimization (-1 = inherit from the source checkpoint)
@@ -97,15 +85,10 @@ def parse_args(argv=None):
     parser.add_argument("--eval-metrics-max-problems", type=int, default=1024, help="problems per task (-1 = all)")
     # Runtime
     add_stage_flags(parser)
-    args = parser.parse_args(argv)
-    try:
-        names = parse_mixture(args.mixture or ",".join(MIXTURE), STAGE_COMPONENTS)
-        args.mixture_names = names + (["data"] if args.data else [])
-    except ValueError as e:
-        parser.error(str(e))
-    return args
+    return parser.parse_args(argv)
 
 
+@one_line_errors("chat_sft")
 def main(argv=None):
     args = parse_args(argv)
     # ---------------------------------------------------------------- init
@@ -134,17 +117,11 @@ def main(argv=None):
     record = replace(source, stage="sft", model_tag=model_tag, device_batch_size=device_batch)
 
     # ---------------------------------------------------------------- data
-    data_dir = resolve_data_dir(args.data_dir)
-    sources = Sources(data_dir, args.identity or default_identity_path(data_dir), args.data)
-    try:  # the default mixture read from a local data dir leaves out what it lacks (smoltalk)
-        drop = args.mixture is None and data_dir is not None
-        train_mixture, train_rows = build_mixture(args.mixture_names, "train", sources, MIXTURE, drop_failing=drop)
-        val_mixture, val_rows = build_mixture([name for name, _ in train_rows], "val", sources, MIXTURE)
-    except MixtureError as e:
-        raise SystemExit(f"chat_sft: {e}") from e
-    print0(describe_mixture("train mixture", train_rows))
-    print0(describe_mixture("validation mixture", val_rows))
+    train_mixture, train_rows, val_mixture, data_dir = load_stage_mixtures(args, MIXTURE)
     num_iterations = args.num_iterations if args.num_iterations > 0 else len(train_mixture) // args.examples_per_step
+    if num_iterations < 1:
+        raise SystemExit(f"chat_sft: {len(train_mixture):,} conversations make no step of --examples-per-step "
+                         f"{args.examples_per_step}; lower it or add data")  # fmt: skip
     metric_tasks = [load_task(name, data_dir, "validation" if data_dir else "test") for name in METRIC_TASKS]
 
     # ---------------------------------------------------------------- optimizer
@@ -196,7 +173,7 @@ def main(argv=None):
     step, val_loss, accuracies = start_step, None, {}
     while True:
         last_step = step == num_iterations
-        if (args.eval_every > 0 and step % args.eval_every == 0) or last_step:
+        if val_mixture is not None and ((args.eval_every > 0 and step % args.eval_every == 0) or last_step):
             val_loss = validate()
             log.evaluated(step, {"val_loss": val_loss})
         if (args.eval_metrics_every > 0 and step % args.eval_metrics_every == 0) or last_step:
@@ -213,7 +190,7 @@ def main(argv=None):
         set_schedule(optimizer, lrm)  # Muon's momentum stays 0.95 here, as in reference nanochat's SFT
         micro_batches = batches(train_mixture, step)
         train_loss, supervised = supervised_backward(model, micro_batches, scaler.scale if scaler else None)
-        optimizer_step(model, optimizer, scaler, train_loss, runtime, args.grad_clip, "lower --init-lr-frac, --resume")
+        optimizer_step(model, optimizer, scaler, train_loss, runtime, args.grad_clip, output_dir)
         step += 1
         tokens = sum(inputs.numel() for inputs, _ in micro_batches) * runtime.world_size
         log.step(step, train_loss.item(), tokens, lrm=lrm, supervised_tokens=supervised)

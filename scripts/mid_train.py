@@ -36,22 +36,14 @@ from nanochat.train import (
     accumulate,
     add_stage_flags,
     muon_momentum,
+    one_line_errors,
     optimizer_step,
     resume_stage,
     save_stage,
     set_schedule,
     warmdown_multiplier,
 )
-from tasks.common import resolve_data_dir
-from tasks.mixture import (
-    COMPONENTS,
-    MixtureError,
-    Sources,
-    build_mixture,
-    default_identity_path,
-    describe_mixture,
-    parse_mixture,
-)
+from tasks.mixture import COMPONENTS, add_mixture_flags, load_stage_mixtures
 
 # The recipe: component -> sizes (epochs: listed n times; size: generated examples). Reference nanochat's mid
 # mixture: identity twice, 200K SimpleSpelling, 80K SpellingBee. `--mixture` picks among all but "data".
@@ -66,10 +58,7 @@ def parse_args(argv=None):
     parser.add_argument("--model-tag", default=None, help="base checkpoint dir, and ours (default: largest d<N>)")
     parser.add_argument("--model-step", type=int, default=-1, help="base checkpoint step (-1 = last)")
     # Data
-    parser.add_argument("--mixture", default=None, help="components, comma-separated (default: MIXTURE's, the "
-                        "ones a local --data-dir holds)")  # fmt: skip
-    parser.add_argument("--data-dir", default=None, help="local data dir (default: $NANOCHAT_DATA_DIR, else hub)")
-    parser.add_argument("--identity", default=None, help="identity JSONL (default: <data dir>/chat/ or <base dir>/)")
+    add_mixture_flags(parser, STAGE_COMPONENTS)
     # Training horizon
     parser.add_argument(
         "--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch of the mixture)"
@@ -88,14 +77,10 @@ def parse_args(argv=None):
     # Runtime
     add_stage_flags(parser)
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto = on for CUDA")
-    args = parser.parse_args(argv)
-    try:
-        args.mixture_names = parse_mixture(args.mixture or ",".join(MIXTURE), STAGE_COMPONENTS)
-    except ValueError as e:
-        parser.error(str(e))
-    return args
+    return parser.parse_args(argv)
 
 
+@one_line_errors("mid_train")
 def main(argv=None):
     args = parse_args(argv)
     # ---------------------------------------------------------------- init
@@ -131,16 +116,7 @@ def main(argv=None):
     forward = torch.compile(model, dynamic=False) if use_compile else model
 
     # ---------------------------------------------------------------- data
-    data_dir = resolve_data_dir(args.data_dir)
-    sources = Sources(data_dir, args.identity or default_identity_path(data_dir))
-    try:  # the default mixture read from a local data dir leaves out what it lacks (smoltalk, mmlu-aux)
-        drop = args.mixture is None and data_dir is not None
-        train_mixture, train_rows = build_mixture(args.mixture_names, "train", sources, MIXTURE, drop_failing=drop)
-        val_mixture, val_rows = build_mixture([name for name, _ in train_rows], "val", sources, MIXTURE)
-    except MixtureError as e:
-        raise SystemExit(f"mid_train: {e}") from e
-    print0(describe_mixture("train mixture", train_rows))
-    print0(describe_mixture("validation mixture", val_rows))
+    train_mixture, train_rows, val_mixture, data_dir = load_stage_mixtures(args, MIXTURE)
 
     # ---------------------------------------------------------------- optimizer
     frac = args.init_lr_frac
@@ -186,7 +162,7 @@ def main(argv=None):
     while True:
         progress = step / args.num_iterations if args.num_iterations > 0 else data_progress()
         last_step = progress >= 1
-        if (args.eval_every > 0 and step % args.eval_every == 0) or last_step:
+        if val_mixture is not None and ((args.eval_every > 0 and step % args.eval_every == 0) or last_step):
             val_bpb = validate()
             log.evaluated(step, {"val_bpb": val_bpb})
         if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
@@ -199,7 +175,7 @@ def main(argv=None):
         lrm = warmdown_multiplier(progress, args.warmdown_ratio, args.final_lr_frac)
         set_schedule(optimizer, lrm, muon_momentum(step))
         train_loss = accumulate(forward, loaders, runtime, scaler)
-        optimizer_step(model, optimizer, scaler, train_loss, runtime, args.grad_clip, "lower --init-lr-frac, --resume")
+        optimizer_step(model, optimizer, scaler, train_loss, runtime, args.grad_clip, output_dir)
         step += 1
         log.step(step, train_loss.item(), total_batch, lrm=lrm, progress=progress)
 

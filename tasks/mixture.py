@@ -1,24 +1,28 @@
-"""Chat mixtures: the named components the chat stages train on, and how each one loads.
+"""Chat mixtures: the named components the chat stages train on, how each one loads, and the stages' flags.
 
 Contract:
 - A mixture is a list of component names (`COMPONENTS`). `build_mixture(names, split, sources, recipe)` loads
-  each one (`split` "train" or "val": every component knows its held-out split, or has none) and returns one
-  `TaskMixture` (deterministic shuffle, seed 42) plus the (name, rows) it holds. A component that cannot be
-  loaded (no network for a hub-only dataset, a missing file) raises `MixtureError` naming every such component
-  and the `--mixture` value that leaves them out; with `drop_failing` (a stage's default mixture read from a
-  local data dir) such components are left out instead, and printed.
-- `recipe` is the stage's choice of sizes: {name: {"epochs": n, "size": n, "stop": n}} (epochs = the component
-  listed n times; size = generated examples of the spelling tasks; stop = the first n rows).
+  each one for `split` ("train" or "val"; some components have no held-out split) and returns one
+  `TaskMixture` (shuffled with seed 42) plus the (name, rows) it holds. Components that cannot load raise one
+  `MixtureError` naming them and the `--mixture` that leaves them out; with `drop_failing` (a stage's default
+  mixture read from a local data dir) they are left out instead, and printed.
+- `recipe` is the stage's choice of sizes: {name: {"epochs": n, "size": n, "stop": n}} (epochs = listed n
+  times; size = generated examples of the spelling tasks; stop = the first n rows).
+- `add_mixture_flags` / `load_stage_mixtures`: the flags and the loading mid_train and chat_sft share.
 Not here: batching and losses (nanochat/chat_data.py), the recipes themselves (each stage script).
 """
 
+import argparse
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
-from tasks.common import Task, TaskMixture
+from nanochat.common import print0
+from nanochat.dataset import DatasetError
+from tasks.common import Task, TaskMixture, resolve_data_dir
 
 
-class MixtureError(RuntimeError):
+class MixtureError(DatasetError):
     """A mixture component cannot be loaded; the message says which and how to leave it out."""
 
 
@@ -113,8 +117,6 @@ def build_mixture(names, split: str, sources: Sources, recipe: dict, seed: int =
         tasks += component * epochs
         rows.append((name, sum(len(task) for task in component) * epochs))
     if failures and drop_failing:
-        from nanochat.common import print0
-
         print0(f"mixture: left out (not available from {sources.data_dir}): {', '.join(n for n, _ in failures)}")
     elif failures:
         kept = ",".join(name for name, _ in rows) or "<components that load>"
@@ -132,3 +134,45 @@ def describe_mixture(title: str, rows: list[tuple[str, int]]) -> str:
     lines = [f"{title}: {sum(n for _, n in rows):,} conversations"]
     lines += [f"  {name:<15} {n:>9,}" for name, n in rows]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- the chat stages' flags and data
+
+
+def add_mixture_flags(parser: argparse.ArgumentParser, allowed: list[str], user_data: bool = False) -> None:
+    """--mixture (checked as it is parsed), --data-dir, --identity, and with `user_data` SFT's --data."""
+
+    def names(text: str) -> list[str]:
+        try:
+            return parse_mixture(text, allowed)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+
+    parser.add_argument("--mixture", type=names, default=None, help="components, comma-separated (default: the "
+                        "stage's recipe, the components a local --data-dir holds)")  # fmt: skip
+    if user_data:
+        parser.add_argument("--data", default=None, help="your conversations, JSONL (adds the component 'data')")
+    parser.add_argument("--data-dir", default=None, help="local data dir (default: $NANOCHAT_DATA_DIR, else hub)")
+    parser.add_argument("--identity", default=None, help="identity JSONL (default: <data dir>/chat/ or <base dir>/)")
+
+
+def load_stage_mixtures(args, recipe: dict) -> tuple[TaskMixture, list, TaskMixture | None, str | None]:
+    """(train mixture, its [(name, rows)], validation mixture or None, data dir) from add_mixture_flags' args.
+
+    Checked before a stage's first step: --data must hold conversations; a mixture with no held-out rows at all
+    (identity and your data have no validation split) gives None, and the stage skips validation.
+    """
+    data_dir, user_data = resolve_data_dir(args.data_dir), getattr(args, "data", None)
+    if user_data and not (os.path.isfile(user_data) and Path(user_data).read_bytes().strip()):
+        raise MixtureError(f"--data {user_data} holds no conversations: give a JSONL file, one conversation a line")
+    sources = Sources(data_dir, args.identity or default_identity_path(data_dir), user_data)
+    names = (args.mixture or list(recipe)) + (["data"] if user_data else [])
+    drop = args.mixture is None and data_dir is not None  # the default recipe keeps what a local data dir holds
+    train_mixture, train_rows = build_mixture(names, "train", sources, recipe, drop_failing=drop)
+    val_mixture, val_rows = build_mixture([name for name, _ in train_rows], "val", sources, recipe)
+    print0(describe_mixture("train mixture", train_rows))
+    if len(val_mixture) == 0:
+        print0(f"validation mixture: none ({', '.join(names)} have no held-out split); validation is skipped")
+        return train_mixture, train_rows, None, data_dir
+    print0(describe_mixture("validation mixture", val_rows))
+    return train_mixture, train_rows, val_mixture, data_dir

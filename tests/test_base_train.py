@@ -100,8 +100,32 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base_dir, monkeypatch
         run(base_dir, monkeypatch, "--num-iterations", "10", "--save-every", "5", "--eval-every", "-1",
             "--device-batch-size", "8", tag="nan")  # fmt: skip
     assert exit_info.value.code == 1
-    assert "loss is nan" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "loss is nan" in out and "step 5 verifies (--resume continues from it)" in out
     assert find_last_step(os.path.join(base_dir, "base_checkpoints", "nan")) == 5
+
+
+def test_a_checkpoint_corrupted_in_place_is_refused_and_resume_falls_back(base_dir, monkeypatch, capsys):
+    from scripts import base_loss
+
+    run(base_dir, monkeypatch, "--num-iterations", "6", "--save-every", "3", "--eval-every", "-1", tag="bitrot")
+    path = os.path.join(base_dir, "base_checkpoints", "bitrot", "model_000006.pt")
+    with open(path, "r+b") as f:  # same size, some weights overwritten with NaN (0x7fc00000)
+        f.seek(os.path.getsize(path) // 2)
+        f.write(b"\x00\x00\xc0\x7f" * 64)
+    with pytest.raises(SystemExit, match=r"^base_loss: .*model_000006\.pt does not match the sha256"):
+        base_loss.main(["--model-tag", "bitrot", "--device-batch-size", "4", "--split-tokens", "512"])
+    summary = run(base_dir, monkeypatch, "--num-iterations", "6", "--save-every", "3", "--eval-every", "-1",
+                  "--resume", tag="bitrot")  # fmt: skip
+    assert "step 6 is unusable" in capsys.readouterr().out and summary["step"] == 6
+    model, _ = final_weights(base_dir, "bitrot")  # step 6 saved again, from the intact step 3
+    assert all(torch.isfinite(value).all() for value in model.values())
+
+
+def test_bad_data_is_one_line(base_dir, monkeypatch, tmp_path):
+    (tmp_path / "text.csv").write_text("a,b\n")
+    with pytest.raises(SystemExit, match=r"^base_train: .*text\.csv: unsupported file type"):
+        run(base_dir, monkeypatch, "--num-iterations", "1", "--data", str(tmp_path / "text.csv"), tag="csv")
 
 
 @pytest.mark.slow

@@ -157,6 +157,20 @@ def test_mixture_errors_and_selection(capsys):
     assert "train mixture: 3,370 conversations\n  arc " in capsys.readouterr().out
 
 
+def test_a_mixture_without_validation_rows_trains_and_saves(base_dir, tmp_path, capsys):
+    # identity (like --data) has no held-out split: validation is skipped with a notice, not a crash at the end.
+    summary = chat_sft.main([*TINY[:-2], "--mixture", "identity", "--num-iterations", "2", "--eval-every", "1",
+                             "--eval-metrics-every", "-1", "--model-tag", "d1"])  # fmt: skip
+    assert "validation is skipped" in capsys.readouterr().out and summary["val_loss"] is None
+    assert find_last_step(str(base_dir / "chatsft_checkpoints" / "d1")) == 2
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(SystemExit, match=f"^chat_sft: --data {empty} holds no conversations"):
+        chat_sft.main([*TINY, "--data", str(empty), "--num-iterations", "1"])
+    with pytest.raises(SystemExit, match="^chat_sft: 3,370 conversations make no step"):
+        chat_sft.main([*TINY[:-2], "--mixture", "arc", "--examples-per-step", "4096", "--device-batch-size", "1"])
+
+
 def test_grad_clip_bounds_the_global_norm_of_what_the_optimizer_sees(monkeypatch):
     real_clip, norms = torch.nn.utils.clip_grad_norm_, []
 
