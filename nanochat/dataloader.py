@@ -50,12 +50,10 @@ from nanochat.dataset import (
 )
 
 STATE_FORMAT = 1
-# A document that arrived more than this many row groups before the one being read opens the next row. Without
-# it, documents of awkward lengths wait for hundreds of row groups (simulated on the Wikipedia sample: median
-# wait 70-130 row groups of 1,024 documents, maximum ~700), clogging the buffer, and a resume would re-read
-# every row group they came from. Measured over 3 epochs of the sample (vocab 32,768): best-fit crops 11.0% with
-# the limit vs 11.3% without at seq_len 2048, 40.2% vs 41.2% at 512; the buffer holds documents of at most 7
-# row groups (vs 63), so a state names at most ~7 row groups to re-read on resume.
+# A document that arrived more than this many row groups before the one being read opens the next row: without
+# it, documents of awkward lengths wait hundreds of row groups, clogging the buffer and the resume state. Over 3
+# epochs of the Wikipedia sample (vocab 32,768) best-fit crops 11.0% with it vs 11.3% without at seq_len 2048,
+# 40.2% vs 41.2% at 512, and a state names at most ~7 row groups to re-read on resume (vs 63).
 MAX_WAIT_ROW_GROUPS = 4
 
 

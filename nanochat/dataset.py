@@ -6,29 +6,28 @@ whole number of row groups (so only the very last row group of a set is short); 
 
 Contract:
 - `iter_documents(paths, split)` yields the documents of one split in a fixed order. A parquet shard's split
-  is its name (`val*.parquet` is validation, never "the last file on disk"). `.jsonl[.gz]` files (a "text"
-  field a line) are split by document: document i of each file is validation iff i % VAL_EVERY == VAL_EVERY - 1;
-  a `.txt` file is one document, the .txt files numbered together (or, with paragraphs=True / --paragraphs,
-  its blank-line separated paragraphs are its documents). Directories expand to their files, by name.
-  Given no --data, stages read `default_pretrain_paths()`: <base dir>/base_data, else, offline,
-  $NANOCHAT_DATA_DIR/pretrain.
+  is its name (`val*.parquet` is validation). In `.jsonl[.gz]` files (a "text" field a line) document i of
+  each file is validation iff i % VAL_EVERY == VAL_EVERY - 1; a `.txt` file is one document, the .txt files
+  numbered together (with --paragraphs, its blank-line separated paragraphs are its documents). Directories
+  expand to their files, by name. Given no --data, stages read `default_pretrain_paths()`.
 - Every problem the user can fix is a `DatasetError` (a ValueError) with a one-line message naming the file
   and the fix: `MissingDataError` (also a FileNotFoundError) when there is nothing to read, `ShardError` when
-  a shard cannot be read (a corrupt page names its row group). Stages print it and exit 1.
-- `build_shards(...)` writes your text as shards split by the same rule, so training on them sees what
-  training on the inputs would. It builds in a temporary directory renamed to --out at the end, so a failed
-  build leaves nothing behind.
+  a shard (or one of its row groups) cannot be read. Stages print it and exit 1.
+- `build_shards(...)` writes your text as shards split by the same rule, in a temporary directory renamed to
+  --out at the end (a failed build leaves nothing behind), with a progress line and ETA every few seconds.
 
     python -m nanochat.dataset build --input my_texts/ notes.jsonl.gz --out ~/.cache/nanochat/base_data
 """
 
 import argparse
 import gzip
+import io
 import itertools
 import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
@@ -44,6 +43,7 @@ HOW_TO_GET_DATA = (
     "`python -m nanochat.dataset build --input FILES --out DIR`"
 )
 REFETCH = "delete it and run `python -m nanochat.download` again (or rebuild with `python -m nanochat.dataset build`)"
+PROGRESS_EVERY_S = 5.0  # long data stages print a progress line at most this often (issue 16: ETA in logs)
 
 
 class DatasetError(ValueError):
@@ -56,6 +56,35 @@ class MissingDataError(DatasetError, FileNotFoundError):
 
 class ShardError(DatasetError):
     """A parquet file that cannot be read: the message names it (and the row group) and how to get it again."""
+
+
+class Progress:
+    """Lines `<label>: 42.0% <note>, 3.1 min elapsed, ETA 4.3 min`; `due()` once PROGRESS_EVERY_S have passed."""
+
+    def __init__(self, label: str, out=None):
+        self.label, self.out = label, out or sys.stdout
+        self.started = self.printed = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self.printed >= PROGRESS_EVERY_S
+
+    def show(self, fraction: float, note: str = "") -> None:
+        self.printed = time.monotonic()
+        minutes, fraction = (self.printed - self.started) / 60, min(fraction, 1.0)
+        eta = f"ETA {minutes * (1 - fraction) / fraction:.1f} min" if fraction > 0 else "ETA unknown"
+        print(f"{self.label}: {fraction:.1%} {note}, {minutes:.1f} min elapsed, {eta}", file=self.out, flush=True)
+
+
+class InputPosition:
+    """How far a reader is through `files`, in bytes on disk: the files before `index`, plus the offset in the
+    open text file (`handle`; a parquet input counts when it is done)."""
+
+    def __init__(self, files: list[str]):
+        self.sizes, self.index, self.handle = [os.path.getsize(f) for f in files], 0, None
+
+    def fraction(self) -> float:
+        offset = self.handle.tell() if self.handle is not None and not self.handle.closed else 0
+        return (sum(self.sizes[: self.index]) + offset) / max(1, sum(self.sizes))
 
 
 # ---------------------------------------------------------------------------- reading
@@ -118,21 +147,21 @@ def iter_documents(paths: list[str], split: str = "train", paragraphs: bool = Fa
     yield from (doc for is_val, doc in split_documents(files, paragraphs) if is_val == (split == "val"))
 
 
-def split_documents(files: list[str], paragraphs: bool = False, shards_by_name: bool = True):
-    """(is validation, document) for every document of `files`, in order. A parquet shard's split is its name
-    (or, without `shards_by_name`, its documents are numbered like a .jsonl file's); document i of a .jsonl
-    file is validation iff is_val_document(i); a .txt file is one document, the .txt files numbered together
-    (with `paragraphs`, a .txt file's blank-line separated paragraphs are its documents, as in a .jsonl)."""
+def split_documents(files: list[str], paragraphs=False, shards_by_name=True, position: InputPosition | None = None):
+    """(is validation, document) for every document of `files`, in order, by the module's rule (without
+    `shards_by_name`, a parquet file's documents are numbered like a .jsonl file's). Updates `position`."""
     txt_files = 0
-    for path in files:
+    for index, path in enumerate(files):
+        if position is not None:
+            position.index, position.handle = index, None
         if path.endswith(".parquet") and shards_by_name:
             yield from ((is_val_shard(path), doc) for doc in iter_parquet(path))
         elif path.endswith(".txt") and not paragraphs:
             yield is_val_document(txt_files), next(iter_file_documents(path, whole=True))
             txt_files += 1
         else:
-            documents = iter_parquet(path) if path.endswith(".parquet") else iter_file_documents(path)
-            yield from ((is_val_document(i), doc) for i, doc in enumerate(documents))
+            reader = iter_parquet(path) if path.endswith(".parquet") else iter_file_documents(path, False, position)
+            yield from ((is_val_document(i), doc) for i, doc in enumerate(reader))
 
 
 def take_chars(documents: Iterable[str], max_chars: int, doc_cap: int | None = None) -> Iterator[str]:
@@ -180,18 +209,20 @@ def iter_parquet(path: str) -> Iterator[str]:
             yield from read_row_group(parquet_file, path, i)
 
 
-def iter_file_documents(path: str, whole: bool = False) -> Iterator[str]:
+def iter_file_documents(path: str, whole: bool = False, position: InputPosition | None = None) -> Iterator[str]:
     """The "text" field of each line of a .jsonl[.gz] file, or a .txt file's paragraphs (or the whole file)."""
-    opener = gzip.open if path.endswith(".gz") else open
+    gzipped = path.endswith(".gz")
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with open(path, "rb") as raw:
+            if position is not None:
+                position.handle = raw  # its offset is how far the (decompressed) text has been read
+            f = io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if gzipped else raw, encoding="utf-8")
             if whole:
                 yield f.read()
             else:
                 yield from (_iter_paragraphs(f) if path.endswith(".txt") else _iter_json_lines(f, path))
     except (OSError, EOFError, UnicodeDecodeError) as e:  # permissions, a truncated or non-gzip .gz, not UTF-8
-        kind = "gzip UTF-8" if opener is gzip.open else "UTF-8"
-        raise DatasetError(f"{path} is not readable as {kind} text ({e})") from e
+        raise DatasetError(f"{path} is not readable as {'gzip UTF-8' if gzipped else 'UTF-8'} text ({e})") from e
 
 
 def _iter_paragraphs(lines) -> Iterator[str]:
@@ -274,12 +305,15 @@ def build_shards(inputs: list[str], out_dir: str, shard_chars: int = 250_000_000
         os.makedirs(temp_dir)
         train = ShardWriter(temp_dir, "shard", shard_chars, row_group_docs, out)
         val = ShardWriter(temp_dir, "val", shard_chars, row_group_docs, out)
-        skipped_empty = 0
-        for is_val, doc in split_documents(files, paragraphs, shards_by_name=False):
+        skipped_empty, position, progress = 0, InputPosition(files), Progress("build", out)
+        for is_val, doc in split_documents(files, paragraphs, shards_by_name=False, position=position):
             if not doc.strip():  # an empty document would add only a BOS token to training
                 skipped_empty += 1
                 continue
             (val if is_val else train).add(doc)
+            if progress.due():
+                chars = train.total_chars + train.chars + val.total_chars + val.chars
+                progress.show(position.fraction(), f"of the input read ({chars:,} characters kept)")
         train.flush()
         val.flush()
         if not train.names or not val.names:

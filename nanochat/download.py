@@ -4,8 +4,8 @@ Contract: `download_shards(...)` fetches the first n training shards of a set pl
 set's last shard, saved as `val_NNNNN.parquet`; train shards keep their `shard_NNNNN.parquet` names). Every
 file lands atomically, is checked (Content-Length, then every page read back, so a corrupt page is caught
 here rather than hours into training) and retried with exponential backoff; shards already present are
-skipped when their footer reads, fetched again when not. A `SOURCE` file in the directory names the set that
-filled it, and sets are never mixed.
+skipped when their footer reads, fetched again when not; a line a shard shows the ETA. A `SOURCE` file in the
+directory names the set that filled it, and sets are never mixed.
 
     python -m nanochat.download -n 8                      # FineWeb-Edu: 8 train shards + the val shard
     python -m nanochat.download -n 170 --source climbmix  # ClimbMix (the reference's data since 2026)
@@ -234,16 +234,17 @@ def download_shards(num_train: int, source: str = "fineweb-edu", out_dir: str | 
 
     stop = threading.Event()  # tells the other downloads to give up: one failed for good, or Ctrl-C
     options = dict(attempts=attempts, backoff_s=backoff_s, timeout_s=timeout_s, out=out, stop=stop)
-    started = time.monotonic()
+    progress = dataset.Progress("download", out)  # a line a shard, with the ETA
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(fetch_shard, url, path, **options): path for url, path in todo}
         try:
             for future in as_completed(futures):
                 summary.bytes_fetched += future.result()  # the first failure ends the download
                 summary.fetched.append(os.path.basename(futures[future]))
-                rate = summary.bytes_fetched / (time.monotonic() - started) / 1e6
-                print(f"{len(summary.fetched)}/{len(todo)} shards, {summary.bytes_fetched / 1e6:,.1f} MB, "
-                      f"{rate:,.1f} MB/s ({summary.fetched[-1]})", file=out, flush=True)  # fmt: skip
+                megabytes, done = summary.bytes_fetched / 1e6, len(summary.fetched)
+                rate = megabytes / (time.monotonic() - progress.started)
+                progress.show(done / len(todo), f"({done}/{len(todo)} shards, {megabytes:,.1f} MB, {rate:,.1f} "
+                              f"MB/s, {summary.fetched[-1]})")  # fmt: skip
         finally:  # the running downloads stop at their next chunk and delete their temp files
             stop.set()
             for future in futures:

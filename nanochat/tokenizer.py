@@ -117,9 +117,6 @@ class Tokenizer:
     def get_vocab_size(self) -> int:
         return self.encoding.n_vocab
 
-    def get_special_tokens(self) -> set[str]:
-        return set(self._special_ids)
-
     def get_bos_token_id(self) -> int:
         return self._special_ids[self.bos_token]
 
@@ -163,9 +160,6 @@ class Tokenizer:
 
     def _as_id(self, token):
         return token if isinstance(token, int) else self.encode_special(token)
-
-    def __call__(self, *args, **kwargs):
-        return self.encode(*args, **kwargs)
 
     def decode(self, ids) -> str:
         return self.encoding.decode(list(ids))
@@ -251,11 +245,7 @@ def _validated_messages(conversation) -> list[dict]:
             kinds = "a string" if expected == "user" else "a string or a list of parts"
             raise ValueError(f"message {i}: {expected} content must be {kinds}")
         for j, part in enumerate(content):
-            if (
-                not isinstance(part, dict)
-                or part.get("type") not in PART_TYPES
-                or not isinstance(part.get("text"), str)
-            ):
+            if not (isinstance(part, dict) and part.get("type") in PART_TYPES and isinstance(part.get("text"), str)):
                 raise ValueError(
                     f"message {i} part {j} must be {{'type': one of {PART_TYPES}, 'text': str}}, got {part!r:.80}"
                 )

@@ -1,10 +1,10 @@
 """Train the BPE tokenizer on pretraining text and save it to <base dir>/tokenizer/tokenizer.json.
 
 Reads the training split of --data (see nanochat/dataset.py), caps each document, stops after --max-chars
-characters, trains with rustbpe and checks that the result round-trips text. Writes tokenizer.json,
-train_stats.json and the report card's <base dir>/report/tok_train.json. Refuses, writing nothing, text too
-small to reach --vocab-size, and replacing a tokenizer that checkpoints in the same base dir
-(<base dir>/*_checkpoints) were trained with unless --force: their token ids would then mean other text.
+characters, trains with rustbpe (progress lines with an ETA while reading and merging) and checks that the
+result round-trips text. Writes tokenizer.json, train_stats.json and the report card's
+<base dir>/report/tok_train.json. Refuses, writing nothing, text too small to reach --vocab-size, and
+replacing a tokenizer that checkpoints in <base dir>/*_checkpoints were trained with unless --force.
 
     python -m scripts.tok_train                                      # shards in <base dir>/base_data
     NANOCHAT_DATA_DIR=/path/to/data python -m scripts.tok_train      # offline: <data dir>/pretrain
@@ -71,11 +71,14 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- train
     stats = {"chars": 0, "documents": 0}
+    progress = dataset.Progress("tok_train: reading")  # then rustbpe prints the merges' progress
 
     def texts():
         for text in dataset.take_chars(dataset.iter_documents(data, "train"), args.max_chars, args.doc_cap):
             stats["chars"] += len(text)
             stats["documents"] += 1
+            if progress.due():
+                progress.show(stats["chars"] / args.max_chars, f"of --max-chars ({stats['documents']:,} documents)")
             yield text
 
     start = time.time()

@@ -1,8 +1,10 @@
 """nanochat.dataset reading: parquet shards, JSON lines, text files, splits and errors."""
 
 import gzip
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
+from nanochat import dataset
 from nanochat.dataset import VAL_EVERY, DatasetError, ShardError, build_shards, iter_documents
 
 
@@ -95,9 +98,14 @@ def test_bad_inputs_name_the_file_and_the_problem(tmp_path):
 # ---------------------------------------------------------------------------- building shards
 
 
-def test_build_shards_from_the_wikipedia_sample(tmp_path, wiki_path, wiki_docs):
-    out_dir = tmp_path / "built"
-    summary = build_shards([wiki_path], str(out_dir), shard_chars=5_000_000, row_group_docs=64)
+def test_build_shards_from_the_wikipedia_sample(tmp_path, wiki_path, wiki_docs, monkeypatch):
+    out_dir, log = tmp_path / "built", io.StringIO()
+    monkeypatch.setattr(dataset, "PROGRESS_EVERY_S", 0.0)  # a progress line per document
+    summary = build_shards([wiki_path], str(out_dir), shard_chars=5_000_000, row_group_docs=64, out=log)
+    # Progress lines with an ETA, their share of the input growing within the one (gzipped) file.
+    lines = re.findall(r"^build: ([\d.]+)% of the input read .* ETA [\d.]+ min$", log.getvalue(), re.M)
+    shares = [float(share) for share in lines]
+    assert len(shares) > 1000 and shares == sorted(shares) and shares[0] < 10 and shares[-1] > 90, shares[::1000]
     train_paths, val_paths = summary["train_paths"], summary["val_paths"]
     assert len(train_paths) > 5 and len(val_paths) == 1  # 56 M characters; validation holds 1% of them
     assert sorted(os.listdir(out_dir)) == sorted(["SOURCE"] + [os.path.basename(p) for p in train_paths + val_paths])

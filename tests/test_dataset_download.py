@@ -6,6 +6,7 @@ downloader's retries, checks and skips are exercised over real sockets, with bac
 """
 
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -191,7 +192,10 @@ def test_cli_downloads_from_the_mirror_in_nanochat_data_url(tmp_path, server, mo
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     monkeypatch.setenv("NANOCHAT_DATA_URL", server.url)
     assert main(["-n", "2", "-w", "2"]) == 0
-    assert "done: 3 shards fetched" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "done: 3 shards fetched" in printed
+    # A progress line a shard, with the ETA.
+    assert len(re.findall(r"^download: [\d.]+% \(\d/3 shards, .* MB/s, .*\), .* ETA [\d.]+ min$", printed, re.M)) == 3
     assert_local_copy(tmp_path / "base_data", server, ["shard_00000.parquet", "shard_00001.parquet", VAL])
     assert main(["-n", "2", "--base-url", closed_port_url()]) == 0  # all present: no network needed
     assert "0 shards fetched" in capsys.readouterr().out

@@ -124,6 +124,20 @@ def test_tok_eval_compares_with_reference_encodings(tmp_path, wiki_docs, monkeyp
     assert "vs gpt2" in printed and "vs gpt4" not in printed
 
 
+def test_tok_train_shows_progress_with_an_eta(tmp_path, wiki_path, monkeypatch, capfd):
+    from nanochat import dataset
+    from scripts import tok_train
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.setattr(dataset, "PROGRESS_EVERY_S", 0.0)  # a line per document read
+    tok_train.main(["--data", wiki_path, "--max-chars", "1000000", "--vocab-size", "1024"])
+    printed = "".join(capfd.readouterr())  # rustbpe writes to the stderr file descriptor
+    reading = re.findall(r"^tok_train: reading: ([\d.]+)% of --max-chars .* ETA [\d.]+ min$", printed, re.M)
+    assert len(reading) > 100 and float(reading[-1]) == 100.0
+    merging = re.findall(r"^rustbpe: \d+/759 merges .* ETA [\d.]+ min$", printed, re.M)
+    assert len(merging) == 11  # every 10% of the merges, and the last
+
+
 @pytest.mark.parametrize("args", [["--max-chars", "0"], ["--doc-cap", "-5"]])
 def test_tok_train_rejects_nonpositive_limits(tmp_path, args):
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)}
