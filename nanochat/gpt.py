@@ -1,30 +1,19 @@
 """The GPT: a plain single-device nn.Module.
 
-Architecture (every choice is a GPTConfig field or fixed below, with its reason):
-- token embedding, RMSNorm right after it, no positional embedding; RoPE on q and k;
-- QK-norm (RMSNorm on q and k per head) so attention logits stay bounded without tuning;
-- grouped-query attention: n_kv_head divides n_head (MQA at 1, MHA at n_head);
-- MLP: ReLU² at 4x width (SwiGLU measured no better, dev/LOG.md 2026-11-21);
-- pre-norm residual blocks; RMSNorm without learnable parameters; no biases anywhere;
-- untied lm_head; logits soft-capped at 15 and computed in fp32 for the loss;
-- vocab padded to a multiple of 64 inside (tensor-core friendly shapes) and sliced back in the logits.
+Architecture: token embedding with RMSNorm right after it, no positional embedding, RoPE and QK-norm on q and
+k (bounded attention logits without tuning), grouped-query attention (n_kv_head divides n_head), ReLU² MLP at
+4x width (SwiGLU measured no better, dev/LOG.md 2026-11-21), pre-norm blocks, RMSNorm without parameters, no
+biases, untied lm_head, logits soft-capped at 15 in fp32, vocab padded to a multiple of 64 inside.
 
-Contract: the model runs on whatever device and dtype its parameters are on and knows nothing of ranks,
-device types or precision policy. `compute_dtype` (None = the parameters' dtype) is the dtype of the
-activations; Linear layers cast their weights to it, so fp32 master weights can train in bf16 when a caller
-sets it. Distribution, torch.compile and quantization are applied from outside.
+Contract: the model knows nothing of ranks, device types or precision policy. `compute_dtype` (None = the
+parameters') is the activations' dtype; Linear layers cast their weights to it, so fp32 master weights can
+train in bf16. Distribution, torch.compile and quantization are applied from outside.
 
-KV cache (implemented by nanochat/engine.py; rows may sit at different positions, which continuous batching
-needs): any object with
-- `max_len`: the cache's capacity in positions (checked against the RoPE table);
-- `prepare(T)` -> (positions, attn_mask), called once per forward: positions (B, T) int64 of the new tokens,
-  and a bool mask broadcastable to (B, n_head, T, S) saying which of the S returned keys each new token sees,
-  or None when every returned key is visible (one new token per row, rows aligned);
-- `insert_kv(layer_idx, k, v)` -> (k, v) of shape (B, n_kv_head, S, head_dim): everything the new tokens may
-  attend to for that layer, the new tokens included. The cache advances after the last layer has inserted.
-
-Not here: optimizers (nanochat/optim.py), checkpoints (nanochat/checkpoint.py), fast generation
-(nanochat/engine.py). `generate` below is the slow uncached reference the engine is tested against.
+KV cache (nanochat/engine.py; rows may sit at different positions): any object with `max_len` (capacity in
+positions), `prepare(T)` -> (positions (B, T) int64 of the new tokens, bool mask broadcastable to (B, n_head,
+T, S) or None when every key is visible), and `insert_kv(layer_idx, k, v)` -> (k, v) (B, n_kv_head, S,
+head_dim): everything the new tokens may attend to, themselves included. It advances after the last layer.
+Not here: optimizers, checkpoints, fast generation (`generate` is the slow reference the engine is tested on).
 """
 
 import math
@@ -67,10 +56,8 @@ class GPTConfig:
 
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int, sequence_len: int = 2048, n_kv_head: int = -1, **kwargs):
-        """The single dial: width = 64·depth rounded up to a multiple of 128, one head per 128 dims.
-
-        n_kv_head = -1 means MHA (as many KV heads as heads).
-        """
+        """The single dial: width = 64·depth rounded up to a multiple of 128, one head per 128 dims (n_kv_head -1 =
+        as many KV heads as heads)."""
         n_embd = -(-depth * ASPECT_RATIO // HEAD_DIM) * HEAD_DIM
         n_head = n_embd // HEAD_DIM
         n_kv_head = n_head if n_kv_head == -1 else n_kv_head
@@ -93,12 +80,11 @@ class GPTConfig:
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm over the last dim, no learnable gain."""
     return F.rms_norm(x, (x.size(-1),))
 
 
 class Linear(nn.Linear):
-    """A bias-free linear layer computing in its input's dtype (weights may be kept in fp32)."""
+    """A bias-free linear layer computing in its input's dtype (weights may be fp32)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
@@ -217,13 +203,9 @@ class GPT(nn.Module):
         self.sin.copy_(sin)
 
     def parameter_roles(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by the optimizer treatment they need: block matrices (Muon), embedding and
-        unembedding (AdamW, each with its own learning rate)."""
-        return {
-            "matrix": [p for p in self.blocks.parameters()],
-            "embedding": [self.wte.weight],
-            "unembedding": [self.lm_head.weight],
-        }
+        """Parameters by optimizer treatment: block matrices (Muon), embedding and unembedding (AdamW)."""
+        return {"matrix": list(self.blocks.parameters()), "embedding": [self.wte.weight],
+                "unembedding": [self.lm_head.weight]}  # fmt: skip
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,32 +1,21 @@
 """The house optimizer: Muon for the block matrices, AdamW for the embedding and the unembedding.
 
-One class, `MuonAdamW`, runs in one process and under torch.distributed with the same code: every step runs
-three phases over a list of jobs (launch gradient reductions; wait for each, update the part this rank owns,
-launch the parameter gather; wait for the gathers). Without a process group the collectives are skipped and
-each job owns everything, so the single-process run is the distributed algorithm at world size 1.
+One class, `MuonAdamW`, runs in one process and under torch.distributed with the same code: a step runs three
+phases over a list of jobs (launch gradient reductions; wait, update this rank's part, launch the gather; wait
+for the gathers). Without a process group the collectives are skipped and each job owns everything.
 
 Contract:
-- Param groups are dicts with "params", "kind" ("muon" or "adamw"), "lr", and the kind's hyperparameters
-  (AdamW: betas, eps, weight_decay; Muon: momentum, nesterov, ns_steps, weight_decay); missing
-  ones take the defaults below. "initial_lr" is stored (default: lr) so a training loop schedules
-  `group["lr"] = group["initial_lr"] * multiplier`; Muon's momentum is likewise set from outside.
-- The training loop runs backward (any number of accumulation micro-steps), then `step()`, then
-  `zero_grad(set_to_none=True)`. There is no DDP wrapper: under a process group `step()` averages the gradients
-  across ranks itself, so every rank must call it, and every rank must hold the same parameters, in the same
-  order, with gradients on the same ones (true for data-parallel copies of one model). A parameter whose grad is
-  None is skipped.
-- Work and state are sharded (ZeRO-2 style, as nanochat's DistAdamW/DistMuon): an AdamW parameter whose dim 0
-  divides by the world size is reduce-scattered along dim 0, each rank updates its slice with Adam state for that
-  slice, and the slices are all-gathered; Muon matrices of one shape go in chunks of world-size matrices, rank r
-  owns the r-th of each chunk (receives its averaged gradient, keeps its momentum, computes its update), and
-  the updated matrices are all-gathered. `state_dict()` is therefore per rank (save one file per rank) and a
-  resumed run must use the same world size.
+- Param groups: "params", "kind" ("muon" or "adamw"), "lr", and the kind's hyperparameters (missing ones take
+  _GROUP_DEFAULTS). "initial_lr" (default: lr) lets a loop schedule `lr = initial_lr * multiplier`.
+- backward (any number of micro-steps), `step()`, `zero_grad(set_to_none=True)`. No DDP wrapper: under a
+  process group `step()` averages the gradients itself, so every rank calls it with the same parameters
+  (gradients on the same ones; a None grad is skipped).
+- State is sharded ZeRO-2 style (as nanochat's DistAdamW/DistMuon): an AdamW tensor whose dim 0 divides by the
+  world size is reduce-scattered, updated by slice and all-gathered; Muon matrices of one shape go in chunks of
+  world-size matrices, rank r owning the r-th. `state_dict()` is per rank: resume with the same world size.
 - Averages are SUM collectives divided by the world size: ReduceOp.AVG reached gloo only in 2025 (pytorch PR
-  #149781) and has a silent-correctness report there (pytorch issue #162338). gloo has reduce_scatter_tensor
-  since torch 2.3 (pytorch PR #118911, emulated as all-reduce + slice), so gloo and NCCL run the same calls.
-
-Not here: learning-rate or momentum schedules, gradient clipping, NorMuon / cautious weight decay and the
-other later nanochat refinements (promote them with evidence), fused or compiled AdamW.
+  #149781, silent-correctness report in issue #162338); gloo has reduce_scatter_tensor since torch 2.3.
+Not here: schedules, clipping, NorMuon / cautious weight decay (promote them with evidence), fused AdamW.
 """
 
 import functools
@@ -39,12 +28,9 @@ from nanochat.common import dist_info
 # ---------------------------------------------------------------------------------------------------------------
 # Orthogonalization (the "O" in Muon)
 
-# Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932, Algorithm 1): the degree-5 polynomial of
-# each iteration is minimax-optimal for sign(x) on the singular values that iteration can still see, so five
-# steps land much closer to the polar factor than a fixed polynomial. The paper lists eight (a, b, c) fitted for
-# singular values in [1e-3, 1]; later steps repeat the last one, (15/8, -10/8, 3/8), the classic quintic
-# Newton-Schulz that converges to 1. (modded-nanogpt and nanochat's HEAD use a set recomputed with a 2% margin,
-# first triple (8.1566, -22.483, 15.879); these are the paper's own.)
+# Polar Express (arXiv 2505.16932, Algorithm 1): each step's quintic is minimax-optimal for sign(x) on the
+# singular values still in play, fitted for [1e-3, 1]; later steps repeat the last, the classic Newton-Schulz
+# (15/8, -10/8, 3/8). These are the paper's own triples (nanochat's HEAD recomputed them with a 2% margin).
 _POLAR_EXPRESS_PAPER = (
     (8.28721201814563, -23.595886519098837, 17.300387312530933),
     (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
@@ -55,9 +41,8 @@ _POLAR_EXPRESS_PAPER = (
     (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
     (1.875, -1.25, 0.375),
 )
-# The paper's bf16 safety margin (its Section 4.4): every polynomial but the last is evaluated at x / 1.01
-# (a / 1.01, b / 1.01^3, c / 1.01^5), so a singular value that rounding pushes slightly past the top of the
-# fitted interval is still mapped near 1 instead of being blown up.
+# The paper's bf16 safety margin (its 4.4): every polynomial but the last is evaluated at x / 1.01, so a singular
+# value that rounding pushes past the fitted interval is still mapped near 1.
 _SAFETY = 1.01
 POLAR_EXPRESS_COEFFICIENTS = tuple(
     (a / _SAFETY, b / _SAFETY**3, c / _SAFETY**5) for a, b, c in _POLAR_EXPRESS_PAPER[:-1]
@@ -67,11 +52,9 @@ POLAR_EXPRESS_COEFFICIENTS = tuple(
 def orthogonalize(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """Approximate polar factor U V^T of `update` (..., rows, cols) = U S V^T, in bf16, same shape.
 
-    Normalizing by the Frobenius norm puts every singular value in [0, 1]; each step then applies the odd
-    polynomial a x + b x^3 + c x^5 to all singular values at once using only matmuls. Tall matrices are
-    transposed first so the Gram matrix X X^T is the small (min(rows, cols))^2 one. After 5 steps the singular
-    values above 1e-3 of the largest sit in about [0.84, 1.13]. (Keller Jordan's quintic, which this replaced,
-    leaves them in [0.68, 1.14] and twice as far from the polar factor: tests/test_optim.py measures both.)
+    After the Frobenius normalisation every singular value is in [0, 1]; each step applies a x + b x^3 + c x^5
+    to all of them with matmuls only (tall matrices transposed so the Gram matrix is the small one). After 5
+    steps they sit in about [0.84, 1.13] (Keller Jordan's quintic: [0.68, 1.14]; tests/test_optim.py measures).
     """
     schedule = POLAR_EXPRESS_COEFFICIENTS[:steps]
     schedule += (POLAR_EXPRESS_COEFFICIENTS[-1],) * (steps - len(schedule))
@@ -88,14 +71,8 @@ def orthogonalize(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 @functools.cache
 def _compiled_orthogonalize():
-    """Built on first CUDA use: compiling fuses the elementwise work between matmuls; CPU runs stay eager (tests
-    must start fast) and importing this module compiles nothing."""
+    """Compiled on first CUDA use (fuses the elementwise work between matmuls); CPU runs stay eager."""
     return torch.compile(orthogonalize, dynamic=False)
-
-
-def _orthogonalize_on_device(update: torch.Tensor, steps: int) -> torch.Tensor:
-    fn = _compiled_orthogonalize() if update.device.type == "cuda" else orthogonalize
-    return fn(update, steps)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,11 +105,10 @@ def muon_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
     buffer = state["momentum_buffer"]
     buffer.lerp_(grad, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * grad
     update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer  # out of place: grad may be p.grad
-    ortho = _orthogonalize_on_device(update, group["ns_steps"])
+    ortho = (_compiled_orthogonalize() if update.device.type == "cuda" else orthogonalize)(update, group["ns_steps"])
     rows, cols = param.shape
-    # O has min(rows, cols) unit singular values, so its RMS entry is 1/sqrt(max(rows, cols)); the factor
-    # sqrt(max(1, rows/cols)) makes the step's RMS entry lr/sqrt(cols) = lr/sqrt(fan_in) for tall and wide
-    # matrices alike (Keller Jordan's Muon, kept by nanochat's muon.py).
+    # O's RMS entry is 1/sqrt(max(rows, cols)); sqrt(max(1, rows/cols)) makes the step's lr/sqrt(fan_in) for tall
+    # and wide matrices alike (Keller Jordan's Muon, kept by nanochat's muon.py).
     if group["weight_decay"] != 0:
         param.mul_(1 - lr * group["weight_decay"])
     param.add_(ortho.to(param.dtype), alpha=-lr * max(1.0, rows / cols) ** 0.5)
@@ -143,8 +119,7 @@ def muon_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dic
 
 
 class _Pending:
-    """A launched async collective (or none) and the tensor it fills; `wait()` returns that tensor, divided by
-    `divisor` to turn a SUM into a mean."""
+    """A launched async collective (or none) and the tensor it fills; `wait()` returns it divided by `divisor`."""
 
     def __init__(self, result: torch.Tensor, work=None, divisor: int = 1):
         self.result, self.work, self.divisor = result, work, divisor
@@ -158,8 +133,7 @@ class _Pending:
 
 
 def _reduce_scatter_mean(stacked: torch.Tensor, world_size: int) -> _Pending:
-    """Rank r receives the mean over ranks of stacked.chunk(world_size)[r] (dim 0; a new tensor). At world size 1
-    that chunk is `stacked` itself."""
+    """Rank r receives the mean over ranks of stacked.chunk(world_size)[r] (dim 0; `stacked` at world size 1)."""
     if world_size == 1:
         return _Pending(stacked)
     shard = torch.empty_like(stacked.chunk(world_size)[0])
@@ -235,17 +209,16 @@ class MuonAdamW(torch.optim.Optimizer):
                 jobs += [self._adamw_job(p, group, rank, world_size) for p in group["params"] if p.grad is not None]
             else:
                 jobs += [self._muon_job(chunk, group, rank, world_size) for chunk in _muon_chunks(group, world_size)]
-        # Each job is a generator that runs one phase per next(): all reductions go out before any update waits,
-        # so communication of later parameters overlaps the updates of earlier ones (nanochat's 3-phase step).
+        # Each job is a generator that runs one phase per next(): every reduction goes out before any update
+        # waits, so communication overlaps the updates (nanochat's 3-phase step).
         for _phase in range(3):
             for job in jobs:
                 next(job, None)
         return loss
 
     def _adamw_job(self, p: torch.Tensor, group: dict, rank: int, world_size: int):
-        # Shard along dim 0 when it divides evenly (NCCL's reduce-scatter and all-gather need equal pieces).
-        # Otherwise (and at world size 1) every rank all-reduces the full gradient and runs the full update with
-        # a full copy of the state: correct, only not memory-sharded; nanochat's shapes are multiples of 64.
+        # Shard along dim 0 when it divides evenly (NCCL needs equal pieces); else every rank all-reduces and
+        # updates the whole tensor: correct, only not memory-sharded (nanochat's shapes are multiples of 64).
         sharded = world_size > 1 and p.size(0) % world_size == 0
         pending_grad = _reduce_scatter_mean(p.grad, world_size) if sharded else _all_reduce_mean(p.grad, world_size)
         yield  # phase 1 done: gradient reduction launched
@@ -282,8 +255,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def _muon_chunks(group: dict, world_size: int) -> list[list[torch.Tensor]]:
-    """The group's matrices that have gradients, grouped by shape (first-seen order, identical on every rank)
-    and cut into chunks of world_size; a chunk is reduced and gathered as one stacked tensor."""
+    """The group's matrices with gradients, by shape (first-seen order, the same on every rank), in chunks of
+    world_size; a chunk is reduced and gathered as one stacked tensor."""
     by_shape: dict[torch.Size, list[torch.Tensor]] = {}
     for p in group["params"]:
         by_shape.setdefault(p.shape, []).append(p)
@@ -300,36 +273,19 @@ def _muon_chunks(group: dict, world_size: int) -> list[list[torch.Tensor]]:
 # nanochat's parameter groups
 
 
-def build_optimizer(
-    model,
-    matrix_lr: float = 0.02,
-    embedding_lr: float = 0.2,
-    unembedding_lr: float = 0.004,
-    weight_decay: float = 0.0,
-    adam_betas: tuple[float, float] = (0.8, 0.95),
-    adam_eps: float = 1e-10,
-    muon_momentum: float = 0.95,
-) -> MuonAdamW:
-    """Muon for the block matrices, AdamW for the embedding and lm_head (nanochat's setup_optimizers).
+def build_optimizer(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0) -> MuonAdamW:
+    """Muon for the block matrices, AdamW (betas 0.8, 0.95; eps 1e-10) for the embedding and lm_head.
 
-    The AdamW learning rates were tuned at width 768 (d12) and scale as 1/sqrt(width): lr = base * (n_embd /
-    768) ** -0.5 (nanochat gpt.py setup_optimizers; reference notes 1.6). Muon's lr is not scaled: its update
-    already has unit spectral norm whatever the width. `weight_decay` applies to every group (0 by default, as
-    nanochat's base run).
+    The AdamW LRs were tuned at width 768 (d12) and scale as 1/sqrt(width) (nanochat gpt.py setup_optimizers);
+    Muon's is not scaled: its update has unit spectral norm at any width. `weight_decay` applies to every group.
     """
     roles = model.parameter_roles()
     adamw_lr_scale = (model.config.n_embd / 768) ** -0.5
-    adamw = {"kind": "adamw", "betas": adam_betas, "eps": adam_eps, "weight_decay": weight_decay}
+    adamw = {"kind": "adamw", "betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": weight_decay}
     return MuonAdamW(
         [
             {**adamw, "params": roles["unembedding"], "lr": unembedding_lr * adamw_lr_scale},
             {**adamw, "params": roles["embedding"], "lr": embedding_lr * adamw_lr_scale},
-            {
-                "kind": "muon",
-                "params": roles["matrix"],
-                "lr": matrix_lr,
-                "momentum": muon_momentum,
-                "weight_decay": weight_decay,
-            },
+            {"kind": "muon", "params": roles["matrix"], "lr": matrix_lr, "weight_decay": weight_decay},
         ]
     )

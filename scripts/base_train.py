@@ -10,10 +10,8 @@ One process or many (torchrun), CPU or GPU, the same code: gradients are average
     python -m scripts.base_train --depth 2 --max-seq-len 128 --device-batch-size 4 --total-batch-size 512 \\
         --num-iterations 30 --eval-every 10 --eval-tokens 2048 --sample-every -1       # tiny, CPU, seconds
 
-Writes checkpoints to <base dir>/base_checkpoints/d<depth>/ (model, per-rank optimizer, meta with the loop and
-dataloader state); `--resume` continues the last one exactly. Logs to wandb with `--run NAME`. The report card's
-summary, with the train-loss and val-bpb curves (kept in the loop state, so they survive a resume), goes to
-<base dir>/report/base_train.json.
+Writes <base dir>/base_checkpoints/d<depth>/ (`--resume` continues the last intact one exactly) and the report
+card's <base dir>/report/base_train.json with the loss and bpb curves. Logs to wandb with `--run NAME`.
 Not here: CORE evaluation (scripts/base_eval.py), bpb of a finished model (scripts/base_loss.py).
 """
 
@@ -25,7 +23,7 @@ import torch
 
 from nanochat.common import compute_init, get_base_dir, needs_grad_scaler, print0
 from nanochat.dataloader import PretrainLoader
-from nanochat.dataset import default_pretrain_paths
+from nanochat.dataset import add_data_argument, default_pretrain_paths
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import build_optimizer
@@ -75,15 +73,15 @@ def parse_args(argv=None):
     parser.add_argument("--eval-tokens", type=int, default=20 * 2**19, help="validation tokens per evaluation")
     parser.add_argument("--sample-every", type=int, default=2000, help="steps between samples (-1 = off)")
     # Runtime
-    parser.add_argument("--data", nargs="+", default=None, help="shards (default: <base dir>/base_data)")
+    add_data_argument(parser, "training text")
     add_stage_flags(parser)
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto = on for CUDA")
     return parser.parse_args(argv)
 
 
 def scaling_params(config: GPTConfig) -> int:
-    """Parameters that the token budget scales with: block matrices plus lm_head (nanochat HEAD's rule; the
-    embedding is a lookup and costs no FLOPs). Counted on a meta-device model: no memory, exact for any MLP."""
+    """Parameters the token budget scales with: block matrices plus lm_head (nanochat HEAD's rule; the embedding
+    is a lookup and costs no FLOPs). Counted on the meta device: no memory."""
     with torch.device("meta"):
         model = GPT(config)
     return sum(p.numel() for p in model.parameter_roles()["matrix"]) + model.lm_head.weight.numel()
@@ -176,11 +174,9 @@ def main(argv=None):
     num_iterations = hp["num_iterations"]
     resolved = {**vars(args), **hp, "model_config": config.to_dict(), "model_tag": model_tag, "data": data}
     log = StageLog("base_train", runtime, resolved, args.run, loop, num_iterations, model.estimate_flops(), start_step)
-    print0(
-        f"parameters: {model.num_params():,}; scaling parameters: {scaling_params(config):,}; "
-        f"FLOPs/token: {model.estimate_flops():.3e}; steps: {num_iterations:,} x {hp['total_batch_size']:,} "
-        f"tokens (grad accumulation {grad_accum}); start at step {start_step}"
-    )
+    print0(f"parameters: {model.num_params():,}; scaling parameters: {scaling_params(config):,}; FLOPs/token: "
+           f"{model.estimate_flops():.3e}; steps: {num_iterations:,} x {hp['total_batch_size']:,} tokens (grad "
+           f"accumulation {grad_accum}); start at step {start_step}")  # fmt: skip
 
     def validate() -> float:
         val_loader = PretrainLoader(

@@ -5,23 +5,18 @@
     python -m scripts.chat_rl --source sft --device-type cpu --examples-per-step 2 --num-samples 2 \\
         --max-new-tokens 16 --num-steps 2 --eval-every -1 --eval-examples 2 --data-dir /path/to/data  # tiny, CPU
 
-Each step takes `--examples-per-step` GSM8K train questions (a fixed seeded shuffle; rank r takes every W-th),
-samples `--num-samples` answers to each with the engine (calculator on) and rewards an answer 1 when its `#### N`
-is the reference's, else 0. The reference's "GRPO simplified to REINFORCE" (karpathy/nanochat chat_rl.py):
-on-policy, so no PPO ratio, clipping, KL term or reference model; advantage = reward - its group's mean, not
-divided by the group's std (Dr. GRPO, arXiv 2503.20783 §3.1: that over-weights questions nearly always or never
-solved); the loss is normalised per token over the whole step (DAPO, arXiv 2503.14476):
+Each step samples `--num-samples` answers (engine, calculator on) to each of `--examples-per-step` GSM8K train
+questions (a fixed seeded shuffle) and rewards an answer 1 when its `#### N` is the reference's. As the
+reference's "GRPO simplified to REINFORCE" (karpathy/nanochat chat_rl.py): on-policy, so no PPO ratio, KL or
+reference model; advantage = reward - its group's mean, not divided by the std (Dr. GRPO, arXiv 2503.20783
+3.1); the loss is normalised per token over the whole step (DAPO, arXiv 2503.14476):
 
     loss = -sum over sampled tokens t of the step (all ranks) of A(t) * log p(t) / (sampled tokens of the step)
 
-Only sampled tokens are trained (not the prompt or the calculator output the engine forced). One optimizer step
-per RL step; the LR decays linearly from `--init-lr-frac` x `--matrix-lr` etc. to 0.
-
-Contract:
-- The rollouts of step k depend only on the weights and (seed, k, question) (the engine samples by a hash of
-  seed, row, position and token), so `--resume` replays the run exactly.
-- Writes <base dir>/chatrl_checkpoints/<tag>/ (the source's tag), pass@1..k on the first `--eval-examples` GSM8K
-  test problems (sample j of problem i is the one `scripts.chat_eval -n k` draws) and <base dir>/report/chat_rl.json.
+Only sampled tokens are trained (not the prompt or the calculator's forced output). The LR decays linearly from
+`--init-lr-frac` x the LRs to 0. Rollouts depend only on the weights and (seed, step, question), so `--resume`
+replays exactly. Writes <base dir>/chatrl_checkpoints/<tag>/ and report/chat_rl.json with pass@1..k on the first
+`--eval-examples` GSM8K test problems (sample j of problem i is the one `scripts.chat_eval -n k` draws).
 Not here: other tasks or reward models, PPO/KL machinery, torch.compile (every step has new shapes).
 """
 
@@ -34,8 +29,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.chat_data import padded_batch
-from nanochat.checkpoint import build_model, checkpoint_dir, find_last_step, load_model
-from nanochat.common import compute_init, needs_grad_scaler, print0
+from nanochat.checkpoint import build_model, checkpoint_dir, last_verified_step, load_model
+from nanochat.common import compute_init, dist_info, needs_grad_scaler, print0
 from nanochat.engine import ContextFullError, Engine
 from nanochat.optim import build_optimizer
 from nanochat.tokenizer import get_tokenizer
@@ -105,8 +100,7 @@ def rollout_seed(seed: int, step: int, example: int) -> int:
 
 
 def sample_group(engine: Engine, prompt: list[int], num_samples: int, max_tokens: int, seed: int, **sampling):
-    """`num_samples` rollouts of one prompt through `Engine.generate`. Unlike `generate_batch` this keeps the stop
-    token the row actually sampled (<|assistant_end|> or <|bos|>), since it is trained like any other token."""
+    """`num_samples` rollouts of one prompt; unlike `generate_batch`, keeps the sampled stop token (it is trained)."""
     rollouts = [Rollout([], [], False) for _ in range(num_samples)]
     for column, masks in engine.generate(prompt, num_samples, max_tokens, seed=seed, **sampling):
         for rollout, token, mask in zip(rollouts, column, masks):
@@ -122,18 +116,14 @@ def sample_group(engine: Engine, prompt: list[int], num_samples: int, max_tokens
 
 
 def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """rewards (G, S) of G groups of S samples -> advantages (G, S) = reward - its group's mean reward.
-
-    No division by the group's std (Dr. GRPO, arXiv 2503.20783); a group whose rewards are all equal gets zeros
-    and so no gradient: it says nothing about which answer is better.
-    """
+    """rewards (G, S) of G groups of S samples -> advantages (G, S) = reward - its group's mean (no std; a group
+    of equal rewards gets zeros: it says nothing about which answer is better)."""
     rewards = rewards.float()
     return rewards - rewards.mean(dim=-1, keepdim=True)
 
 
 def build_batch(prompt: list[int], rollouts: list[Rollout], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded inputs and targets (N, T) of prompt + rollout: only the sampled tokens are targets (not the prompt,
-    the calculator's forced output (mask 0) or the padding)."""
+    """Padded inputs and targets (N, T) of prompt + rollout: only the sampled tokens are targets."""
     return padded_batch([(prompt + r.tokens, [0] * len(prompt) + r.masks) for r in rollouts], pad_id)
 
 
@@ -142,31 +132,20 @@ def policy_gradient_loss(
 ) -> torch.Tensor:
     """This rank's share of -sum(A * log p) / num_tokens over the tokens with targets >= 0.
 
-    logprobs (B, T): log p of each target token (any value where targets is -1); targets (B, T), -1 = not
-    trained; advantages (B,), one per rollout; num_tokens: the trained tokens of the whole step, all ranks. The
-    optimizer averages gradients over ranks, so each rank's share is scaled by world_size: the average of the
-    ranks' gradients is then the gradient of the global sum / num_tokens.
+    logprobs, targets (B, T); advantages (B,); num_tokens: trained tokens of the whole step, all ranks. The
+    optimizer averages gradients over ranks, so each share is scaled by world_size.
     """
     trained = targets >= 0
     weighted = torch.where(trained, logprobs * advantages[:, None].to(logprobs.dtype), 0.0)
     return -weighted.sum() * (world_size / max(1, num_tokens))
 
 
-def count_trained_tokens(rollouts: list[Rollout]) -> int:
-    return sum(sum(r.masks) for r in rollouts)
-
-
 def backward_groups(model, groups, device_batch_size: int, pad_id: int, world_size: int = 1, scale=None) -> float:
-    """Accumulate the policy gradient of the step's groups into model's .grad; returns the step's loss (all ranks).
-
-    `groups`: this rank's list of (prompt, rollouts, advantages (S,)). Rollouts go through the model
-    `device_batch_size` at a time. A group with all-zero advantages contributes exactly zero gradient and is
-    skipped (most groups early on); parameters left without a gradient get zeros, so every rank steps the
-    optimizer with gradients on the same parameters (its collectives must match). `scale`: fp16's
-    GradScaler.scale, applied to what is backpropagated (not to the returned loss).
-    """
+    """Accumulate the policy gradient of this rank's groups [(prompt, rollouts, advantages (S,))] into .grad;
+    returns the step's loss (all ranks). All-zero groups are skipped (zero gradient); parameters left without a
+    gradient get zeros, so every rank's optimizer collectives match. `scale`: fp16's GradScaler.scale."""
     device = model.wte.weight.device
-    local_tokens = sum(count_trained_tokens(rollouts) for _, rollouts, _ in groups)
+    local_tokens = sum(sum(r.masks) for _, rollouts, _ in groups for r in rollouts)
     counts = torch.tensor([local_tokens], dtype=torch.long, device=device)
     if world_size > 1:
         dist.all_reduce(counts)
@@ -196,12 +175,9 @@ def backward_groups(model, groups, device_batch_size: int, pad_id: int, world_si
 
 
 def evaluate_pass_at_k(engine, tokenizer, task, num_problems: int, k: int, max_tokens: int, temperature, top_k):
-    """[pass@1, ..., pass@k] over the first `num_problems` of `task`, problems strided over ranks.
-
-    Problem i is sampled with seed i, as scripts/chat_eval.py does, and the engine's row j does not depend on
-    how many rows run, so pass@j here is what `chat_eval -n j` reports. A prompt too long fails.
-    """
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    """[pass@1, ..., pass@k] over the first `num_problems` of `task`, strided over ranks; problem i is sampled
+    with seed i, as scripts/chat_eval.py does, so pass@j is what `chat_eval -n j` reports."""
+    rank, _, world_size = dist_info()
     passed = torch.zeros(k, dtype=torch.long, device=engine.device)
     num_problems = min(num_problems, len(task))
     for index in range(rank, num_problems, world_size):
@@ -249,10 +225,10 @@ def main(argv=None):
     # ---------------------------------------------------------------- model
     model_tag = args.model_tag or os.path.basename(checkpoint_dir(args.source))
     out_dir = checkpoint_dir("rl", model_tag)
-    if args.resume:  # the weights come from our own last checkpoint (resume_stage loads them with the optimizer)
-        if find_last_step(out_dir) is None:
-            raise SystemExit(f"--resume: no checkpoint in {out_dir}; start without --resume")
-        model, meta = build_model(out_dir, device=device)
+    if args.resume:  # the weights come from our own last intact checkpoint (resume_stage loads it with the optimizer)
+        if (last := last_verified_step(out_dir)) is None:
+            raise SystemExit(f"--resume: no checkpoint in {out_dir} verifies; start without --resume")
+        model, meta = build_model(out_dir, last, device)
         source = meta["source"]
     else:
         model, meta = load_model(args.source, device, "train", model_tag, args.source_step)
@@ -275,10 +251,8 @@ def main(argv=None):
 
     resolved = {**vars(args), "num_steps": num_steps, "source": source, "model_tag": model_tag, "data_dir": data_dir}
     log = StageLog("chat_rl", runtime, resolved, args.run, loop, num_steps, start_step=start_step)
-    print0(
-        f"parameters: {model.num_params():,}; {num_steps} steps x {args.examples_per_step} questions x "
-        f"{args.num_samples} samples; start at step {start_step}"
-    )
+    print0(f"parameters: {model.num_params():,}; {num_steps} steps x {args.examples_per_step} questions x "
+           f"{args.num_samples} samples; start at step {start_step}")  # fmt: skip
 
     def evaluate() -> dict:
         pass_at_k = evaluate_pass_at_k(engine, tokenizer, test_task, args.eval_examples, args.eval_samples,
@@ -325,9 +299,7 @@ def main(argv=None):
         lrm = warmdown_multiplier(step / num_steps, 1.0, 0.0)
         set_schedule(optimizer, lrm)
         model.train()
-        loss = backward_groups(
-            model, groups, args.device_batch_size, pad_id, world_size, scaler.scale if scaler else None
-        )
+        loss = backward_groups(model, groups, args.device_batch_size, pad_id, world_size, scaler and scaler.scale)
         optimizer_step(model, optimizer, scaler, loss, runtime, args.grad_clip, out_dir)
         model.eval()
         step += 1

@@ -1,15 +1,14 @@
 """Chat SFT: fine-tune a mid (or base) checkpoint on whole conversations, trained only on the assistant's tokens.
 
-One conversation per row, right-padded to the longest in its micro-batch; targets are -1 where the render mask
-is 0 (user turns, tool output) and on padding. The loss of a step is the sum over its supervised tokens divided
-by their number in the WHOLE step (every micro-batch, every process; nanochat.chat_data.supervised_backward),
-so the gradient does not depend on how the step is split. The LR starts at `--init-lr-frac` of the source
-stage's LRs (its StageRecord) and decays linearly to `--final-lr-frac`. The device batch is the source's unless
-set, the sequence length the model's. No torch.compile: rows have variable lengths.
+One conversation per row, right-padded; targets are -1 where the render mask is 0 (user turns, tool output)
+and on padding. A step's loss is its summed loss over the supervised tokens of the WHOLE step (all micro-batches
+and processes; nanochat.chat_data.supervised_backward), so the gradient does not depend on the split. LRs start
+at `--init-lr-frac` of the source's (its StageRecord) and decay linearly to `--final-lr-frac`; device batch
+and sequence length are the source's unless set. No torch.compile: rows have variable lengths.
 
 The recipe (MIXTURE below, as reference nanochat): arc, gsm8k, smoltalk (first 10K), identity, simplespelling
-(300), spelling (300); `--data PATH.jsonl` adds your own conversations (CustomJSON lines) as the component
-"data". With a local data dir the default recipe leaves out (and prints) smoltalk, which is hub-only.
+(300), spelling (300); `--data PATH.jsonl` adds your own conversations. A mixture without held-out rows
+(identity, --data) trains with validation skipped, and says so.
 
     python -m scripts.chat_sft                                                       # one GPU, from mid
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run sft-d20
@@ -17,8 +16,8 @@ The recipe (MIXTURE below, as reference nanochat): arc, gsm8k, smoltalk (first 1
         --device-batch-size 2 --examples-per-step 4 --eval-every 10 --eval-steps 4 \
         --eval-metrics-max-problems 16                                                # tiny, CPU, offline
 
-Writes <base dir>/chatsft_checkpoints/<model tag>/ (`--resume` continues exactly) and
-<base dir>/report/chat_sft.json. Not here: full chat evaluation (scripts/chat_eval.py -i sft).
+Writes <base dir>/chatsft_checkpoints/<model tag>/ (`--resume` continues exactly) and report/chat_sft.json.
+Not here: full chat evaluation (scripts/chat_eval.py -i sft).
 """
 
 import argparse
@@ -26,7 +25,6 @@ import os
 from dataclasses import asdict, replace
 
 import torch
-import torch.distributed as dist
 
 from nanochat.chat_data import evaluate_loss, sft_micro_batches, supervised_backward
 from nanochat.checkpoint import build_model, checkpoint_dir
@@ -44,7 +42,7 @@ from nanochat.train import (
     set_schedule,
     warmdown_multiplier,
 )
-from tasks.evaluate import evaluate_categorical, load_task
+from tasks.evaluate import evaluate_task, load_task
 from tasks.mixture import COMPONENTS, add_mixture_flags, load_stage_mixtures
 
 # The recipe: component -> sizes (stop: the first n rows; size: generated examples). Reference nanochat's SFT
@@ -67,12 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch)")
     # Optimization (-1 = inherit from the source checkpoint)
     parser.add_argument("--max-seq-len", type=int, default=-1, help="rows are cropped to this (-1 = inherit)")
-    parser.add_argument(
-        "--device-batch-size",
-        type=int,
-        default=-1,
-        help="conversations per forward pass (-1 = inherit, at most examples per step / processes)",
-    )
+    parser.add_argument("--device-batch-size", type=int, default=-1, help="conversations per forward pass "
+                        "(-1 = inherit, at most examples per step / processes)")  # fmt: skip
     parser.add_argument("--examples-per-step", type=int, default=32, help="conversations per optimizer step")
     parser.add_argument("--init-lr-frac", type=float, default=0.02, help="multiplier on the source's LRs")
     parser.add_argument("--warmdown-ratio", type=float, default=1.0, help="fraction of the run decaying the LR")
@@ -157,15 +151,9 @@ def main(argv=None):
 
     def metrics() -> dict:
         model.eval()
-        results = {}
-        for name, task in zip(METRIC_TASKS, metric_tasks):
-            count = len(task) if args.eval_metrics_max_problems < 0 else min(len(task), args.eval_metrics_max_problems)
-            indices = range(runtime.rank, count, runtime.world_size)
-            passed, _ = evaluate_categorical(model, tokenizer, task, indices, device_batch, device)
-            passed = torch.tensor(passed, device=device)
-            if runtime.is_distributed:
-                dist.all_reduce(passed)
-            results[name] = passed.item() / max(1, count)
+        limit = args.eval_metrics_max_problems
+        results = {name: evaluate_task(name, task, model, tokenizer, device, limit, device_batch).accuracy
+                   for name, task in zip(METRIC_TASKS, metric_tasks)}  # fmt: skip
         model.train()
         return results
 

@@ -9,7 +9,7 @@ import torch
 from conftest import SHARED_DATA, make_base_dir, require, torchrun_matches_accumulation
 from nanochat import train
 from nanochat.chat_data import conversation_batch, supervised_backward
-from nanochat.checkpoint import build_model, find_last_step, load_model
+from nanochat.checkpoint import build_model, find_last_step, load_checkpoint, load_model
 from nanochat.engine import Engine
 from nanochat.train import StageRecord
 from scripts import chat_sft, mid_train
@@ -162,7 +162,8 @@ def test_a_mixture_without_validation_rows_trains_and_saves(base_dir, tmp_path, 
     summary = chat_sft.main([*TINY[:-2], "--mixture", "identity", "--num-iterations", "2", "--eval-every", "1",
                              "--eval-metrics-every", "-1", "--model-tag", "d1"])  # fmt: skip
     assert "validation is skipped" in capsys.readouterr().out and summary["val_loss"] is None
-    assert find_last_step(str(base_dir / "chatsft_checkpoints" / "d1")) == 2
+    _, _, meta = load_checkpoint(str(base_dir / "chatsft_checkpoints" / "d1"), step=2)
+    assert meta["val_loss"] is None and summary["step"] == 2  # saved by this run, without validation
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(SystemExit, match=f"^chat_sft: --data {empty} holds no conversations"):
