@@ -1,25 +1,21 @@
 """Continuous batching: concurrent generation requests share one model's decode steps.
 
 Contract:
-- A `BatchingWorker` owns one model (one device) and a KVCache of `max_batch` rows, each as long as the model's
-  context, allocated once. Its thread admits queued requests into free rows (each prompt prefilled alone, then
-  copied into its row), and runs one decode step for all active rows at a time; a finished or cancelled
-  request leaves at once and the last active row moves into its place, so an n-request batch is an n-row
-  forward. `WorkerPool` spreads requests over several workers (one per GPU), least loaded first.
-- `submit(request)` is thread-safe and returns at once. Results come back through `request.emit(event)`, called
-  on the worker thread: `TokenEvent(token, mask)` per generated token (the stop token excluded), then exactly
-  one `DoneEvent(finish_reason, completion_tokens)`; finish_reason is "stop", "length" (max_tokens), "context"
-  (the model's context is full), "cancelled" or "error".
-- Each request samples with its own parameters and its own random stream (`engine.row_keys`), so its tokens
-  do not depend on which other requests share the batch.
+- A `BatchingWorker` owns one model and a KVCache of `max_batch` full-context rows. Its thread prefills each
+  queued request alone into a free row, then decodes all active rows one step at a time; a finished or cancelled
+  request leaves at once and the last row moves into its place, so n requests are an n-row forward.
+  `WorkerPool` spreads requests over workers (one per GPU), least loaded first.
+- `submit(request)` is thread-safe. `request.emit(event)` is called on the worker thread: a `TokenEvent(token,
+  mask)` per generated token (the stop token excluded), then one `DoneEvent(finish_reason, completion_tokens)`,
+  finish_reason "stop", "length" (max_tokens), "context", "cancelled" or "error".
+- Each request samples with its own parameters and random stream (`engine.row_keys`): its tokens do not depend
+  on the other requests in the batch.
 
-Not here: HTTP, validation, text decoding (nanochat/server.py); the single-request engine (nanochat/engine.py),
-whose KV cache, sampler and tool handling are reused.
+Not here: HTTP and text (nanochat/server.py); the KV cache, sampler and tool handling (nanochat/engine.py).
 """
 
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -51,12 +47,8 @@ class Request:
     top_p: float | None = None
     seed: int = 42
     sample_index: int = 0  # which of n samples of one prompt (the OpenAI `n`): picks the random stream
+    # set it from any thread to cancel: the worker frees the request's row before its next decode step
     cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted_at: float = field(default_factory=time.monotonic)
-
-    def cancel(self) -> None:
-        """Thread-safe; the worker frees the request's row before its next decode step."""
-        self.cancelled.set()
 
 
 @dataclass
@@ -71,9 +63,8 @@ class _Slot:
 
 class BatchingWorker:
     def __init__(self, model, tokenizer, max_batch=16, name="worker-0", compile_decode=False, backend=None):
-        """compile_decode: decode through Engine's torch.compile path (CUDA graphs on a GPU). Every step then has
-        the same shapes: all max_batch rows of a static cache run, idle rows on a dummy token and reset after,
-        which costs compute that a bandwidth-bound GPU step hides; `backend` as Engine's."""
+        """compile_decode: Engine's torch.compile path; every step then runs all max_batch rows of a static cache
+        (idle ones on a dummy token, reset after), compute that a bandwidth-bound GPU step hides."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.engine = Engine(model, tokenizer, compile_decode=compile_decode, backend=backend)
@@ -87,7 +78,6 @@ class BatchingWorker:
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0, "tokens": 0, "steps": 0}
 
     # ------------------------------------------------------------------ public, any thread
-
     def start(self) -> "BatchingWorker":
         self._thread.start()
         return self
@@ -107,7 +97,6 @@ class BatchingWorker:
         return len(self.slots) + self.pending.qsize()
 
     # ------------------------------------------------------------------ the worker thread
-
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():

@@ -122,8 +122,7 @@ class KVCache:
         self.lengths_tensor[row] = length
 
     def head(self, num_rows: int) -> "KVCache":
-        """The first `num_rows` rows as a cache of their own that shares this one's storage and lengths, so a
-        batch of n active requests runs an n-row forward."""
+        """The first `num_rows` rows as a cache sharing this one's storage, so n requests run an n-row forward."""
         view = object.__new__(KVCache)
         view.__dict__.update(self.__dict__)
         view.k, view.v = self.k[:, :num_rows], self.v[:, :num_rows]
@@ -153,9 +152,6 @@ class KVCache:
 
 
 # ---------------------------------------------------------------------------- sampling
-_MASK64 = (1 << 64) - 1
-
-
 def _signed(value: int) -> int:
     """A uint64 constant as the int64 torch stores (arithmetic wraps modulo 2^64 either way)."""
     return value - (1 << 64) if value >= 1 << 63 else value
@@ -176,7 +172,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 def row_keys(seed: int, num_rows: int, device) -> torch.Tensor:
     """One random stream per row of a request: (num_rows,) int64, a function of (seed, row) only."""
     rows = torch.arange(num_rows, dtype=torch.long, device=device)
-    return _mix(_mix(torch.full_like(rows, _signed(seed & _MASK64))) + rows)
+    return _mix(_mix(torch.full_like(rows, _signed(seed & ((1 << 64) - 1)))) + rows)
 
 
 def _uniform(keys: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -311,6 +307,7 @@ class Engine:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.tokenizer, self.prefill_chunk = model.eval(), tokenizer, prefill_chunk
+        self.context_len = model.config.sequence_len
         self.device = model.wte.weight.device
         self._static_caches: dict[int, KVCache] = {}
         self.decode = self._decode_step  # one token per row (B, 1) -> logits (B, V); compiled with compile_decode
@@ -322,10 +319,6 @@ class Engine:
         special = tokenizer.encode_special
         self.stop_ids = {special(name) for name in STOP_TOKENS}
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
-
-    @property
-    def context_len(self) -> int:
-        return self.model.config.sequence_len
 
     def token_budget(self, prompt_len: int, max_tokens: int | None = None) -> int:
         """Tokens a prompt of `prompt_len` may still be followed by: max_tokens (None = no limit), capped by the
@@ -352,8 +345,7 @@ class Engine:
     def generate(
         self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42
     ) -> Iterator[tuple[list[int], list[int]]]:
-        """Yields (token column, mask column), one entry per sample, until every row has stopped. A row that
-        has stopped repeats its stop token with mask 0 while others go on."""
+        """Yields (token column, mask column) until every row stops (a stopped row repeats its stop token, mask 0)."""
         tokens, vocab_size = list(tokens), self.model.config.vocab_size
         if not tokens:
             raise ValueError("the prompt is empty; start it with <|bos|>")
@@ -370,8 +362,12 @@ class Engine:
         budget = self.token_budget(len(tokens), max_tokens)
         prompt_cache = KVCache.for_model(self.model, 1, len(tokens))
         logits = self.prefill(prompt_cache, tokens).expand(num_samples, -1)  # each row samples its own first token
-        # The last generated token is never fed back, so prompt + budget - 1 positions are enough.
-        cache = self._decode_cache(num_samples, len(tokens) + budget - 1)
+        if self.compile_decode:  # one reused full-context static cache per batch size
+            if num_samples not in self._static_caches:
+                self._static_caches[num_samples] = KVCache.for_model(self.model, num_samples, self.context_len, True)
+            cache = self._static_caches[num_samples]
+        else:  # the last generated token is never fed back, so prompt + budget - 1 positions are enough
+            cache = KVCache.for_model(self.model, num_samples, len(tokens) + budget - 1)
         cache.copy_prefix_from(prompt_cache)
         del prompt_cache
         keys = row_keys(seed, num_samples, self.device)
@@ -395,16 +391,6 @@ class Engine:
     def _decode_step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One token per row (B, 1) -> next-token logits (B, V); what compile_decode captures."""
         return self.model(ids, kv_cache=cache)[:, -1]
-
-    def _decode_cache(self, batch_size: int, needed: int) -> KVCache:
-        """A cache for one request: sized to it, or with compile_decode the reused full-context static one."""
-        if not self.compile_decode:
-            return KVCache.for_model(self.model, batch_size, needed)
-        cache = self._static_caches.get(batch_size)
-        if cache is None:
-            cache = KVCache.for_model(self.model, batch_size, self.context_len, static=True)
-            self._static_caches[batch_size] = cache
-        return cache
 
     def next_token(self, row: ToolState, sampled: int) -> tuple[int, int]:
         """(token, mask) for a row: a token the tool forces (mask 0) or the sampled one (mask 1); the row's

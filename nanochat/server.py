@@ -1,30 +1,24 @@
 """The web chat server: the page, a streaming API for it, and an OpenAI-compatible API, over continuous batching.
 
 Contract:
-- `create_app(settings)` builds the FastAPI app from two routers (the page's, OpenAI's) of module-level handlers
-  sharing one typed `ServerState` on `app.state.server` (nanochat/server_state.py); the lifespan hook loads the
-  models (one BatchingWorker per device), so importing this module does nothing.
-- `GET /` the chat page (nanochat/ui.html); `GET /health`; `GET /stats`; `POST /chat/completions` streams
-  Server-Sent Events for the page (`{"type": "text" | "tool" | "error" | "done", ...}`).
-- `GET /v1/models` and `POST /v1/chat/completions` follow OpenAI's chat completions API, so its clients work
-  unchanged: streaming (chunks, then `data: [DONE]`) or not; temperature, top_p, top_k, max_tokens /
-  max_completion_tokens, stop, seed, n, stream_options.include_usage, usage and finish_reason. Calculator calls
-  read as `<<expression=result>>` (GSM8K's notation) in the text; a stop sequence ends its choice and its row.
-- Bodies are validated by pydantic models bounded by `Settings`: a violation is a 400 in OpenAI's error shape
-  naming the field (`param`). Model work runs on the workers' threads, never on the event loop; a client that
-  disconnects cancels its request, freeing its batch row before the next step. Text is decoded incrementally by
-  engine.ReplyRenderer (never a split character); calculator calls reach the page as tool events.
-- Bearer-token authentication (`api_key`: every path but the page and /health, the schema pages included) and
-  a cap on requests in flight (`max_concurrent`) are off by default; both, and the body size cap
-  (`max_body_bytes`, 1 MiB), answer before the body is read. Every error is in OpenAI's shape. The default
-  bind address is 127.0.0.1. `quantize` ("int8" | "int4") serves quantized weights; `compile` decodes
-  through torch.compile (nanochat/batching.py).
+- `create_app(settings)` builds the app from two routers sharing a typed `ServerState` on `app.state.server`
+  (nanochat/server_state.py); the lifespan hook loads the models (a BatchingWorker per device).
+- `GET /` the page (nanochat/ui.html); `GET /health`; `GET /stats`; `POST /chat/completions` streams the page's
+  Server-Sent Events (`{"type": "text" | "tool" | "error" | "done", ...}`).
+- `GET /v1/models`, `POST /v1/chat/completions`: OpenAI's chat completions API, streamed (chunks, then
+  `data: [DONE]`) or not, with temperature, top_p, top_k, max_tokens / max_completion_tokens, stop, seed, n,
+  stream_options.include_usage. Calculator calls read as `<<expression=result>>` (GSM8K's notation).
+- Bodies are pydantic models bounded by `Settings`; every error is in OpenAI's shape, naming the field (`param`).
+  Model work runs on the workers' threads, never the event loop; a client that disconnects frees its row.
+- Off by default: a bearer key (`api_key`, on all but the page and /health) and a cap on requests in flight
+  (`max_concurrent`); both, and the body cap (`max_body_bytes`), answer before the body is read.
 
 Not here: the batching worker (nanochat/batching.py), the command line (scripts/chat_web.py).
 """
 
 import asyncio
 import os
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -44,10 +38,8 @@ from nanochat.server_state import (
     Settings,
     error_response,
     finish_generation,
-    key_accepted,
     prompt_tokens,
     request_models,
-    server_state,
     sse,
     start_generation,
 )
@@ -62,7 +54,6 @@ def page_event(piece: tuple) -> dict:
 
 
 # ---------------------------------------------------------------------------- the page's routes
-
 page_router = APIRouter()
 
 
@@ -73,7 +64,7 @@ async def page():
 
 @page_router.get("/health")
 async def health(request: Request):
-    state = server_state(request)
+    state: ServerState = request.app.state.server
     pool = state.pool
     return {
         "status": "ok",
@@ -88,7 +79,7 @@ async def health(request: Request):
 
 @page_router.get("/stats")
 async def stats(request: Request):
-    state = server_state(request)
+    state: ServerState = request.app.state.server
     workers = [
         {"name": w.name, "device": str(w.device), "active": len(w.slots), "queued": w.pending.qsize(), **w.stats}
         for w in (state.pool.workers if state.pool else [])
@@ -97,7 +88,7 @@ async def stats(request: Request):
 
 
 async def page_completion(request: Request, body):
-    state = server_state(request)
+    state: ServerState = request.app.state.server
     tokens = prompt_tokens(state, body)
     queues, requests = start_generation(state, body, tokens, 1, body.max_tokens or state.settings.max_tokens)
 
@@ -131,18 +122,17 @@ async def page_completion(request: Request, body):
 
 
 # ---------------------------------------------------------------------------- OpenAI's routes
-
 openai_router = APIRouter(prefix="/v1")
 
 
 @openai_router.get("/models")
 async def models(request: Request):
-    name = server_state(request).model_name
+    name = request.app.state.server.model_name
     return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "nanochat"}]}
 
 
 async def openai_completion(request: Request, body):
-    state = server_state(request)
+    state: ServerState = request.app.state.server
     tokens = prompt_tokens(state, body)
     max_tokens = body.max_completion_tokens or body.max_tokens or state.settings.max_tokens
     queues, requests = start_generation(state, body, tokens, body.n, max_tokens)
@@ -242,7 +232,7 @@ async def merge_choices(queues, requests, tokenizer, stops):
                     counts[i] += 1
                     text = "".join(matchers[i].push(openai_text(p)) for p in renderers[i].push(event.token))
                     if matchers[i].stopped:
-                        requests[i].cancel()
+                        requests[i].cancelled.set()
                         yield i, text, "stop", counts[i]
                         continue
                     if text:
@@ -260,8 +250,6 @@ async def merge_choices(queues, requests, tokenizer, stops):
 
 
 # ---------------------------------------------------------------------------- the app
-
-
 def load_default(settings: Settings, device_index: int):
     """(model, tokenizer, name) from the checkpoint the settings name, on device `device_index`."""
     import torch
@@ -308,8 +296,7 @@ async def lifespan(app: FastAPI):
 
 
 def typed_body(handler, model: type):
-    """`handler` as an endpoint whose `body` parameter is parsed as `model`: FastAPI reads the type from the
-    signature, and the request models carry each app's limits (request_models)."""
+    """`handler` as an endpoint whose `body` FastAPI parses as `model` (which carries this app's limits)."""
 
     async def endpoint(request: Request, body):
         return await handler(request, body)
@@ -323,9 +310,9 @@ OPEN_PATHS = ("/", "/health")  # the page and the monitors' health check need no
 
 
 class Gate:
-    """ASGI middleware that answers before the body is read: 401 (with `WWW-Authenticate: Bearer`, RFC 6750)
-    without the key, on every path but OPEN_PATHS (the API, /stats and the schema pages alike), and 413 for a
-    body over `max_body_bytes`: at once when Content-Length says so, else as soon as the chunks read exceed it."""
+    """ASGI middleware that answers before the body is read: 401 (`WWW-Authenticate: Bearer`, RFC 6750) without
+    the key on every path but OPEN_PATHS, and 413 for a body over `max_body_bytes` (by Content-Length, or as soon
+    as the chunks read exceed it)."""
 
     def __init__(self, app, settings: Settings):
         self.app, self.settings = app, settings
@@ -334,8 +321,10 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
-        limit, authorization = self.settings.max_body_bytes, headers.get("authorization", "")
-        if scope["path"] not in OPEN_PATHS and not key_accepted(self.settings.api_key, authorization):
+        limit, api_key = self.settings.max_body_bytes, self.settings.api_key
+        authorization = headers.get("authorization", "")
+        token = authorization[7:] if authorization.lower().startswith("bearer ") else ""
+        if api_key and scope["path"] not in OPEN_PATHS and not secrets.compare_digest(token.encode(), api_key.encode()):
             message = "a valid 'Authorization: Bearer <key>' header is required"
             response = error_response(401, message, None, "authentication_error")
             response.headers["WWW-Authenticate"] = "Bearer"

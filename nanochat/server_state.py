@@ -58,8 +58,6 @@ class Settings:
 
 
 # ---------------------------------------------------------------------------- request models
-
-
 def request_models(settings: Settings) -> tuple[type, type]:
     """The request bodies, their bounds taken from the settings (declarative, so the OpenAPI schema shows them)."""
 
@@ -116,8 +114,6 @@ def request_models(settings: Settings) -> tuple[type, type]:
 
 
 # ---------------------------------------------------------------------------- state and errors
-
-
 @dataclass
 class ServerState:
     """What the handlers share, on `app.state.server`; the lifespan hook fills in the model's part."""
@@ -130,10 +126,6 @@ class ServerState:
     context_len: int = 0
     ready: bool = False
     in_flight: int = 0  # requests between submission and their last event
-
-
-def server_state(request: Request) -> ServerState:
-    return request.app.state.server
 
 
 class APIError(Exception):
@@ -174,15 +166,7 @@ ERROR_HANDLERS = {  # every error in OpenAI's shape: {"error": {"message", "type
 }
 
 
-def key_accepted(api_key: str | None, authorization: str) -> bool:
-    """Whether an Authorization header carries the bearer key (always, when no key is set)."""
-    token = authorization[7:] if authorization.lower().startswith("bearer ") else ""
-    return not api_key or secrets.compare_digest(token.encode(), api_key.encode())
-
-
 # ---------------------------------------------------------------------------- generation
-
-
 def prompt_tokens(state: ServerState, body) -> list[int]:
     """The chat prompt for `body.messages`; a conversation the model cannot take is a 400."""
     if body.messages[-1].role != "user":
@@ -240,7 +224,7 @@ def start_generation(state: ServerState, body, tokens: list[int], n: int, max_to
 
 def finish_generation(state: ServerState, requests) -> None:
     for generation in requests:
-        generation.cancel()  # no-op for finished ones; frees the row of any still running
+        generation.cancelled.set()  # no-op for finished ones; frees the row of any still running
     state.in_flight -= 1
 
 

@@ -7,27 +7,24 @@
     python -m scripts.chat_cli --source base --model-tag d2 --device-type cpu --max-tokens 32 -p "hi"  # tiny CPU run
 
 Contract:
-- The conversation is kept as exact token ids, one closed turn per user+assistant pair: the tokenizer's
-  `<|user_start|> message <|user_end|> <|assistant_start|>`, the reply's own ids (the calculator's forced output
-  included), `<|assistant_end|>`. The prompt is `<|bos|>` + the turns + the new message, i.e.
-  `tokenizer.render_for_completion` of the same chat without re-encoding the model's replies.
-- Before each reply the oldest turns are dropped, whole, until the prompt leaves room for a reply (`reply_room`),
-  with a notice; a message that does not fit even alone is refused, the conversation left as it was.
-- Replies stream through engine.ReplyRenderer (never a split character); a calculator call shows as
-  `[calculator: 12*5 = 60]`, no other special token is shown. Reply n samples with seed `--seed` + n.
-- `--quantize int8|int4`: weight-only quantized weights (nanochat/quantize.py); `--compile`: decode through
-  torch.compile (CUDA graphs on a GPU); the two do not combine yet (dev/LOG.md).
+- The conversation is kept as exact token ids, one closed turn per exchange: `<|user_start|> message <|user_end|>
+  <|assistant_start|>`, the reply's own ids (the calculator's output included), `<|assistant_end|>`; the prompt is
+  `<|bos|>` + the turns + the new message, as `tokenizer.render_for_completion` without re-encoding replies.
+- Before each reply the oldest turns are dropped whole, with a notice, until there is room for a reply
+  (`reply_room`); a message that does not fit alone is refused, the conversation unchanged.
+- A calculator call shows as `[calculator: 12*5 = 60]`, no other special token is shown. Reply n samples with
+  seed `--seed` + n. `--quantize` and `--compile` do not combine yet (dev/LOG.md).
 - Replies and command answers go to stdout, the banner and notices to stderr. User errors (a missing checkpoint
   or tokenizer, a message too long with -p) end with one line and exit code 1 (bad flags: argparse's 2).
 
 Commands: /help, /clear, /temperature X, /topk N, /topp P; quit, exit, /quit or Ctrl-D leave. Ctrl-C stops a
 reply (what was said is kept) or, at the prompt, drops the line.
 
-Not here: serving (scripts/chat_web.py), sampling and the tool (nanochat/engine.py), chat rendering rules
-(nanochat/tokenizer.py).
+Not here: serving (scripts/chat_web.py), sampling and the tool (nanochat/engine.py), chat rendering (tokenizer.py).
 """
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -50,12 +47,10 @@ HELP = """commands:
   /help             this list and the current settings
   quit, exit, /quit or Ctrl-D: leave.  Ctrl-C stops a reply."""
 
+
 # ---------------------------------------------------------------------------- settings
-
-
 def _parse(text: str, kind, valid, requirement: str):
-    """`kind(text)` if it converts and passes `valid`, else an error that says what is expected. Shared by the
-    flags and the commands, so both accept exactly the same values."""
+    """`kind(text)` if it converts and passes `valid`, else an error saying what is expected (flags and commands)."""
     try:
         value = kind(text)
     except ValueError:
@@ -105,8 +100,6 @@ class Session:
 
 
 # ---------------------------------------------------------------------------- conversation
-
-
 def user_turn_tokens(tokenizer, message: str) -> list[int]:
     """`<|user_start|> message <|user_end|> <|assistant_start|>`: the tokenizer's rendering of a one-message
     chat without its `<|bos|>`, so the chat protocol lives in one place (nanochat/tokenizer.py)."""
@@ -131,9 +124,8 @@ def reply_room(context_len: int, max_tokens: int) -> int:
 
 
 def trim_to_fit(turns: list[list[int]], user_tokens: list[int], context_len: int, room: int) -> list[list[int]]:
-    """The newest turns that fit beside `<|bos|>`, the new message and `room` reply tokens in `context_len`,
-    oldest first; the turns before them are dropped whole. Raises ContextFullError when the message does not
-    fit even alone."""
+    """The newest whole turns that fit in `context_len` beside `<|bos|>`, the new message and `room` reply tokens,
+    oldest first. Raises ContextFullError when the message does not fit even alone."""
     longest_message = context_len - 1 - room  # 1 for <|bos|>
     space = longest_message - len(user_tokens)  # positions left for old turns
     if space < 0:
@@ -152,11 +144,8 @@ def trim_to_fit(turns: list[list[int]], user_tokens: list[int], context_len: int
 
 
 # ---------------------------------------------------------------------------- replies
-
-
 def terminal_text(piece: tuple) -> str:
-    """A rendered piece as printed: a calculator call as `[calculator: 12*5 = 60]`, or `[calculator: expr]` when
-    the tool refused it."""
+    """A rendered piece as printed; a refused calculator call as `[calculator: expr]`."""
     if piece[0] == "text":
         return piece[1]
     _, expression, output = piece
@@ -221,8 +210,6 @@ def respond(engine: Engine, session: Session, message: str, write, notice, prefi
 
 
 # ---------------------------------------------------------------------------- commands
-
-
 class QuitChat(Exception):
     """The user asked to leave."""
 
@@ -261,8 +248,6 @@ def apply_command(line: str, session: Session, context_len: int) -> str:
 
 
 # ---------------------------------------------------------------------------- the loop
-
-
 def chat_loop(engine: Engine, session: Session, read_line: Callable[[str], str], write, notice) -> None:
     """The REPL: read a line, run a command or reply to it, until quit, exit, /quit or end of input."""
     while True:
@@ -331,9 +316,6 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- init and model
     try:
         runtime = compute_init(args.device_type, args.seed)
-    except (RuntimeError, ValueError) as e:  # no CUDA, a bad NANOCHAT_DEVICE or NANOCHAT_DTYPE
-        parser.exit(1, f"chat_cli: {e}\n")
-    try:
         model, meta = load_model(args.source, runtime.device, "eval", args.model_tag, args.step, dtype=runtime.dtype)
         tokenizer = get_tokenizer()
     except FileNotFoundError as e:
@@ -341,7 +323,7 @@ def main(argv=None) -> int:
             1, f"chat_cli: {e}\nchat_cli: --source picks another stage ({' | '.join(STAGES)}), --model-tag and "
             "--step another checkpoint\n",
         )  # fmt: skip
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, RuntimeError, ValueError) as e:  # also no CUDA, a bad NANOCHAT_DEVICE or NANOCHAT_DTYPE
         parser.exit(1, f"chat_cli: {e}\n")
     if tokenizer.get_vocab_size() != model.config.vocab_size:
         parser.exit(
@@ -369,10 +351,8 @@ def main(argv=None) -> int:
     if args.prompt is not None:
         return 0 if respond(engine, session, args.prompt, write_stdout, write_notice) else 1
     if sys.stdin.isatty():
-        try:
-            import readline  # noqa: F401  (line editing and history for input(); absent on Windows)
-        except ImportError:
-            pass
+        with contextlib.suppress(ImportError):  # line editing and history for input(); absent on Windows
+            import readline  # noqa: F401
     write_notice("type /help for commands; quit, exit or Ctrl-D to leave")
     chat_loop(engine, session, read_stdin_line, write_stdout, write_notice)
     return 0

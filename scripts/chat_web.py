@@ -11,13 +11,14 @@ Then open the page in a browser, or point any OpenAI client at it:
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
     client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hi"}])
 
-Listening beyond this machine (`--host 0.0.0.0`) exposes the model to the network: set `--api-key` (clients send
-`Authorization: Bearer <key>`) and `--max-concurrent`. Not here: the server itself (nanochat/server.py).
+`--host 0.0.0.0` exposes the model to the network: set `--api-key` (clients send `Authorization: Bearer <key>`)
+and `--max-concurrent`. Not here: the server itself (nanochat/server.py).
 """
 
 import argparse
 import json
 import sys
+from dataclasses import fields
 
 import uvicorn
 
@@ -61,23 +62,9 @@ def main(argv=None) -> None:
         sys.exit("chat_web: --compile and --quantize do not combine yet: torch.compile fails on the quantized layers")
     if args.device_type in ("cpu", "mps") and args.num_gpus != 1:
         sys.exit(f"chat_web: --num-gpus {args.num_gpus} needs CUDA; on {args.device_type} there is one worker")
-    settings = Settings(
-        source=args.source,
-        model_tag=args.model_tag,
-        step=args.step,
-        device_type=args.device_type,
-        num_gpus=args.num_gpus,
-        max_batch=args.max_batch,
-        quantize=args.quantize,
-        compile=args.compile,
-        api_key=args.api_key,
-        max_concurrent=args.max_concurrent,
-        max_body_bytes=args.max_body_bytes,
-        temperature=args.temperature,
-        top_k=None if args.top_k == -1 else args.top_k,
-        max_tokens=args.max_tokens,
-        max_tokens_limit=args.max_tokens_limit,
-    )
+    # Every flag but --host and --port is a Settings field of the same name.
+    options = {name: value for name, value in vars(args).items() if name in {f.name for f in fields(Settings)}}
+    settings = Settings(**{**options, "top_k": None if args.top_k == -1 else args.top_k})
     # Fail here with the loader's own message rather than inside uvicorn's startup, which would bury it.
     try:
         directory = checkpoint_dir(args.source, args.model_tag)
