@@ -1,15 +1,12 @@
 """Chat data for the stages after pretraining: conversations turned into batches, and their losses.
 
-Contract:
-- Any Task works as input (a mixture from tasks/mixture.py, usually); nothing here imports tasks/.
-- Midtraining: `PackedChatLoader` renders conversations and packs them into full (B, T) rows like pretraining
-  (BOS-aligned best fit; every token is a target). Its state is small JSON (cursor and buffered indices) and
-  a loader rebuilt from it yields exactly the rows that would have followed.
-- SFT: `sft_micro_batches` gives the micro-batches of one step, one conversation per row, right-padded,
-  targets -1 where the render mask is 0 and on padding; a step's batch is a pure function of the step, so
-  resuming needs only the step. `supervised_backward` normalises the summed loss by the number of supervised
-  tokens in the WHOLE step (all micro-batches, all ranks), so the gradient is the same however the step is
-  split into micro-batches and processes (reference nanochat divided per micro-batch; PRs #59/#400).
+Contract (any Task works as input; nothing here imports tasks/):
+- Midtraining: `PackedChatLoader` packs rendered conversations into full (B, T) rows like pretraining (BOS-aligned
+  best fit; every token a target). Its small JSON state rebuilds a loader that yields exactly the rows to follow.
+- SFT: `sft_micro_batches` gives one step's micro-batches, one conversation per row, right-padded, targets -1 where
+  the render mask is 0 and on padding; a step's batch is a pure function of the step. `supervised_backward`
+  normalises by the supervised tokens of the WHOLE step (all micro-batches and ranks), so the gradient does not
+  depend on the split (reference nanochat divided per micro-batch; PRs #59/#400).
 Not here: the tasks and mixtures (tasks/), the training loops (scripts/mid_train.py, scripts/chat_sft.py).
 """
 
@@ -20,13 +17,10 @@ import torch.distributed as dist
 
 
 class PackedChatLoader:
-    """Infinite (inputs, targets) batches of rendered conversations packed into full rows of T+1 tokens.
+    """Infinite (inputs, targets) batches of conversations rank, rank + W, ... of `task`, packed into rows of T+1.
 
-    Reads the conversations at positions rank, rank + W, ... of `task` (a shuffled mixture), renders each
-    (cropped to one row), and fills each row best-fit from a buffer of `buffer_size`: the largest buffered
-    conversation that fits the space left (ties: the earliest to arrive); when none fits, the shortest is
-    cropped to fill the row and its remainder discarded. Every row starts with <|bos|>. All tokens are
-    targets (midtraining trains on the whole conversation, as reference nanochat's mid_train did).
+    Each row is filled best-fit from a buffer of `buffer_size`: the largest conversation that fits the space left
+    (ties: the earliest); when none fits, the shortest is cropped to fill the row. Every row starts with <|bos|>.
     """
 
     def __init__(self, tokenizer, task, batch_size, seq_len, device="cpu", rank=0, world_size=1, state=None,
@@ -93,9 +87,8 @@ class PackedChatLoader:
 
 
 def padded_batch(rows, pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets), each (B, L) with L the longest row - 1, from rows of (ids, mask): targets are the next
-    tokens where the mask is 1, else -1; padding (inputs `pad_id`; causal attention keeps it from reaching real
-    tokens) has targets -1."""
+    """(inputs, targets) (B, L), L = longest row - 1, from rows of (ids, mask): targets are the next tokens where
+    the mask is 1, else -1; padding (`pad_id`, after the tokens, so causal attention never lets it in) has -1."""
     width = max(len(ids) for ids, _ in rows) - 1
     inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), width), -1, dtype=torch.long)
@@ -107,15 +100,14 @@ def padded_batch(rows, pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.T
 
 
 def conversation_batch(tokenizer, conversations, seq_len: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """padded_batch of the rendered conversations (at most seq_len + 1 tokens each), padded with
-    <|assistant_end|> as the reference."""
+    """padded_batch of the conversations rendered to at most seq_len + 1 tokens, padded with <|assistant_end|>."""
     rendered = [tokenizer.render_conversation(c, max_tokens=seq_len + 1) for c in conversations]
     return padded_batch(rendered, tokenizer.encode_special("<|assistant_end|>"), device)
 
 
 def sft_micro_batches(tokenizer, task, step, examples_per_step, batch_size, seq_len, rank, world_size, device):
-    """This rank's micro-batches of optimizer step `step`: the step's examples are mixture rows
-    [step * E, (step + 1) * E) (mod len), and micro-batch m of rank r takes slice (r * A + m) of B rows."""
+    """This rank's micro-batches of step `step`: rows [step * E, (step + 1) * E) (mod len) of `task`, micro-batch
+    m of rank r taking slice (r * A + m) of B rows."""
     accumulation = examples_per_step // (batch_size * world_size)
     batches = []
     for micro in range(accumulation):
@@ -132,13 +124,9 @@ def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 
 
 def supervised_backward(forward, micro_batches, scale=None) -> tuple[torch.Tensor, int]:
-    """Backward of (sum of per-token losses over the whole step) / (supervised tokens in the whole step).
-
-    The count covers every micro-batch of every rank (all-reduced before any backward), so the gradient does
-    not depend on how the step is split. Returns (the step's mean loss, summed over ranks; supervised tokens).
-    `scale` (e.g. a GradScaler's .scale) is applied to each loss before backward. A step with no supervised
-    token at all divides by 1: zero loss and zero gradient instead of NaN (reference issue #590).
-    """
+    """Backward of (summed per-token loss of the whole step) / (supervised tokens of the whole step, all ranks);
+    returns (the step's loss over ranks, supervised tokens). `scale`: a GradScaler's .scale. A step without a
+    supervised token divides by 1: zero gradient, not NaN (reference issue #590)."""
     device = micro_batches[0][1].device
     count = sum((targets >= 0).sum() for _, targets in micro_batches).to(device=device, dtype=torch.float32)
     count = _all_reduce_sum(count).clamp(min=1)

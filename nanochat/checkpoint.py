@@ -31,13 +31,10 @@ from nanochat.gpt import GPT, GPTConfig
 
 RESERVED_META_KEYS = ("step", "model_config", "world_size", "checksums")  # filled by save_checkpoint itself
 
-# stage -> (directory under the base dir, the script that writes it)
-STAGES = {
-    "base": ("base_checkpoints", "scripts/base_train.py"),
-    "mid": ("mid_checkpoints", "scripts/mid_train.py"),
-    "sft": ("chatsft_checkpoints", "scripts/chat_sft.py"),
-    "rl": ("chatrl_checkpoints", "scripts/chat_rl.py"),
-}
+STAGES = {  # stage -> (directory under the base dir, the script that writes it)
+    "base": ("base_checkpoints", "scripts/base_train.py"), "mid": ("mid_checkpoints", "scripts/mid_train.py"),
+    "sft": ("chatsft_checkpoints", "scripts/chat_sft.py"), "rl": ("chatrl_checkpoints", "scripts/chat_rl.py"),
+}  # fmt: skip
 
 
 class CheckpointError(RuntimeError):
@@ -71,10 +68,6 @@ def sha256_file(path: str) -> str:
 # ---------------------------------------------------------------------------- saving
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def save_checkpoint(checkpoint_dir: str, step: int, model: torch.nn.Module, optimizer=None, meta: dict | None = None,
                     rank: int = 0, world_size: int = 1) -> None:  # fmt: skip
     """Save one step: model weights (rank 0), this rank's optimizer state (if given), then meta (rank 0).
@@ -96,7 +89,7 @@ def save_checkpoint(checkpoint_dir: str, step: int, model: torch.nn.Module, opti
     if rank == 0 and os.path.exists(meta_path(checkpoint_dir, step)):
         os.remove(meta_path(checkpoint_dir, step))  # re-saving: the step is incomplete until meta returns
         fsync_directory(checkpoint_dir)
-    distributed = world_size > 1 and _distributed()
+    distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
     if distributed:
         dist.barrier()  # no rank overwrites its files while the old meta still vouches for them
 
@@ -290,8 +283,6 @@ def load_model(stage: str, device, phase: str, model_tag: str | None = None, ste
     """build_model on a stage's checkpoints: stage in base | mid | sft | rl; None = largest depth, last step."""
     directory = checkpoint_dir(stage, model_tag)
     if find_last_step(directory) is None:
-        raise FileNotFoundError(
-            f"no complete {stage} checkpoint in {directory}; run {STAGES[stage][1]} to create one "
-            f"(or pick another model_tag)"
-        )
+        raise FileNotFoundError(f"no complete {stage} checkpoint in {directory}; run {STAGES[stage][1]} to create one "
+                                f"(or pick another model_tag)")  # fmt: skip
     return build_model(directory, step, device, phase, dtype)

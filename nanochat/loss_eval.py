@@ -1,12 +1,8 @@
-"""Bits per byte: the model's loss measured in a unit that does not depend on the tokenizer.
+"""Bits per byte: the model's loss in a unit that does not depend on the tokenizer.
 
-bpb = (sum of next-token losses in nats) / (ln 2 x number of UTF-8 bytes those tokens stand for), over every
-target token that stands for text: special tokens (0 bytes) and ignored positions (target -1) count neither
-loss nor bytes. Two tokenizers with different vocabularies can be compared this way; a loss per token cannot.
-
-Contract: `evaluate_bpb` runs under no_grad, sums on the device (no host sync per batch), and when a process
-group is up, sums across ranks before dividing, so every rank returns the same global number.
-Not here: choosing which tokens to evaluate (the caller's batches) or logging.
+bpb = (sum of next-token losses in nats) / (ln 2 x UTF-8 bytes of those tokens), over the targets that stand for
+text (special tokens, 0 bytes, and ignored positions count neither). `evaluate_bpb` sums on the device and,
+under a process group, across ranks before dividing, so every rank returns the same number.
 """
 
 import math

@@ -7,7 +7,7 @@ the non-finite stop), `StageLog` (prints, EMA, MFU, curves, wandb, the stage sum
 Not here: data, losses and evaluations (the stage scripts, nanochat/chat_data.py, nanochat/loss_eval.py).
 """
 
-import functools
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -29,13 +29,8 @@ from nanochat.gpt import GPTConfig
 from nanochat.report import write_stage_summary
 
 # Prompts whose greedy continuations show what the model has picked up (facts, arithmetic, grammar).
-SAMPLE_PROMPTS = [
-    "The largest ocean on Earth is the",
-    "Water boils at a temperature of",
-    "Seven plus five equals",
-    "The author of the play Romeo and Juliet is",
-    "In the winter, many birds fly",
-]
+SAMPLE_PROMPTS = ["The largest ocean on Earth is the", "Water boils at a temperature of", "Seven plus five equals",
+                  "The author of the play Romeo and Juliet is", "In the winter, many birds fly"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -67,20 +62,13 @@ def add_stage_flags(parser, save_every: int = -1) -> None:
     parser.add_argument("--seed", type=int, default=42, help="initialisation, data order and sampling")
 
 
+@contextlib.contextmanager
 def one_line_errors(stage: str):
-    """Decorator of a stage's main: an unusable checkpoint or dataset ends the run with one line, not a traceback."""
-
-    def decorate(main):
-        @functools.wraps(main)
-        def main_with_one_line_errors(*args, **kwargs):
-            try:
-                return main(*args, **kwargs)
-            except (CheckpointError, DatasetError) as e:
-                raise SystemExit(f"{stage}: {e}") from e
-
-        return main_with_one_line_errors
-
-    return decorate
+    """Decorates a stage's main: an unusable checkpoint or dataset ends the run with one line, not a traceback."""
+    try:
+        yield
+    except (CheckpointError, DatasetError) as e:
+        raise SystemExit(f"{stage}: {e}") from e
 
 
 # ---------------------------------------------------------------------------- schedules
@@ -175,8 +163,8 @@ class StageLog:
     def __init__(self, stage: str, runtime, config: dict, run: str | None, state: dict | None = None,
                  num_steps: int | None = None, flops_per_token: float | None = None, start_step: int = 0):  # fmt: skip
         self.stage, self.runtime, self.num_steps, self.start_step = stage, runtime, num_steps, start_step
-        self.state = {"smooth_loss": 0.0, "training_seconds": 0.0, "timed_steps": 0, "timed_tokens": 0,
-                      "train_loss_curve": []} | (state or {})  # fmt: skip
+        fresh = {"smooth_loss": 0.0, "training_seconds": 0.0, "timed_tokens": 0, "train_loss_curve": []}
+        self.state = fresh | (state or {})
         environment = describe_environment(runtime)
         print0(json.dumps({"config": config, "environment": environment}, indent=2, default=str))
         peaks = gpu_peaks(environment["gpu"]) if "gpu" in environment else None
@@ -204,7 +192,6 @@ class StageLog:
         value = state["smooth_loss"] / (1 - 0.9**step) if smooth else loss
         if step - self.start_step > 2:  # the first steps of a session include compilation and warmup
             state["training_seconds"] += seconds
-            state["timed_steps"] += 1
             state["timed_tokens"] += tokens or 0
         if not self.num_steps or step % max(1, self.num_steps // 500) == 0 or step == self.num_steps:
             state["train_loss_curve"].append([step, round(value, 5)])  # at most ~500 points in the report

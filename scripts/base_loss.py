@@ -4,10 +4,8 @@
     torchrun --standalone --nproc_per_node=8 -m scripts.base_loss --model-tag d20
     python -m scripts.base_loss --device-batch-size 4 --split-tokens 8192   # tiny, CPU
 
-bpb is vocabulary-independent (nanochat/loss_eval.py); every rank evaluates its own batches and the sums are
-reduced across ranks. Results are printed and written to <base dir>/base_eval/loss_<tag>_<step>.json and the
-report card's <base dir>/report/base_loss.json.
-Not here: CORE (scripts/base_eval.py).
+Sums are reduced across ranks (nanochat/loss_eval.py). Writes <base dir>/base_eval/loss_<tag>_<step>.json and
+report/base_loss.json. Not here: CORE (scripts/base_eval.py).
 """
 
 import argparse
@@ -19,7 +17,7 @@ import torch
 from nanochat.checkpoint import load_model
 from nanochat.common import atomic_write, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.dataloader import PretrainLoader
-from nanochat.dataset import default_pretrain_paths
+from nanochat.dataset import add_data_argument, default_pretrain_paths
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import write_stage_summary
 from nanochat.tokenizer import get_tokenizer
@@ -33,7 +31,7 @@ def main(argv=None):
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: last)")
     parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass")
     parser.add_argument("--split-tokens", type=int, default=20 * 2**19, help="tokens evaluated per split")
-    parser.add_argument("--data", nargs="+", default=None, help="shards (default: <base dir>/base_data)")
+    add_data_argument(parser, "text to evaluate")
     parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None)
     args = parser.parse_args(argv)
 

@@ -1,20 +1,18 @@
 """Midtrain: continue a base checkpoint on packed conversations, teaching the chat format and the tools.
 
-The recipe (MIXTURE below; components in tasks/mixture.py) covers the special tokens and multi-turn chat
-(smoltalk), multiple choice (mmlu-aux), the calculator tool (gsm8k), who the assistant is (identity,
-`--identity PATH`) and spelling. Conversations are packed into full rows like pretraining and EVERY token is a
-target, as in reference nanochat's mid_train (only SFT restricts the loss to the assistant's tokens). The LR is
-constant, then decays linearly to `--final-lr-frac` over the last `--warmdown-ratio` of the run. Device batch,
-token batch and LRs come from the base checkpoint's StageRecord unless set; the sequence length is the model's.
+The recipe (MIXTURE below; tasks/mixture.py) covers multi-turn chat (smoltalk), multiple choice (mmlu-aux), the
+calculator (gsm8k), who the assistant is (identity) and spelling. Conversations are packed into full rows like
+pretraining and EVERY token is a target, as in reference nanochat's mid_train. The LR is constant, then decays
+linearly to `--final-lr-frac` over the last `--warmdown-ratio`. Device batch, token batch and LRs come from the
+base checkpoint's StageRecord unless set; the sequence length is the model's.
 
     python -m scripts.mid_train                                                      # one GPU, one epoch
     torchrun --standalone --nproc_per_node=8 -m scripts.mid_train -- --run mid-d20   # one 8-GPU node, wandb
-    NANOCHAT_DATA_DIR=/path/to/data python -m scripts.mid_train --device-type cpu --num-iterations 20 \
+    NANOCHAT_DATA_DIR=/path/to/data python -m scripts.mid_train --device-type cpu --num-iterations 20 \\
         --device-batch-size 4 --total-batch-size 512 --eval-every 10 --eval-tokens 2048   # tiny, CPU, offline
 
-With a local data dir the default recipe leaves out (and prints) the hub-only components (smoltalk, mmlu-aux);
-a component named in `--mixture` that cannot load is an error. Writes <base dir>/mid_checkpoints/<model tag>/
-(`--resume` continues exactly) and <base dir>/report/mid_train.json. Not here: chat evaluation, SFT.
+Writes <base dir>/mid_checkpoints/<model tag>/ (`--resume` continues exactly) and report/mid_train.json.
+Not here: chat evaluation, SFT.
 """
 
 import argparse

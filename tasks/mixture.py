@@ -1,14 +1,11 @@
 """Chat mixtures: the named components the chat stages train on, how each one loads, and the stages' flags.
 
-Contract:
-- A mixture is a list of component names (`COMPONENTS`). `build_mixture(names, split, sources, recipe)` loads
-  each one for `split` ("train" or "val"; some components have no held-out split) and returns one
-  `TaskMixture` (shuffled with seed 42) plus the (name, rows) it holds. Components that cannot load raise one
-  `MixtureError` naming them and the `--mixture` that leaves them out; with `drop_failing` (a stage's default
-  mixture read from a local data dir) they are left out instead, and printed.
-- `recipe` is the stage's choice of sizes: {name: {"epochs": n, "size": n, "stop": n}} (epochs = listed n
-  times; size = generated examples of the spelling tasks; stop = the first n rows).
-- `add_mixture_flags` / `load_stage_mixtures`: the flags and the loading mid_train and chat_sft share.
+Contract: `build_mixture(names, split, sources, recipe)` loads each component (`COMPONENTS`) for `split`
+("train" or "val"; some have no held-out split) into one `TaskMixture` (shuffled, seed 42) plus its
+[(name, rows)]. Components that cannot load raise one `MixtureError` naming them and the `--mixture` that
+leaves them out, or with `drop_failing` (a default mixture from a local data dir) are left out and printed.
+`recipe` sizes them: {name: {"epochs": n (listed n times), "size": n (generated spelling examples), "stop": n
+(the first n rows)}}. `add_mixture_flags` / `load_stage_mixtures`: what mid_train and chat_sft share.
 Not here: batching and losses (nanochat/chat_data.py), the recipes themselves (each stage script).
 """
 
@@ -17,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat.common import print0
+from nanochat.common import get_base_dir, print0
 from nanochat.dataset import DatasetError
 from tasks.common import Task, TaskMixture, resolve_data_dir
 
@@ -51,11 +48,8 @@ VAL_SPELLING_SIZE = 1000  # generated held-out spelling examples; the val loader
 
 def default_identity_path(data_dir: str | None) -> str:
     """The identity conversations: <data dir>/chat/ (the offline layout), else <base dir>/ (reference layout)."""
-    from nanochat.common import get_base_dir
-
-    if data_dir is not None:
-        return os.path.join(data_dir, "chat", "identity_conversations.jsonl")
-    return os.path.join(get_base_dir(), "identity_conversations.jsonl")
+    directory = os.path.join(data_dir, "chat") if data_dir is not None else get_base_dir()
+    return os.path.join(directory, "identity_conversations.jsonl")
 
 
 def parse_mixture(text: str, allowed: list[str]) -> list[str]:
@@ -103,8 +97,6 @@ def component_tasks(name: str, split: str, sources: Sources, size: int = 1000, s
 
 
 def build_mixture(names, split: str, sources: Sources, recipe: dict, seed: int = 42, drop_failing: bool = False):
-    """(TaskMixture of the named components, [(name, rows)]); MixtureError naming every component that fails,
-    or with `drop_failing` a printed line naming those left out."""
     tasks, rows, failures = [], [], []
     for name in names:
         options = recipe.get(name, {})
