@@ -112,8 +112,8 @@ stage tok_train $PY -m scripts.tok_train "${TOK_TRAIN[@]}"
 stage tok_eval $PY -m scripts.tok_eval "${TOK_EVAL[@]}"
 [ -z "$DOWNLOAD_PID" ] || wait "$DOWNLOAD_PID"
 
-# Base model: d20, 561M parameters, 21,400 steps x 524,288 tokens (~3 h, the bulk of the run); then bits per
-# byte on train/val (~1 min) and CORE, 22 in-context tasks (several minutes; 18 with the offline bundle).
+# Base model: d20, 561M parameters, 5,460 steps x 1,048,576 tokens = 5.7B (~1.4 h at 50% MFU on paper, the bulk
+# of the run); then bits per byte on train/val (~1 min) and CORE, 22 in-context tasks (several minutes).
 stage base_train "${LAUNCH[@]}" scripts.base_train --depth "$DEPTH" --model-tag "$TAG" "${BASE_TRAIN[@]}"
 stage base_loss "${LAUNCH[@]}" scripts.base_loss --model-tag "$TAG" "${BASE_LOSS[@]}"
 stage base_eval "${LAUNCH[@]}" scripts.base_eval --model-tag "$TAG" "${BASE_EVAL[@]}"
