@@ -1,8 +1,9 @@
 """Conversion of a nanochat GPT and its tokenizer to the Hugging Face transformers `nanochat` format.
 
 Contract:
-- `export(model, tokenizer, out_dir)` writes config.json, model.safetensors, tokenizer.json and
-  tokenizer_config.json (with a chat template) so that `AutoModelForCausalLM.from_pretrained(out_dir)` loads
+- `export(model, tokenizer, out_dir, card=None)` writes config.json, generation_config.json, model.safetensors,
+  tokenizer.json, tokenizer_config.json (with a chat template) and the `model_card` README.md, all 0666 less
+  the umask, so that `AutoModelForCausalLM.from_pretrained(out_dir)` loads
   with no custom code and gives our logits (fp32 on CPU: bit-identical in the tests) and
   `AutoTokenizer.from_pretrained(out_dir)` encodes and renders chats as we do.
 - Every GPTConfig field is checked against what NanoChatConfig can carry; anything it cannot (a field this
@@ -38,6 +39,7 @@ import torch
 
 from nanochat.common import atomic_write
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.report import read_stage
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -223,19 +225,44 @@ def hf_tokenizer(tokenizer: Tokenizer):
 
 
 def hf_tokenizer_config(config: GPTConfig) -> dict:
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|bos|>",
-        "eos_token": "<|assistant_end|>",
-        "model_max_length": config.sequence_len,
-        "clean_up_tokenization_spaces": False,  # decoding must give back the exact text
-        "chat_template": CHAT_TEMPLATE,
-    }
+    # clean_up_tokenization_spaces off: decoding must give back the exact text.
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|assistant_end|>",
+            "model_max_length": config.sequence_len, "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE}  # fmt: skip
 
 
-def _write_json(path: str, data: dict) -> None:
-    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+def model_card(model: GPT, source: str, tag: str, step: int, reports: str) -> str:
+    """README.md: the architecture, pretraining tokens and scores from the report card in `reports` (a summary of
+    another model tag does not count), naming each one that is missing."""
+
+    def recorded(stage: str, show) -> str:
+        summary, _ = read_stage(reports, stage)
+        if not summary or summary.get("model_tag") != tag:
+            return f"not recorded (no {stage}.json for {tag} in {reports})"
+        return show(summary)
+
+    def chat(summary: dict) -> str:
+        score = "not reported (it needs all six tasks)" if summary["chatcore"] is None else f"{summary['chatcore']:.4f}"
+        tasks = ", ".join(f"{name} {row['accuracy']:.4f}" for name, row in summary["tasks"].items())
+        return f"{score} (step {summary['step']}); accuracy: {tasks}"
+
+    c, padding = model.config, model.wte.weight.shape[0] - model.config.vocab_size  # padding rows are not exported
+    params = sum(p.numel() for p in model.parameters()) - 2 * padding * c.n_embd
+    return f"""---
+library_name: transformers
+---
+# nanochat {tag} ({source}, step {step})
+
+Exported by nanochat's scripts/export_hf.py; loads with transformers >= 5.0, no custom code.
+
+{c.n_layer} layers, width {c.n_embd}, {c.n_head} query / {c.n_kv_head} key-value heads, ReLU² MLP, RoPE (base \
+{c.rope_base:g}), QK-norm, logit softcap {c.logit_softcap:g}; context {c.sequence_len} tokens, vocabulary \
+{c.vocab_size}, {params:,} parameters.
+
+- Pretraining tokens: {recorded("base_train", lambda summary: f"{summary['tokens']:,}")}
+- CORE: {recorded("base_eval", lambda summary: f"{summary['core']:.4f} (step {summary['step']})")}
+- ChatCORE of {source}: {recorded(f"chat_eval_{source}", chat)}
+"""
 
 
 def check_out_dir(out_dir: str, force: bool) -> None:
@@ -250,10 +277,10 @@ def check_out_dir(out_dir: str, force: bool) -> None:
         raise PermissionError(f"cannot write to {out_dir}: {existing} is not a writable directory")
 
 
-def export(model: GPT, tokenizer: Tokenizer, out_dir: str, dtype=torch.float32, force: bool = False) -> list[str]:
+def export(model: GPT, tokenizer: Tokenizer, out_dir: str, dtype=torch.float32, force=False, card=None) -> list[str]:
     """Writes the transformers NanoChat files into `out_dir` and returns their paths. Everything is converted and
     checked before the first write; `force` replaces our files and deletes SHADOWING_FILES, leaving others alone."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if dtype not in EXPORT_DTYPES.values():
         raise ValueError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype}")
@@ -266,10 +293,15 @@ def export(model: GPT, tokenizer: Tokenizer, out_dir: str, dtype=torch.float32, 
     for name in SHADOWING_FILES:
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
-    names = ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json")
-    weights, tokenizer_json, tokenizer_config, config = paths = [os.path.join(out_dir, name) for name in names]
-    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}), by_path=True)
-    atomic_write(tokenizer_json, fast_tokenizer.save, by_path=True)
-    _write_json(tokenizer_config, hf_tokenizer_config(model.config))
-    _write_json(config, config_json)  # last: its presence marks a complete export
-    return paths
+    as_json = lambda data: (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")  # noqa: E731
+    files = {
+        "model.safetensors": save(tensors, metadata={"format": "pt"}),  # bytes: safetensors' own file is 0600
+        "tokenizer.json": fast_tokenizer.to_str(pretty=True).encode("utf-8"),
+        "tokenizer_config.json": as_json(hf_tokenizer_config(model.config)),
+        "generation_config.json": as_json(hf_generation_config(tokenizer)),
+        **({"README.md": card.encode("utf-8")} if card else {}),
+        "config.json": as_json(config_json),  # last: its presence marks a complete export
+    }
+    for name, data in files.items():
+        atomic_write(os.path.join(out_dir, name), lambda f, data=data: f.write(data))
+    return [os.path.join(out_dir, name) for name in files]

@@ -1,9 +1,9 @@
 """Export a trained checkpoint to the Hugging Face transformers format (model type "nanochat").
 
-Loads a stage's checkpoint and the tokenizer from the base dir and writes the files of nanochat/hf_export.py (which
-gives the mapping and what cannot be exported) to --out; they load with plain transformers >= 5.0 and give our
-logits. A user error (an --out that is not empty or not writable, a missing checkpoint, a model the format cannot
-express) ends in one line naming it; runs on the CPU; does not upload to the Hub.
+Loads a stage's checkpoint and the tokenizer from the base dir and writes the files of nanochat/hf_export.py (the
+mapping, what cannot be exported) to --out, with a model card of the report card's scores; they load with plain
+transformers >= 5.0 and give our logits. A user error (an --out that is not empty or not writable, a missing
+checkpoint, a model the format cannot express) ends in one line; runs on the CPU; does not upload to the Hub.
 
     python -m scripts.export_hf --source sft --out hf/d20                      # latest sft checkpoint, largest depth
     python -m scripts.export_hf --source base --model-tag d12 --step 5000 --out hf/d12-base --dtype bfloat16
@@ -19,12 +19,13 @@ Then:
 import argparse
 import os
 
-from nanochat.hf_export import EXPORT_DTYPES, check_out_dir, export
+from nanochat.hf_export import EXPORT_DTYPES, check_out_dir, export, model_card
 
 
 def main(argv=None):
     # Imported here so that nothing but running the script needs the checkpoint code (or touches the base dir).
     from nanochat.checkpoint import STAGES, CheckpointError, checkpoint_dir, load_model
+    from nanochat.report import report_dir
     from nanochat.tokenizer import get_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,7 +44,8 @@ def main(argv=None):
         source_dir = checkpoint_dir(args.source, args.model_tag)
         model, meta = load_model(args.source, "cpu", "eval", model_tag=args.model_tag, step=args.step)
         print(f"export_hf: {source_dir} step {meta['step']}: {model.config}")
-        paths = export(model, get_tokenizer(), args.out, dtype=EXPORT_DTYPES[args.dtype], force=args.force)
+        card = model_card(model, args.source, os.path.basename(source_dir), meta["step"], report_dir())
+        paths = export(model, get_tokenizer(), args.out, EXPORT_DTYPES[args.dtype], args.force, card)
     except (OSError, CheckpointError, ValueError) as e:  # OSError: also a write that fails (disk full, read-only)
         parser.exit(1, f"export_hf: {e}\n")
     for path in paths:

@@ -13,11 +13,11 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from conftest import REPO
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.hf_export import UnsupportedModelError, bpe_merges, export, hf_config
+from nanochat.hf_export import UnsupportedModelError, bpe_merges, export, hf_config, model_card
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # 1000 is not a multiple of 64, so the model pads its vocab to 1024 and the export has to cut the padding.
@@ -140,6 +140,42 @@ def test_config_and_weights_on_disk(tmp_path, tokenizer):
     assert not [name for name in os.listdir(tmp_path) if ".tmp." in name]  # no temp files left behind
     hf_model = load_hf(tmp_path)
     assert hf_model.dtype == torch.bfloat16
+    generation = GenerationConfig.from_pretrained(tmp_path)
+    bos, assistant_end = tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")
+    assert generation.bos_token_id == bos and generation.eos_token_id == [assistant_end, bos]
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {name: os.stat(tmp_path / name).st_mode & 0o777 for name in os.listdir(tmp_path)}
+    assert len(modes) == 5 and set(modes.values()) == {0o666 & ~umask}, modes  # issue 16: the weights were 0600
+
+
+def test_model_card_reads_the_report_card(tmp_path, tokenizer):
+    model, reports = randomized_model(n_kv_head=2), tmp_path / "report"
+    reports.mkdir()
+    summaries = {"base_train": {"model_tag": "d2", "step": 30, "tokens": 61440},
+                 "base_eval": {"model_tag": "d2", "step": 30, "core": 0.01234},
+                 "chat_eval_sft": {"model_tag": "d9", "step": 7, "chatcore": 0.5, "tasks": {}}}  # fmt: skip
+    for stage, summary in summaries.items():
+        (reports / f"{stage}.json").write_text(json.dumps(summary))
+    export(model, tokenizer, str(tmp_path / "hf"), card=model_card(model, "sft", "d2", 7, str(reports)))
+    card = (tmp_path / "hf" / "README.md").read_text()
+    parameters = load_hf(tmp_path / "hf").num_parameters()
+    assert "# nanochat d2 (sft, step 7)" in card and "library_name: transformers" in card
+    assert "2 layers, width 128, 4 query / 2 key-value heads" in card and f"{parameters:,} parameters" in card
+    assert "vocabulary 1000" in card and "context 64 tokens" in card
+    assert "- Pretraining tokens: 61,440\n" in card and "- CORE: 0.0123 (step 30)\n" in card
+    assert f"- ChatCORE of sft: not recorded (no chat_eval_sft.json for d2 in {reports})" in card  # d9's is not ours
+
+    tasks = {"GSM8K": {"accuracy": 0.25}, "MMLU": {"accuracy": 0.5}}
+    (reports / "chat_eval_sft.json").write_text(
+        json.dumps({"model_tag": "d2", "step": 7, "chatcore": None, "tasks": tasks})
+    )
+    (reports / "base_train.json").unlink()
+    card = model_card(model, "sft", "d2", 7, str(reports))
+    assert (
+        "ChatCORE of sft: not reported (it needs all six tasks) (step 7); accuracy: GSM8K 0.2500, MMLU 0.5000" in card
+    )
+    assert f"Pretraining tokens: not recorded (no base_train.json for d2 in {reports})" in card
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -257,6 +293,7 @@ def test_script_end_to_end(tmp_path, tokenizer, monkeypatch):
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "step 7" in result.stdout
+    assert "# nanochat d2 (sft, step 7)" in (out_dir / "README.md").read_text()  # no report card here: "not recorded"
 
     hf_model = load_hf(out_dir)
     ids = torch.tensor([tokenizer.render_for_completion(CONVERSATIONS[2])])
