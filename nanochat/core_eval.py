@@ -281,10 +281,8 @@ def evaluate_task(model, tokenizer, spec: TaskSpec, examples, device, max_seq_le
 def model_max_seq_len(model) -> int | None:
     """The longest sequence the model accepts: GPT's sequence_len, an HF config's position count, else None."""
     config = getattr(model, "config", None)
-    for name in ("sequence_len", "n_positions", "max_position_embeddings"):
-        if config is not None and getattr(config, name, None):
-            return int(getattr(config, name))
-    return None
+    lengths = [getattr(config, name, None) for name in ("sequence_len", "n_positions", "max_position_embeddings")]
+    return next((int(length) for length in lengths if length), None)
 
 
 def evaluate_core(model, tokenizer, bundle_dir: str, device="cpu", max_per_task=-1, max_seq_len=None, tasks=None,

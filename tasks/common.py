@@ -149,10 +149,7 @@ def load_hub_rows(path: str, name: str | None, split: str, offline_hint: str = O
     from datasets import load_dataset
 
     try:
-        dataset = load_dataset(path, name, split=split)
+        return load_dataset(path, name, split=split)
     except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, HfHubHTTPError...)
-        raise RuntimeError(
-            f"could not load {path} (config {name!r}, split {split!r}) from the Hugging Face hub: "
-            f"{type(e).__name__}: {e}. {offline_hint}"
-        ) from e
-    return dataset
+        raise RuntimeError(f"could not load {path} (config {name!r}, split {split!r}) from the Hugging Face hub: "
+                           f"{type(e).__name__}: {e}. {offline_hint}") from e  # fmt: skip

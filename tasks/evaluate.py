@@ -52,9 +52,8 @@ def load_task(name: str, data_dir: str | None = None, arc_split: str = "test") -
 def letter_token_ids(tokenizer, letters: list[str]) -> list[int]:
     """The token id of each answer letter; the categorical scoring needs every letter to be one token."""
     ids = [tokenizer.encode(letter) for letter in letters]
-    for letter, tokens in zip(letters, ids):
-        if len(tokens) != 1:
-            raise ValueError(f"answer letter {letter!r} is {len(tokens)} tokens with this tokenizer, not 1")
+    if too_long := {letter: len(tokens) for letter, tokens in zip(letters, ids) if len(tokens) != 1}:
+        raise ValueError(f"answer letters must be one token each with this tokenizer; token counts: {too_long}")
     return [tokens[0] for tokens in ids]
 
 
