@@ -241,16 +241,12 @@ class StageLog:
         return summary
 
 
+_FORMATS = {"mfu": "MFU {:.1%}", "loss": "loss {:.6f}", "eta_min": "ETA {:.1f} min", "ms": "{:,.0f} ms",
+            "tok_per_s": "{:,.0f} tok/s"}  # fmt: skip
+
+
 def _show(key: str, value) -> str:
-    if key == "mfu":
-        return f"MFU {value:.1%}"
-    if key == "loss":
-        return f"loss {value:.6f}"
-    if key == "eta_min":
-        return f"ETA {value:.1f} min"
-    if key in ("ms", "tok_per_s"):
-        return f"{value:,.0f} {key.replace('_per_', '/')}"
-    return f"{key.replace('_', ' ')} {value:.4f}" if isinstance(value, float) else f"{key.replace('_', ' ')} {value:,}"
+    return _FORMATS.get(key, key.replace("_", " ") + (" {:.4f}" if isinstance(value, float) else " {:,}")).format(value)
 
 
 # ---------------------------------------------------------------------------- checkpoints of a run

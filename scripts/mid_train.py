@@ -58,9 +58,7 @@ def parse_args(argv=None):
     # Data
     add_mixture_flags(parser, STAGE_COMPONENTS)
     # Training horizon
-    parser.add_argument(
-        "--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch of the mixture)"
-    )
+    parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch)")
     # Optimization (-1 = inherit from the base checkpoint)
     parser.add_argument("--max-seq-len", type=int, default=-1, help="row length in tokens (-1 = inherit)")
     parser.add_argument("--device-batch-size", type=int, default=-1, help="rows per forward pass (-1 = inherit)")
