@@ -199,11 +199,15 @@ def test_sample_conversation_is_the_latest_chat_models_greedy_replies(base_dir, 
     assert "No sample conversation: the rl model did not load (" in sample and "is corrupt" in sample
 
 
-def test_paths_are_relative_to_the_base_dir(base_dir):
-    write_stage_summary("chat_sft", {"source": str(base_dir / "mid_checkpoints" / "d4"), "step": 3})
+def test_paths_are_relative_and_a_rising_sft_train_loss_is_explained(base_dir):
+    rising = {"train_loss_curve": curve(30, 3.86, 4.41), "val_loss_curve": curve(30, 2.9, 2.8)}  # issue 16's run
+    write_stage_summary("chat_sft", {"source": str(base_dir / "mid_checkpoints" / "d4"), "step": 3, **rising})
     text = open(report.generate()).read()
     assert text.count(str(base_dir)) == 1 and f"- base dir: {base_dir} (the paths below" in text
     assert "- source: mid_checkpoints/d4\n" in text
+    assert "Train loss rising is not divergence" in text.split("(chat_sft.png)")[1]  # beside the curve
+    write_stage_summary("chat_sft", {"train_loss_curve": curve(30, 4.41, 3.86), "val_loss_curve": curve(30, 2.9, 2.8)})
+    assert "Train loss rising" not in open(report.generate()).read()
 
 
 def test_absent_stages_are_skipped_and_corrupt_ones_reported(base_dir):
