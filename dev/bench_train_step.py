@@ -114,7 +114,7 @@ def main(argv=None):
 
     device_type = args.device_type or autodetect_device_type()
     device = torch.device("cuda" if device_type == "cuda" else device_type)
-    dtype = DTYPES[args.dtype] if args.dtype else autodetect_dtype(device_type)
+    dtype = getattr(torch, args.dtype) if args.dtype else autodetect_dtype(device_type)
     modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"hardware: {hardware(device)}; commit {commit}")

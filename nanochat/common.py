@@ -1,4 +1,4 @@
-"""Shared plumbing for every stage: artifacts directory, device and dtype, torchrun processes, logging, hardware peaks.
+"""Shared plumbing for every stage: artifacts directory, device and dtype, torchrun processes, hardware peaks.
 
 Contract:
 - No side effects at import: nothing touches devices, process groups or the filesystem until called.
@@ -12,7 +12,6 @@ Contract:
 Not here: model code, optimizers, data.
 """
 
-import logging
 import os
 import secrets
 from collections.abc import Callable
@@ -203,19 +202,6 @@ def print0(*args, **kwargs) -> None:
     """print on rank 0 only."""
     if dist_info().rank == 0:
         print(*args, **kwargs, flush=True)
-
-
-def get_logger(name: str = "nanochat") -> logging.Logger:
-    """A logger that prints `time [rank] message` on every rank (INFO; NANOCHAT_LOG_LEVEL overrides)."""
-    logger = logging.getLogger(name)
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        rank = dist_info().rank
-        handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.setLevel(os.environ.get("NANOCHAT_LOG_LEVEL", "INFO"))
-        logger.propagate = False
-    return logger
 
 
 # ---------------------------------------------------------------------------- hardware peaks (for MFU and MBU)
