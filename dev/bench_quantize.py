@@ -44,14 +44,8 @@ SPEED_VARIANTS = {
     "int4 bf16": (4, torch.bfloat16, True, True),
     "int4 fp32 reference": (4, torch.float32, False, True),
 }
-LOSS_VARIANTS = {
-    "float fp32": (None, torch.float32, True, True),
-    "float bf16": (None, torch.bfloat16, True, True),
-    "int8 fp32": (8, torch.float32, True, True),
-    "int8 bf16": (8, torch.bfloat16, True, True),
+LOSS_VARIANTS = {name: v for name, v in SPEED_VARIANTS.items() if "reference" not in name} | {
     "int8 bf16, lm_head float": (8, torch.bfloat16, True, False),
-    "int4 fp32": (4, torch.float32, True, True),
-    "int4 bf16": (4, torch.bfloat16, True, True),
     "int4 bf16, lm_head float": (4, torch.bfloat16, True, False),
     "int4 bf16, lm_head int8": (4, torch.bfloat16, True, "int8"),
 }
