@@ -25,6 +25,7 @@ import torch.distributed as dist
 from nanochat.common import atomic_write, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.core_eval import ensure_bundle, evaluate_core
 from nanochat.report import write_stage_summary
+from nanochat.train import one_line_errors
 from tasks.common import resolve_data_dir
 
 
@@ -48,6 +49,7 @@ def to_csv(rows: list[dict]) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
+@one_line_errors("base_eval")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Model

@@ -25,6 +25,7 @@ from dataclasses import asdict
 from nanochat.common import atomic_write, compute_cleanup, compute_init, describe_environment, get_base_dir, print0
 from nanochat.engine import Engine
 from nanochat.report import read_stage, report_dir, write_stage_summary
+from nanochat.train import one_line_errors
 from tasks.common import resolve_data_dir
 from tasks.evaluate import ALL_TASKS, TaskResult, chatcore, evaluate_task, load_task
 
@@ -69,6 +70,7 @@ def update_report(source: str, tag: str, step: int, results: list[TaskResult]) -
     return write_stage_summary(stage, summary)
 
 
+@one_line_errors("chat_eval")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Model

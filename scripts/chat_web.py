@@ -22,7 +22,7 @@ from dataclasses import fields
 
 import uvicorn
 
-from nanochat.checkpoint import checkpoint_dir, find_last_step, meta_path
+from nanochat.checkpoint import checkpoint_dir, find_last_step, meta_path, verifies
 from nanochat.quantize import INT4_GROUP_SIZE, SCHEMES, check_group_size
 from nanochat.server import Settings, create_app
 from nanochat.tokenizer import get_tokenizer
@@ -71,6 +71,8 @@ def main(argv=None) -> None:
         step = args.step if args.step is not None else find_last_step(directory)
         if step is None:
             raise FileNotFoundError(f"no complete {args.source} checkpoint in {directory}")
+        if not verifies(directory, step):  # issue 15: a corrupt file fails here, not as a worker's traceback
+            raise ValueError(f"step {step} in {directory} does not match its checksums: a file is corrupt")
         get_tokenizer()
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"chat_web: {e}\n(train one first, or pick another with --source / --model-tag)")

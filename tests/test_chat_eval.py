@@ -8,6 +8,7 @@ text token by token through the real Engine. A tiny random GPT checks batching a
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -368,6 +369,21 @@ def test_cli_refuses_what_it_cannot_do(base_dir, data_dir, monkeypatch, capsys):
             chat_eval.main(args)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_is_one_line_not_a_traceback(base_dir, tmp_path, monkeypatch):
+    """Issue 15: a model file with one byte flipped in place ends the run with one line naming the file."""
+    shutil.copytree(base_dir / "tokenizer", tmp_path / "tokenizer")
+    shutil.copytree(base_dir / "chatsft_checkpoints", tmp_path / "chatsft_checkpoints")
+    path = tmp_path / "chatsft_checkpoints" / "d1" / "model_000003.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        chat_eval.main([*CLI_ARGS, "-a", "GSM8K"])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"chat_eval: {path} does not match the sha256") and "\n" not in message
 
 
 @pytest.mark.slow
