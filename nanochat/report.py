@@ -172,19 +172,11 @@ def noisy(problems) -> bool:
     return isinstance(problems, int) and 0 < problems < FEW_PROBLEMS
 
 
-def margin95(problems: int) -> float:
-    """Half-width of a 95% interval on an accuracy from `problems` problems: 1.96 binomial standard errors at
-    p = 0.5, where they are largest, so it holds whatever the true accuracy (8 problems: 0.35)."""
-    return 1.96 * math.sqrt(0.25 / problems)
-
-
 def caveat(counts: dict) -> list[str]:
-    """A line naming the figures from fewer than FEW_PROBLEMS problems ({name: problems}), with their margins."""
-    few = {name: n for name, n in counts.items() if noisy(n)}
-    if not few:
-        return []
-    named = ", ".join(f"{name} {n} problems: ±{margin95(n):.2f}" for name, n in few.items())
-    return ["", f"Noisy, too few problems to compare: {named} (95%, at worst)."]
+    """A line naming the figures from fewer than FEW_PROBLEMS problems ({name: problems}) with a 95% margin: 1.96
+    binomial standard errors at p = 0.5, where they are largest, so it holds whatever the accuracy (8: ±0.35)."""
+    few = [f"{name} {n} problems: ±{1.96 * math.sqrt(0.25 / n):.2f}" for name, n in counts.items() if noisy(n)]
+    return ["", f"Noisy, too few problems to compare: {', '.join(few)} (95%, at worst)."] if few else []
 
 
 def fmt_seconds(seconds: float) -> str:

@@ -155,8 +155,7 @@ def test_chance_levels_and_a_caveat_on_few_problems(base_dir):
 
     assert table_rows(text, "### chat_eval_sft")["MMLU"] == ["8", "0.2200", "0.2500", "0.1200"]  # problems .. centered
     assert table_rows(text, "### chat_eval_sft")["GSM8K"][2] == "0.0000"
-    assert report.margin95(8) == pytest.approx(1.96 * (0.5 * 0.5 / 8) ** 0.5)  # the binomial SE's largest value
-    assert "ARC-Easy 8 problems: ±0.35" in text.split("### chat_eval_sft")[1]
+    assert "ARC-Easy 8 problems: ±0.35" in text.split("### chat_eval_sft")[1]  # 1.96 x the largest binomial SE
     assert "problems: ±" not in text.split("### chat_eval_mid")[1].split("###")[0]  # 100 problems: no caveat
     assert "each CORE task 8 problems: ±0.35" in text.split("### base_eval")[1]
     rows = table_rows(text)
@@ -321,7 +320,7 @@ def test_real_base_train_writes_its_curves(tmp_path, monkeypatch, wiki_docs):
     assert [step for step, _ in summary["val_bpb_curve"]] == [0, 5, 10, 12]
     assert summary["val_bpb_curve"][-1][1] == summary["val_bpb"] < summary["val_bpb_curve"][0][1]
     assert summary["steps"] == 12 and summary["tokens"] == 12 * 512 and summary["depth"] == 2
-    assert summary["parameters"] > 0 and summary["mfu"] is None  # CPU: no peak to divide by
+    assert summary["parameters"] > 0 and summary.get("mfu") is None  # CPU: no peak to divide by
     text = open(report.generate()).read()
     assert "## Base model" in text and "(base_train.png)" in text
     assert (tmp_path / "report" / "base_train.png").read_bytes().startswith(PNG_MAGIC)
