@@ -44,6 +44,7 @@ What it deliberately does not do
 """
 
 import ast
+import contextlib
 import dataclasses
 import functools
 import json
@@ -56,8 +57,7 @@ import subprocess
 import sys
 import time
 
-# -----------------------------------------------------------------------------
-# Sandbox
+# ---------------------------------------------------------------------------- sandbox
 
 NOBODY = 65534  # the uid and gid a root caller's programs run as: `nobody` on Debian, Ubuntu and Fedora
 
@@ -212,13 +212,6 @@ def _visible_paths() -> tuple[str, ...]:
     return tuple(paths)
 
 
-def _kill_group(process_group: int) -> None:
-    try:
-        os.killpg(process_group, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def execute_code(
     code: str,
     timeout: float = 5.0,
@@ -259,11 +252,9 @@ def execute_code(
     )
     os.close(report_write)
     try:
-        try:  # the bootstrap reads all of stdin before anything else, so this cannot deadlock
+        with contextlib.suppress(BrokenPipeError):  # the bootstrap reads all of stdin first: no deadlock
             process.stdin.write(code.encode("utf-8", errors="surrogatepass"))
             process.stdin.close()
-        except BrokenPipeError:
-            pass
         captured, output_truncated, timed_out = _collect_output(process, started + timeout, max_output_bytes)
         if not timed_out and not output_truncated:
             try:
@@ -273,12 +264,11 @@ def execute_code(
     finally:
         # Ask the bootstrap to kill the PID namespace's init (that reaches processes which left our
         # process group), give it a moment, then kill the group anyway. Harmless if all have exited.
-        try:
+        with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=1.0)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        _kill_group(process.pid)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         for stream in (process.stdout, process.stderr):
             stream.close()
@@ -287,8 +277,7 @@ def execute_code(
         # moving to a new session and clearing its death signal; its namespace's init then still runs.
         _kill_namespace_init(bootstrap_report.get("program_pid"))
 
-    stdout = captured[0].decode("utf-8", errors="replace")
-    stderr = captured[1].decode("utf-8", errors="replace")
+    stdout, stderr = (stream.decode("utf-8", errors="replace") for stream in captured)
     exit_code = process.returncode
     last_line = stderr.strip().splitlines()[-1] if stderr.strip() else ""
     memory_exceeded = exit_code != 0 and last_line.startswith("MemoryError")
@@ -305,17 +294,10 @@ def execute_code(
     else:
         error = None
     return ExecutionResult(
-        success=error is None,
-        stdout=stdout,
-        stderr=stderr,
-        error=error,
-        timed_out=timed_out,
-        memory_exceeded=memory_exceeded,
-        output_truncated=output_truncated,
-        exit_code=exit_code,
-        duration_s=time.monotonic() - started,
-        namespaces=bootstrap_report.get("namespaces", False),
-    )
+        success=error is None, stdout=stdout, stderr=stderr, error=error, timed_out=timed_out,
+        memory_exceeded=memory_exceeded, output_truncated=output_truncated, exit_code=exit_code,
+        duration_s=time.monotonic() - started, namespaces=bootstrap_report.get("namespaces", False),
+    )  # fmt: skip
 
 
 def _read_report(report_read: int) -> dict:
@@ -328,10 +310,8 @@ def _read_report(report_read: int) -> dict:
             lines = []
     merged = {}
     for line in lines:
-        try:
+        with contextlib.suppress(ValueError):
             merged.update(json.loads(line))
-        except ValueError:
-            pass
     return merged
 
 
@@ -378,8 +358,7 @@ def _collect_output(process: subprocess.Popen, deadline: float, max_output_bytes
         selector.close()
 
 
-# -----------------------------------------------------------------------------
-# Calculator
+# ---------------------------------------------------------------------------- calculator
 
 MAX_EXPRESSION_CHARS = 1000  # also bounds parser recursion: Python's parser refuses >200 nested parentheses
 MAX_INTEGER_BITS = 4096  # ~1,233 decimal digits: far beyond GSM8K arithmetic, yet instant to compute
@@ -428,14 +407,9 @@ def _evaluate(node: ast.AST):
             if right * math.log2(abs(left)) > MAX_INTEGER_BITS:
                 raise _Refused("power too large")
         return _checked(_ARITHMETIC[type(node.op)](left, right))
-    if (
-        isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Attribute)
-        and node.func.attr == "count"
-        and len(node.args) == 1
-        and not node.keywords
-    ):
-        return _string_literal(node.func.value).count(_string_literal(node.args[0]))
+    match node:
+        case ast.Call(func=ast.Attribute(value=text, attr="count"), args=[part], keywords=[]):
+            return _string_literal(text).count(_string_literal(part))
     raise _Refused(f"{type(node).__name__} is not allowed")
 
 
