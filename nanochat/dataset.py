@@ -20,6 +20,7 @@ Contract:
 """
 
 import argparse
+import functools
 import gzip
 import io
 import itertools
@@ -271,11 +272,9 @@ class ShardWriter:
             return
         name = f"{self.prefix}_{len(self.names):05d}.parquet"
         table = pa.table({"text": pa.array(self.docs, type=pa.string())})
-
-        def write(temp_path: str) -> None:  # zstd 3, no dictionary or statistics: the reference's shards
-            pq.write_table(table, temp_path, row_group_size=self.row_group_docs, compression="zstd",
-                           compression_level=3, use_dictionary=False, write_statistics=False)  # fmt: skip
-
+        # zstd 3, no dictionary or statistics: the reference's shards
+        write = functools.partial(pq.write_table, table, row_group_size=self.row_group_docs, compression="zstd",
+                                  compression_level=3, use_dictionary=False, write_statistics=False)  # fmt: skip
         atomic_write(os.path.join(self.out_dir, name), write, by_path=True)
         print(f"wrote {name}: {len(self.docs):,} documents, {self.chars:,} characters", file=self.out, flush=True)
         self.names.append(name)
@@ -285,11 +284,8 @@ class ShardWriter:
 
 def build_shards(inputs: list[str], out_dir: str, shard_chars: int = 250_000_000, row_group_docs: int = 1024,
                  paragraphs: bool = False, out=None) -> dict:  # fmt: skip
-    """Shards of your own text in `out_dir` (absent or empty): train `shard_NNNNN.parquet`, validation `val_...`.
-
-    The split is `split_documents`' (counted before empty documents are dropped), so the one `iter_documents`
-    makes of the inputs, except that a parquet input's name does not decide its split here. Returns counts.
-    """
+    """Shards of your own text in `out_dir` (absent or empty): train `shard_NNNNN.parquet`, validation `val_...`,
+    split as `iter_documents` splits the inputs (but a parquet input's name does not decide). Returns counts."""
     if shard_chars < 1 or row_group_docs < 1:
         raise DatasetError("--shard-chars and --row-group-docs must be positive")
     out = out or sys.stdout

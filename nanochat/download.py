@@ -47,11 +47,6 @@ OFFLINE_HINT = (
 )
 
 
-def shard_name(source: str, index: int) -> str:
-    """The local name of shard `index`: the set's last shard is saved as val_NNNNN.parquet (fixed by name)."""
-    return f"{'val' if index == SOURCES[source][1] - 1 else 'shard'}_{index:05d}.parquet"
-
-
 def resolve_base_url(source: str, base_url: str | None = None) -> str:
     """Where shard_NNNNN.parquet files are served: `base_url`, else $NANOCHAT_DATA_URL, else the hub."""
     hub = f"https://huggingface.co/datasets/{SOURCES[source][0]}/resolve/main"
@@ -71,11 +66,8 @@ def check_shard(path: str, every_page: bool = False) -> str | None:
 
 
 def claim_directory(out_dir: str, owner: str) -> None:
-    """Mark `out_dir` as filled by source `owner`; refuse if something else filled it.
-
-    Shard i of one set is not shard i of another and each set has its own validation shard, so a directory
-    holding two sets would train on a mix and validate on one of them without saying so.
-    """
+    """Mark `out_dir` as filled by source `owner`; refuse if something else filled it (two sets in one directory
+    would train on a mix and validate on one of them without saying so)."""
     marker = os.path.join(out_dir, SOURCE_MARKER)
     found = Path(marker).read_text(encoding="utf-8").strip() if os.path.exists(marker) else None
     data_files = sorted(name for name in os.listdir(out_dir) if name.endswith(SUFFIXES))
@@ -195,10 +187,8 @@ class DownloadSummary:
 def download_shards(num_train: int, source: str = "fineweb-edu", out_dir: str | None = None, workers: int = 4,
                    base_url: str | None = None, *, attempts: int = 5, backoff_s: float = 1.0, timeout_s: float = 30.0,
                    out: TextIO | None = None) -> DownloadSummary:  # fmt: skip
-    """The first `num_train` training shards of `source` (-1 = all) plus its validation shard, into `out_dir`.
-
-    Shards come from `base_url`, else $NANOCHAT_DATA_URL, else the Hugging Face hub.
-    """
+    """The first `num_train` training shards of `source` (-1 = all) plus its validation shard, into `out_dir`,
+    from `base_url`, else $NANOCHAT_DATA_URL, else the Hugging Face hub."""
     if source not in SOURCES:
         raise DatasetError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
     val_index = SOURCES[source][1] - 1
@@ -219,7 +209,7 @@ def download_shards(num_train: int, source: str = "fineweb-edu", out_dir: str | 
     summary = DownloadSummary(out_dir)
     todo = []
     for index in [val_index, *range(num_train)]:  # validation first: every run needs it
-        name = shard_name(source, index)
+        name = f"{'val' if index == val_index else 'shard'}_{index:05d}.parquet"  # the val shard is fixed by name
         path = os.path.join(out_dir, name)
         bad = check_shard(path) if os.path.exists(path) else "missing"
         if bad is None:
