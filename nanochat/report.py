@@ -42,7 +42,7 @@ import time
 
 from nanochat.common import atomic_write, get_base_dir
 
-GPU_HOURLY_COST = 3.0  # $/GPU-hour: 8xH100 at $24/h, the reference's cost framing (shared/reference §3)
+GPU_HOURLY_COST = 3.0  # $/GPU-hour: 8xH100 at $24/h, the cost framing of karpathy/nanochat's speedrun
 SECTIONS = [
     ("Tokenizer", ["tok_train", "tok_eval"]),
     ("Base model", ["base_train", "base_loss", "base_eval"]),
