@@ -1,14 +1,13 @@
 """The training spine of the four training stages (base_train, mid_train, chat_sft, chat_rl): plain functions.
 
-Each stage keeps its own visible `while` loop and calls these: `StageRecord` (what a stage hands the next, in
-its checkpoint meta), the LR and momentum schedules, `accumulate` and `optimizer_step` (one optimizer step, with
-the non-finite stop), `StageLog` (prints, EMA, MFU, curves, wandb, the stage summary), `save_stage` /
-`resume_stage` (checkpoints with the loop and loader states), the shared flags and `sample`.
+Each stage keeps its own visible `while` loop and calls these for start-up, schedules, one optimizer step (with
+the non-finite stop), logging and checkpoints with the loop and loader states.
 Not here: data, losses and evaluations (the stage scripts, nanochat/chat_data.py, nanochat/loss_eval.py).
 """
 
 import contextlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -18,14 +17,17 @@ import torch.distributed as dist
 from nanochat.checkpoint import (
     CheckpointError,
     CorruptCheckpointError,
+    build_model,
+    checkpoint_dir,
     complete_steps,
     last_verified_step,
     load_checkpoint,
     save_checkpoint,
 )
-from nanochat.common import compute_cleanup, describe_environment, gpu_peaks, print0
+from nanochat.common import compute_cleanup, describe_environment, gpu_peaks, needs_grad_scaler, print0
 from nanochat.dataset import DatasetError
 from nanochat.gpt import GPTConfig
+from nanochat.optim import build_optimizer
 from nanochat.report import write_stage_summary
 
 # Prompts whose greedy continuations show what the model has picked up (facts, arithmetic, grammar).
@@ -69,6 +71,30 @@ def one_line_errors(stage: str):
         yield
     except (CheckpointError, DatasetError) as e:
         raise SystemExit(f"{stage}: {e}") from e
+
+
+def load_source(args, source_stage: str, stage: str, runtime) -> tuple:
+    """A chat stage's start (mid_train, chat_sft): the source checkpoint (--model-tag, --model-step) as
+    (model, its StageRecord, source dir, our output dir, sequence length: --max-seq-len, else the model's)."""
+    source_dir = checkpoint_dir(source_stage, args.model_tag)
+    model, meta = build_model(source_dir, None if args.model_step < 0 else args.model_step, runtime.device)
+    model.compute_dtype = runtime.dtype
+    seq_len = args.max_seq_len if args.max_seq_len > 0 else model.config.sequence_len
+    if seq_len > model.config.sequence_len:
+        raise SystemExit(f"--max-seq-len {seq_len} exceeds the model's context {model.config.sequence_len}")
+    output_dir = checkpoint_dir(stage, os.path.basename(source_dir))
+    return model, StageRecord.from_meta(meta), source_dir, output_dir, seq_len
+
+
+def start_optimizer(model, lrs: StageRecord, lr_frac, weight_decay, runtime, resume, directory, must_match) -> tuple:
+    """The optimizer at lrs' LRs x lr_frac, the fp16 grad scaler and, when `resume`, resume_stage of `directory`:
+    (optimizer, scaler, start step, loop state or None, loader states or None)."""
+    optimizer = build_optimizer(model, lrs.matrix_lr * lr_frac, lrs.embedding_lr * lr_frac,
+                                lrs.unembedding_lr * lr_frac, weight_decay)  # fmt: skip
+    scaler = torch.amp.GradScaler(runtime.device.type) if needs_grad_scaler(runtime.dtype) else None
+    if not resume:
+        return optimizer, scaler, 0, None, None
+    return optimizer, scaler, *resume_stage(directory, model, optimizer, runtime, must_match)[:3]
 
 
 # ---------------------------------------------------------------------------- schedules

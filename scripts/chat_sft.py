@@ -1,14 +1,9 @@
 """Chat SFT: fine-tune a mid (or base) checkpoint on whole conversations, trained only on the assistant's tokens.
 
-One conversation per row, right-padded; targets are -1 where the render mask is 0 (user turns, tool output)
-and on padding. A step's loss is its summed loss over the supervised tokens of the WHOLE step (all micro-batches
-and processes; nanochat.chat_data.supervised_backward), so the gradient does not depend on the split. LRs start
-at `--init-lr-frac` of the source's (its StageRecord) and decay linearly to `--final-lr-frac`; device batch
-and sequence length are the source's unless set. No torch.compile: rows have variable lengths.
-
-The recipe (MIXTURE below, as reference nanochat): arc, gsm8k, smoltalk (first 10K), identity, simplespelling
-(300), spelling (300); `--data PATH.jsonl` adds your own conversations. A mixture without held-out rows
-(identity, --data) trains with validation skipped, and says so.
+One conversation per row (nanochat.chat_data.sft_micro_batches); the loss is normalised over the supervised
+tokens of the WHOLE step, so the gradient does not depend on the split. LRs and device batch are the source
+StageRecord's unless set. No torch.compile: rows have variable lengths. `--data PATH.jsonl` adds your own
+conversations; a mixture without held-out rows (identity, --data) trains with validation skipped, and says so.
 
     python -m scripts.chat_sft                                                       # one GPU, from mid
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run sft-d20
@@ -24,22 +19,18 @@ import argparse
 import os
 from dataclasses import asdict, replace
 
-import torch
-
 from nanochat.chat_data import evaluate_loss, sft_micro_batches, supervised_backward
-from nanochat.checkpoint import build_model, checkpoint_dir
-from nanochat.common import compute_init, needs_grad_scaler, print0
-from nanochat.optim import build_optimizer
+from nanochat.common import compute_init, print0
 from nanochat.tokenizer import get_tokenizer
 from nanochat.train import (
     StageLog,
-    StageRecord,
     add_stage_flags,
+    load_source,
     one_line_errors,
     optimizer_step,
-    resume_stage,
     save_stage,
     set_schedule,
+    start_optimizer,
     warmdown_multiplier,
 )
 from tasks.evaluate import evaluate_task, load_task
@@ -91,19 +82,12 @@ def main(argv=None):
     tokenizer = get_tokenizer()
 
     # ---------------------------------------------------------------- model
-    source_dir = checkpoint_dir(args.source, args.model_tag)
-    model, source_meta = build_model(source_dir, None if args.model_step < 0 else args.model_step, device)
-    model.compute_dtype = runtime.dtype
-    model_tag = os.path.basename(source_dir)
-    output_dir = checkpoint_dir("sft", model_tag)
+    model, source, source_dir, output_dir, seq_len = load_source(args, args.source, "sft", runtime)
+    model_tag = os.path.basename(output_dir)
 
-    # Derived values: the source stage's record unless given (sequence length: the model's context)
-    source = StageRecord.from_meta(source_meta)
-    seq_len = args.max_seq_len if args.max_seq_len > 0 else model.config.sequence_len
+    # Derived values: the source stage's record unless given
     per_process = max(1, args.examples_per_step // runtime.world_size)
     device_batch = args.device_batch_size if args.device_batch_size > 0 else min(source.device_batch_size, per_process)
-    if seq_len > model.config.sequence_len:
-        raise SystemExit(f"--max-seq-len {seq_len} exceeds the model's context {model.config.sequence_len}")
     if args.examples_per_step % (device_batch * runtime.world_size):
         raise SystemExit(f"--examples-per-step {args.examples_per_step} must be a multiple of device batch "
                          f"{device_batch} x {runtime.world_size} processes")  # fmt: skip
@@ -118,17 +102,12 @@ def main(argv=None):
                          f"{args.examples_per_step}; lower it or add data")  # fmt: skip
     metric_tasks = [load_task(name, data_dir, "validation" if data_dir else "test") for name in METRIC_TASKS]
 
-    # ---------------------------------------------------------------- optimizer
-    frac = args.init_lr_frac
-    optimizer = build_optimizer(model, source.matrix_lr * frac, source.embedding_lr * frac,
-                                source.unembedding_lr * frac, weight_decay=args.weight_decay)  # fmt: skip
-    scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(runtime.dtype) else None
-
-    # ---------------------------------------------------------------- resume
-    start_step, loop = 0, None
-    if args.resume:  # batches are a function of the step: nothing else to restore
-        layout = {"examples_per_step": args.examples_per_step}
-        start_step, loop, _, _ = resume_stage(output_dir, model, optimizer, runtime, layout)
+    # ---------------------------------------------------------------- optimizer and resume
+    # batches are a function of the step: nothing else to restore
+    layout = {"examples_per_step": args.examples_per_step}
+    optimizer, scaler, start_step, loop, _ = start_optimizer(
+        model, source, args.init_lr_frac, args.weight_decay, runtime, args.resume, output_dir, layout
+    )
 
     resolved = {**vars(args), **asdict(record), "max_seq_len": seq_len, "grad_accum_steps": grad_accum,
                 "num_iterations": num_iterations, "source_dir": source_dir, "data_dir": data_dir,

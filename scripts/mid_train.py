@@ -1,10 +1,7 @@
 """Midtrain: continue a base checkpoint on packed conversations, teaching the chat format and the tools.
 
-The recipe (MIXTURE below; tasks/mixture.py) covers multi-turn chat (smoltalk), multiple choice (mmlu-aux), the
-calculator (gsm8k), who the assistant is (identity) and spelling. Conversations are packed into full rows like
-pretraining and EVERY token is a target, as in reference nanochat's mid_train. The LR is constant, then decays
-linearly to `--final-lr-frac` over the last `--warmdown-ratio`. Device batch, token batch and LRs come from the
-base checkpoint's StageRecord unless set; the sequence length is the model's.
+Conversations of the recipe (MIXTURE below) are packed into full rows like pretraining and EVERY token is a
+target, as in reference nanochat's mid_train. Batch sizes and LRs are the base checkpoint's StageRecord's unless set.
 
     python -m scripts.mid_train                                                      # one GPU, one epoch
     torchrun --standalone --nproc_per_node=8 -m scripts.mid_train -- --run mid-d20   # one 8-GPU node, wandb
@@ -23,22 +20,20 @@ import torch
 import torch.distributed as dist
 
 from nanochat.chat_data import PackedChatLoader
-from nanochat.checkpoint import build_model, checkpoint_dir
-from nanochat.common import compute_init, needs_grad_scaler, print0
+from nanochat.common import compute_init, print0
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import build_optimizer
 from nanochat.tokenizer import get_tokenizer
 from nanochat.train import (
     StageLog,
-    StageRecord,
     accumulate,
     add_stage_flags,
+    load_source,
     muon_momentum,
     one_line_errors,
     optimizer_step,
-    resume_stage,
     save_stage,
     set_schedule,
+    start_optimizer,
     warmdown_multiplier,
 )
 from tasks.mixture import COMPONENTS, add_mixture_flags, load_stage_mixtures
@@ -86,20 +81,13 @@ def main(argv=None):
     token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
 
     # ---------------------------------------------------------------- model
-    source_dir = checkpoint_dir("base", args.model_tag)
-    model, source_meta = build_model(source_dir, None if args.model_step < 0 else args.model_step, device)
-    model.compute_dtype = runtime.dtype
-    model_tag = os.path.basename(source_dir)
-    output_dir = checkpoint_dir("mid", model_tag)
+    model, source, source_dir, output_dir, seq_len = load_source(args, "base", "mid", runtime)
+    model_tag = os.path.basename(output_dir)
 
-    # Derived values: the base stage's record unless given (sequence length: the model's context)
-    source = StageRecord.from_meta(source_meta)
-    seq_len = args.max_seq_len if args.max_seq_len > 0 else model.config.sequence_len
+    # Derived values: the base stage's record unless given
     device_batch = args.device_batch_size if args.device_batch_size > 0 else source.device_batch_size
     total_batch = args.total_batch_size if args.total_batch_size > 0 else source.total_batch_size
     tokens_per_micro_step = device_batch * seq_len * runtime.world_size
-    if seq_len > model.config.sequence_len:
-        raise SystemExit(f"--max-seq-len {seq_len} exceeds the model's context {model.config.sequence_len}")
     if total_batch % tokens_per_micro_step:
         raise SystemExit(
             f"--total-batch-size {total_batch} must be a multiple of {tokens_per_micro_step} "
@@ -114,17 +102,11 @@ def main(argv=None):
     # ---------------------------------------------------------------- data
     train_mixture, train_rows, val_mixture, data_dir = load_stage_mixtures(args, MIXTURE)
 
-    # ---------------------------------------------------------------- optimizer
-    frac = args.init_lr_frac
-    optimizer = build_optimizer(model, source.matrix_lr * frac, source.embedding_lr * frac,
-                                source.unembedding_lr * frac, weight_decay=args.weight_decay)  # fmt: skip
-    scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(runtime.dtype) else None
-
-    # ---------------------------------------------------------------- resume
-    start_step, loop, loader_states = 0, None, None
-    if args.resume:
-        layout = {"total_batch_size": total_batch, "device_batch_size": device_batch}
-        start_step, loop, loader_states, _ = resume_stage(output_dir, model, optimizer, runtime, layout)
+    # ---------------------------------------------------------------- optimizer and resume
+    layout = {"total_batch_size": total_batch, "device_batch_size": device_batch}
+    optimizer, scaler, start_step, loop, loader_states = start_optimizer(
+        model, source, args.init_lr_frac, args.weight_decay, runtime, args.resume, output_dir, layout
+    )
     # One loader per (process, micro-step), slices of one data width, as in base_train.
     data_width = grad_accum * runtime.world_size
     loaders = [

@@ -46,23 +46,6 @@ COMPONENTS = {
 VAL_SPELLING_SIZE = 1000  # generated held-out spelling examples; the val loaders only read the first tokens
 
 
-def default_identity_path(data_dir: str | None) -> str:
-    """The identity conversations: <data dir>/chat/ (the offline layout), else <base dir>/ (reference layout)."""
-    directory = os.path.join(data_dir, "chat") if data_dir is not None else get_base_dir()
-    return os.path.join(directory, "identity_conversations.jsonl")
-
-
-def parse_mixture(text: str, allowed: list[str]) -> list[str]:
-    """Comma-separated component names, in order, each known to the stage and listed once."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in allowed]
-    if unknown or not names:
-        raise ValueError(f"unknown mixture component(s) {unknown}; choose among {','.join(allowed)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"a mixture component is listed twice in {text!r}")
-    return names
-
-
 def component_tasks(name: str, split: str, sources: Sources, size: int = 1000, stop: int | None = None) -> list[Task]:
     """The tasks of one component for `split` ("train" or "val"); [] when it has no held-out split."""
     from tasks.arc import ARC
@@ -134,11 +117,15 @@ def describe_mixture(title: str, rows: list[tuple[str, int]]) -> str:
 def add_mixture_flags(parser: argparse.ArgumentParser, allowed: list[str], user_data: bool = False) -> None:
     """--mixture (checked as it is parsed), --data-dir, --identity, and with `user_data` SFT's --data."""
 
-    def names(text: str) -> list[str]:
-        try:
-            return parse_mixture(text, allowed)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from e
+    def names(text: str) -> list[str]:  # comma-separated, in order, each known to the stage and listed once
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in allowed]
+        if unknown or not names:
+            choices = ",".join(allowed)
+            raise argparse.ArgumentTypeError(f"unknown mixture component(s) {unknown}; choose among {choices}")
+        if len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(f"a mixture component is listed twice in {text!r}")
+        return names
 
     parser.add_argument("--mixture", type=names, default=None, help="components, comma-separated (default: the "
                         "stage's recipe, the components a local --data-dir holds)")  # fmt: skip
@@ -157,7 +144,10 @@ def load_stage_mixtures(args, recipe: dict) -> tuple[TaskMixture, list, TaskMixt
     data_dir, user_data = resolve_data_dir(args.data_dir), getattr(args, "data", None)
     if user_data and not (os.path.isfile(user_data) and Path(user_data).read_bytes().strip()):
         raise MixtureError(f"--data {user_data} holds no conversations: give a JSONL file, one conversation a line")
-    sources = Sources(data_dir, args.identity or default_identity_path(data_dir), user_data)
+    # identity: <data dir>/chat/ (the offline layout), else <base dir>/ (the reference layout)
+    identity_dir = os.path.join(data_dir, "chat") if data_dir is not None else get_base_dir()
+    identity = args.identity or os.path.join(identity_dir, "identity_conversations.jsonl")
+    sources = Sources(data_dir, identity, user_data)
     names = (args.mixture or list(recipe)) + (["data"] if user_data else [])
     drop = args.mixture is None and data_dir is not None  # the default recipe keeps what a local data dir holds
     train_mixture, train_rows = build_mixture(names, "train", sources, recipe, drop_failing=drop)
