@@ -83,10 +83,8 @@ def list_row_groups(shards: list[str]) -> list[tuple[str, int, int]]:
 
 
 class RowGroupReader:
-    """One rank's row groups in epoch order, read and tokenized into documents cropped to one row.
-
-    Stateless apart from its configuration, so it can run on a worker thread without locks.
-    """
+    """One rank's row groups in epoch order, read and tokenized into documents cropped to one row. Stateless
+    apart from its configuration, so it can run on a worker thread without locks."""
 
     def __init__(self, row_groups, tokenizer, rank, world_size, seed, row_len, tokenizer_threads, tokenizer_batch):
         self.row_groups, self.tokenizer, self.bos = row_groups, tokenizer, tokenizer.get_bos_token_id()
@@ -105,10 +103,8 @@ class RowGroupReader:
         return permutation[self.rank :: self.world_size]
 
     def load(self, epoch: int, position: int, first_doc: int = 0, doc_indices=None) -> list[tuple[np.ndarray, int]]:
-        """(tokens cropped to one row, full token count) of the documents of one row group.
-
-        Documents from `first_doc` on, or only those in `doc_indices` (to rebuild a saved buffer).
-        """
+        """(tokens cropped to one row, full token count) of the documents of one row group from `first_doc` on,
+        or only those in `doc_indices` (to rebuild a saved buffer)."""
         shard, index, _ = self.row_groups[self.order(epoch)[position]]
         with open_shard(shard) as parquet_file:
             texts = read_row_group(parquet_file, shard, index)  # a corrupt page: ShardError naming both
@@ -182,8 +178,7 @@ class PretrainLoader:
     # ------------------------------------------------------------------ stats
 
     @property
-    def epoch(self) -> int:
-        """Epoch of the next document to be read."""
+    def epoch(self) -> int:  # of the next document to be read
         return self._epoch
 
     @property
@@ -322,7 +317,6 @@ class PretrainLoader:
         for _, _, (epoch, position, doc) in self._entries:
             by_row_group.setdefault((epoch, position), []).append(doc)
         buffer = [[epoch, position, sorted(docs)] for (epoch, position), docs in sorted(by_row_group.items())]
-        # buffer: the buffered documents grouped by row group, [epoch, position, [doc indices]]
         return {"format": STATE_FORMAT, **self._identity, "epoch": self._epoch, "position": self._position,
                 "doc": self._doc, "buffer": buffer, "rows_emitted": self.rows_emitted,
                 "tokens_cropped": self.tokens_cropped}  # fmt: skip

@@ -49,6 +49,7 @@ import dataclasses
 import functools
 import json
 import math
+import operator
 import os
 import re
 import selectors
@@ -242,14 +243,10 @@ def execute_code(
     process = subprocess.Popen(
         # The real interpreter, not a venv's link to it: the venv lives in the repository, which is hidden.
         [os.path.realpath(sys.executable), "-I", "-S", "-c", BOOTSTRAP, json.dumps(settings)],
-        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        close_fds=True,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, close_fds=True, pass_fds=(report_write,),
         start_new_session=True,  # its own process group, so one killpg reaches everything it forks
-        pass_fds=(report_write,),
-    )
+    )  # fmt: skip
     os.close(report_write)
     try:
         with contextlib.suppress(BrokenPipeError):  # the bootstrap reads all of stdin first: no deadlock
@@ -362,15 +359,8 @@ def _collect_output(process: subprocess.Popen, deadline: float, max_output_bytes
 
 MAX_EXPRESSION_CHARS = 1000  # also bounds parser recursion: Python's parser refuses >200 nested parentheses
 MAX_INTEGER_BITS = 4096  # ~1,233 decimal digits: far beyond GSM8K arithmetic, yet instant to compute
-_ARITHMETIC = {
-    ast.Add: lambda a, b: a + b,
-    ast.Sub: lambda a, b: a - b,
-    ast.Mult: lambda a, b: a * b,
-    ast.Div: lambda a, b: a / b,
-    ast.FloorDiv: lambda a, b: a // b,
-    ast.Mod: lambda a, b: a % b,
-    ast.Pow: lambda a, b: a**b,
-}
+_ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}  # fmt: skip
 
 
 class _Refused(Exception):
