@@ -11,9 +11,9 @@ slow part cannot starve the rest:
 - train: dev/bench_train_step.py at depth 12 and 20, sequence 2,048, compiled, at the largest device batch an
   eager step fits in (probed here, largest first): tokens/s, MFU against nanochat.common.gpu_peaks, peak memory;
   once per `--recipe NAME=ARGS` (default: today's recipe only);
-- engine: scripts.infer_bench on random d20 weights: prefill tok/s, decode tok/s at batch 1, 8 and 32, eager and
-  (when infer_bench has --compile-decode) the compiled/CUDA-graph path, against the roofline = batch / (bytes read
-  per step / measured copy bandwidth);
+- engine: dev/infer_bench.py (scripts/ before) on random d20 weights: prefill tok/s, decode tok/s at batch 1, 8
+  and 32, eager and (when infer_bench has --compile-decode) the compiled/CUDA-graph path, against the roofline
+  = batch / (bytes read per step / measured copy bandwidth);
 - server: dev/bench_server.py against scripts.chat_web serving a d20 checkpoint (one step of base_train) with 1,
   16 and 64 concurrent streaming clients: aggregate tok/s, TTFT p50/p95;
 - smoke: the GPU path end to end at a tiny size: base_train under torchrun (compiled, evaluation, checkpoints),
@@ -250,10 +250,11 @@ def part_train(check: Check, part: dict, until: float) -> None:
 def part_engine(check: Check, part: dict, until: float) -> None:
     size = check.size
     variants = {"eager": []}
-    with open(os.path.join(REPO, "scripts", "infer_bench.py")) as f:  # its flags, without a process importing torch
+    script = next(p for p in ("dev/infer_bench.py", "scripts/infer_bench.py") if os.path.exists(os.path.join(REPO, p)))
+    with open(os.path.join(REPO, script)) as f:  # its flags, without a process importing torch
         has_flag = '"--compile-decode"' in f.read()
     if not has_flag:
-        part["compiled"] = "not measured: scripts.infer_bench has no --compile-decode flag"
+        part["compiled"] = f"not measured: {script} has no --compile-decode flag"
     elif check.dry:
         part["compiled"] = "not run in the dry run: inductor on a CPU takes minutes"
     else:
@@ -261,7 +262,7 @@ def part_engine(check: Check, part: dict, until: float) -> None:
     bandwidth = check.hardware["copy_bytes_per_s"]
     for variant, extra in variants.items():
         path = os.path.join(check.work, f"engine_{variant}.json")
-        command = ["-m", "scripts.infer_bench", "--depth", str(size["engine_depth"]), "--vocab-size",
+        command = [script, "--depth", str(size["engine_depth"]), "--vocab-size",
                    str(size["train_vocab"]), "--device-type", check.device_type, *size["engine_args"], "--json", path,
                    *extra]  # fmt: skip
         check.run(part, f"infer_bench {variant}", check.python(*command), until)
