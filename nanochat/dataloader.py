@@ -90,11 +90,9 @@ class RowGroupReader:
         self.row_groups, self.tokenizer, self.bos = row_groups, tokenizer, tokenizer.get_bos_token_id()
         self.rank, self.world_size, self.seed, self.row_len = rank, world_size, seed, row_len
         self.tokenizer_threads, self.tokenizer_batch = tokenizer_threads, tokenizer_batch
-        # Positions per epoch: the same every epoch, since only the order of the row groups changes.
-        self.positions_per_epoch = len(range(rank, len(row_groups), world_size))
+        self.positions_per_epoch = len(range(rank, len(row_groups), world_size))  # only their order changes
 
-    def after(self, epoch: int, position: int) -> tuple[int, int]:
-        """The (epoch, position) read after (epoch, position)."""
+    def after(self, epoch: int, position: int) -> tuple[int, int]:  # the (epoch, position) read next
         return (epoch, position + 1) if position + 1 < self.positions_per_epoch else (epoch + 1, 0)
 
     def order(self, epoch: int) -> np.ndarray:
@@ -151,8 +149,8 @@ class PretrainLoader:
         # Everything a saved state must agree with to continue this stream exactly.
         fingerprint = hashlib.sha256(json.dumps([(os.path.basename(s), i, n) for s, i, n in row_groups]).encode())
         self._identity = {
-            "split": split, "seq_len": seq_len, "buffer_docs": buffer_docs, "seed": seed, "rank": rank,
-            "world_size": world_size, "shards": fingerprint.hexdigest()[:16],
+            "format": STATE_FORMAT, "split": split, "seq_len": seq_len, "buffer_docs": buffer_docs, "seed": seed,
+            "rank": rank, "world_size": world_size, "shards": fingerprint.hexdigest()[:16],
         }  # fmt: skip
 
         # The buffer, sorted by token count. A new document goes before documents of equal length
@@ -317,13 +315,11 @@ class PretrainLoader:
         for _, _, (epoch, position, doc) in self._entries:
             by_row_group.setdefault((epoch, position), []).append(doc)
         buffer = [[epoch, position, sorted(docs)] for (epoch, position), docs in sorted(by_row_group.items())]
-        return {"format": STATE_FORMAT, **self._identity, "epoch": self._epoch, "position": self._position,
+        return {**self._identity, "epoch": self._epoch, "position": self._position,
                 "doc": self._doc, "buffer": buffer, "rows_emitted": self.rows_emitted,
                 "tokens_cropped": self.tokens_cropped}  # fmt: skip
 
     def _restore(self, state: dict) -> None:
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"loader state has format {state.get('format')!r}, this code reads {STATE_FORMAT}")
         for key, value in self._identity.items():
             if state.get(key) != value:
                 what = "the same shards" if key == "shards" else f"the same {key}"

@@ -31,8 +31,7 @@ from nanochat import dataset
 from nanochat.common import atomic_write, get_base_dir
 from nanochat.dataset import REFETCH, SOURCE_MARKER, SUFFIXES, DatasetError, ShardError
 
-# Published shard sets, shard_00000.parquet ... on the Hugging Face hub: (dataset, number of shards). A set's
-# last shard is its validation shard.
+# Published shard sets (shard_00000.parquet ...) on the Hugging Face hub: (dataset, number of shards).
 SOURCES = {
     # FineWeb-Edu sample-100BT shuffled with seed 42: the reference's data until 2026 (~180 GB in all).
     "fineweb-edu": ("karpathy/fineweb-edu-100b-shuffle", 1823),
@@ -89,9 +88,9 @@ def claim_directory(out_dir: str, owner: str) -> None:
 def describe_network_error(error: BaseException) -> str:
     """The innermost cause of a requests error without urllib3's wrappers, e.g. "[Errno 111] Connection refused"."""
     while True:
-        inner = getattr(error, "reason", None)
-        if not isinstance(inner, BaseException):
-            inner = next((arg for arg in reversed(error.args) if isinstance(arg, BaseException)), None)
+        reason = getattr(error, "reason", None)
+        causes = [reason, *reversed(error.args)]  # urllib3 keeps the cause in .reason or among the args
+        inner = next((cause for cause in causes if isinstance(cause, BaseException)), None)
         if inner is None:
             break
         error = inner
@@ -109,11 +108,9 @@ class _BadTransfer(Exception):
 
 def fetch_shard(url: str, path: str, *, attempts=5, backoff_s=1.0, timeout_s=30.0, out=None, stop=None) -> int:
     """Download `url` to `path` atomically, retrying transient failures; returns the file's size in bytes.
-
     Retried: connection failures, interrupted transfers, HTTP 408/429/5xx, and bodies that are short or not a
     readable shard; waits backoff_s * 2^k between attempts (1, 2, 4, 8 s by default, the reference's schedule
-    halved). Not retried: HTTP 404 and other 4xx, and failures to write the file.
-    """
+    halved). Not retried: HTTP 404 and other 4xx, and failures to write the file."""
     import requests
 
     stop = stop or threading.Event()
@@ -142,7 +139,6 @@ def fetch_shard(url: str, path: str, *, attempts=5, backoff_s=1.0, timeout_s=30.
                     continue
                 raise DatasetError(f"{name}: {problem} from {url}")  # 401/403/...: asking again will not help
             try:
-                # temp file + fsync + rename: a shard under its final name is always complete
                 atomic_write(path, functools.partial(_save_body, response, stop=stop), by_path=True)
             except _BadTransfer as e:
                 problem = str(e)
@@ -162,17 +158,15 @@ def _save_body(response, temp_path: str, *, stop: threading.Event) -> None:
     """Stream an HTTP body to `temp_path` in 1 MiB chunks, then check it is the whole shard."""
     # Content-Length is the body's size only without a Content-Encoding (requests decodes gzip bodies).
     length = None if response.headers.get("Content-Encoding") else response.headers.get("Content-Length")
-    received = 0
     with open(temp_path, "wb") as f:
         for chunk in response.iter_content(chunk_size=1 << 20):
             if stop.is_set():
                 raise _Stopped()
             f.write(chunk)
-            received += len(chunk)
+        received = f.tell()
     if length is not None and received != int(length):
         raise _BadTransfer(f"received {received:,} of {int(length):,} bytes")
-    bad = check_shard(temp_path, every_page=True)
-    if bad:
+    if bad := check_shard(temp_path, every_page=True):
         raise _BadTransfer(f"downloaded body is not a valid shard ({bad})")
 
 

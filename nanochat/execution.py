@@ -121,9 +121,8 @@ def build_root():
     check(libc.umount2(b".", 2), "detach the host's root")  # MNT_DETACH: the host filesystem is gone from view
     mount(None, "/", None, REMOUNT | BIND | RDONLY | NOSUID | NODEV)
     os.chdir("/tmp")
-    null = os.open("/dev/null", os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
+    with open("/dev/null", "rb") as null:
+        os.dup2(null.fileno(), 0)
 try:
     # A user namespace's processes also count against its creator's RLIMIT_NPROC as it was at creation.
     resource.setrlimit(resource.RLIMIT_NPROC, (resource.getrlimit(resource.RLIMIT_NPROC)[1],) * 2)
@@ -300,11 +299,9 @@ def execute_code(
 def _read_report(report_read: int) -> dict:
     """The bootstrap's JSON lines, merged; non-blocking, since a stray program could hold the pipe open."""
     os.set_blocking(report_read, False)
-    with os.fdopen(report_read, "rb") as report:
-        try:
-            lines = (report.read() or b"").splitlines()
-        except BlockingIOError:
-            lines = []
+    lines = []
+    with os.fdopen(report_read, "rb") as report, contextlib.suppress(BlockingIOError):
+        lines = (report.read() or b"").splitlines()
     merged = {}
     for line in lines:
         with contextlib.suppress(ValueError):
@@ -317,25 +314,21 @@ def _kill_namespace_init(pid: int | None) -> None:
     process in that namespace. The NSpid check keeps us from killing an unrelated process that reused the pid."""
     if pid is None:
         return
-    try:
+    with contextlib.suppress(OSError):  # gone already, or not ours to kill
         with open(f"/proc/{pid}/status") as f:
             namespace_pids = next((line.split()[1:] for line in f if line.startswith("NSpid:")), [])
         if len(namespace_pids) > 1 and namespace_pids[-1] == "1":
             os.kill(pid, signal.SIGKILL)
-    except (OSError, StopIteration):
-        pass
 
 
 def _collect_output(process: subprocess.Popen, deadline: float, max_output_bytes: int):
     """Read stdout and stderr until both close, the deadline passes, or together they exceed the cap.
     Returns ([stdout_bytes, stderr_bytes], output_truncated, timed_out)."""
     captured = [bytearray(), bytearray()]
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ, 0)
-    selector.register(process.stderr, selectors.EVENT_READ, 1)
-    open_streams = 2
-    try:
-        while open_streams:
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ, 0)
+        selector.register(process.stderr, selectors.EVENT_READ, 1)
+        while selector.get_map():  # until both streams have closed
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return captured, False, True
@@ -343,7 +336,6 @@ def _collect_output(process: subprocess.Popen, deadline: float, max_output_bytes
                 chunk = os.read(key.fileobj.fileno(), 65536)
                 if not chunk:
                     selector.unregister(key.fileobj)
-                    open_streams -= 1
                     continue
                 captured[key.data] += chunk
                 if len(captured[0]) + len(captured[1]) > max_output_bytes:
@@ -351,8 +343,6 @@ def _collect_output(process: subprocess.Popen, deadline: float, max_output_bytes
                     del captured[key.data][room:]
                     return captured, True, False
         return captured, False, False
-    finally:
-        selector.close()
 
 
 # ---------------------------------------------------------------------------- calculator
@@ -378,12 +368,6 @@ def _checked(value):
     return value
 
 
-def _string_literal(node: ast.AST) -> str:
-    if isinstance(node, ast.Constant) and type(node.value) is str:
-        return node.value
-    raise _Refused("only string literals may take part in .count()")
-
-
 def _evaluate(node: ast.AST):
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):  # `type is` excludes bool
         return _checked(node.value)
@@ -397,22 +381,24 @@ def _evaluate(node: ast.AST):
             if right * math.log2(abs(left)) > MAX_INTEGER_BITS:
                 raise _Refused("power too large")
         return _checked(_ARITHMETIC[type(node.op)](left, right))
-    match node:
-        case ast.Call(func=ast.Attribute(value=text, attr="count"), args=[part], keywords=[]):
-            return _string_literal(text).count(_string_literal(part))
+    match node:  # "text".count("part"): string literals only
+        case ast.Call(
+            func=ast.Attribute(value=ast.Constant(value=str() as text), attr="count"),
+            args=[ast.Constant(value=str() as part)],
+            keywords=[],
+        ):
+            return text.count(part)
     raise _Refused(f"{type(node).__name__} is not allowed")
 
 
 def use_calculator(expression: str) -> int | float | None:
-    """Evaluate `expression` (arithmetic, or `"text".count("x")`) and return the number, or None if the
-    expression is refused, malformed or undefined. Thread-safe: no signals, no shared state."""
+    """The value of `expression`, or None if it is refused, malformed or undefined (see the module docstring)."""
     if not isinstance(expression, str) or len(expression) > MAX_EXPRESSION_CHARS:
         return None
     # Thousands separators (GSM8K writes "1,200") go; a comma anywhere else is left to make the parse fail.
     without_separators = re.sub(r"(?<=\d),(?=\d{3})", "", expression.strip())
     try:
-        tree = ast.parse(without_separators, mode="eval")
-        return _evaluate(tree.body)
+        return _evaluate(ast.parse(without_separators, mode="eval").body)
     except (_Refused, SyntaxError, ValueError, ArithmeticError, RecursionError, MemoryError):
         # ArithmeticError covers ZeroDivisionError and OverflowError (10.0**400, a huge int divided to float).
         return None
