@@ -1,17 +1,15 @@
 """Chat data for the stages after pretraining: conversations turned into batches, and their losses.
 
-Contract (any Task works as input; nothing here imports tasks/):
-- Midtraining: `PackedChatLoader` packs rendered conversations into full (B, T) rows like pretraining (BOS-aligned
-  best fit; every token a target). Its small JSON state rebuilds a loader that yields exactly the rows to follow.
-- SFT: `sft_micro_batches` gives one step's micro-batches, one conversation per row, right-padded, targets -1 where
-  the render mask is 0 and on padding; a step's batch is a pure function of the step. `supervised_backward`
-  normalises by the supervised tokens of the WHOLE step (all micro-batches and ranks), so the gradient does not
-  depend on the split (reference nanochat divided per micro-batch; PRs #59/#400).
+Midtraining: `PackedChatLoader` (full rows like pretraining, every token a target, a resumable JSON state). SFT:
+`sft_micro_batches` (one conversation per row, a pure function of the step) and `supervised_backward` (normalised
+over the WHOLE step: reference nanochat divided per micro-batch, PRs #59/#400). Any Task works as input.
 Not here: the tasks and mixtures (tasks/), the training loops (scripts/mid_train.py, scripts/chat_sft.py).
 """
 
 import torch
 import torch.distributed as dist
+
+from nanochat.common import dist_info
 
 # ---------------------------------------------------------------------------- midtraining: packed rows
 
@@ -118,7 +116,7 @@ def sft_micro_batches(tokenizer, task, step, examples_per_step, batch_size, seq_
 
 
 def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+    if dist_info().is_distributed:
         dist.all_reduce(value)
     return value
 
@@ -132,7 +130,7 @@ def supervised_backward(forward, micro_batches, scale=None) -> tuple[torch.Tenso
     count = _all_reduce_sum(count).clamp(min=1)
     # The optimizer AVERAGES gradients over ranks (nanochat/optim.py), so each rank's share of the sum is
     # multiplied by the world size: the average of W shares of sum/count x W is then the whole step's gradient.
-    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world_size = dist_info().world_size
     step_loss = torch.zeros((), device=device)
     for inputs, targets in micro_batches:
         loss = forward(inputs, targets, loss_reduction="sum") / count

@@ -1,8 +1,7 @@
 """The house optimizer: Muon for the block matrices, AdamW for the embedding and the unembedding.
 
-One class, `MuonAdamW`, runs in one process and under torch.distributed with the same code: a step runs three
-phases over a list of jobs (launch gradient reductions; wait, update this rank's part, launch the gather; wait
-for the gathers). Without a process group the collectives are skipped and each job owns everything.
+One class, `MuonAdamW`, runs in one process and under torch.distributed with the same code: without a process
+group the collectives are skipped and each rank owns everything.
 
 Contract:
 - Param groups: "params", "kind" ("muon" or "adamw"), "lr", and the kind's hyperparameters (missing ones take
