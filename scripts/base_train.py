@@ -21,12 +21,11 @@ import os
 
 import torch
 
-from nanochat.common import compute_init, get_base_dir, needs_grad_scaler, print0
+from nanochat.common import compute_init, get_base_dir, print0
 from nanochat.dataloader import PretrainLoader
 from nanochat.dataset import add_data_argument, default_pretrain_paths
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import build_optimizer
 from nanochat.tokenizer import get_tokenizer
 from nanochat.train import (
     StageLog,
@@ -37,10 +36,10 @@ from nanochat.train import (
     muon_momentum,
     one_line_errors,
     optimizer_step,
-    resume_stage,
     sample,
     save_stage,
     set_schedule,
+    start_optimizer,
 )
 
 REFERENCE_BATCH = 2**19  # tokens per step at the reference depth (nanochat: 524,288 for d12 and the d20 speedrun)
@@ -150,15 +149,11 @@ def main(argv=None):
     record = StageRecord("base", model_tag, 0, args.device_batch_size, hp["total_batch_size"], hp["matrix_lr"],
                          hp["embedding_lr"], hp["unembedding_lr"])  # fmt: skip
 
-    # ---------------------------------------------------------------- optimizer
-    optimizer = build_optimizer(model, record.matrix_lr, record.embedding_lr, record.unembedding_lr, hp["weight_decay"])
-    scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(runtime.dtype) else None
-
-    # ---------------------------------------------------------------- resume
-    start_step, loop, loader_states = 0, None, None
-    if args.resume:
-        layout = {"total_batch_size": hp["total_batch_size"], "device_batch_size": args.device_batch_size}
-        start_step, loop, loader_states, _ = resume_stage(checkpoint_dir, model, optimizer, runtime, layout)
+    # ---------------------------------------------------------------- optimizer and resume
+    layout = {"total_batch_size": hp["total_batch_size"], "device_batch_size": args.device_batch_size}
+    optimizer, scaler, start_step, loop, loader_states = start_optimizer(
+        model, record, 1.0, hp["weight_decay"], runtime, args.resume, checkpoint_dir, layout
+    )
     # One loader per (process, accumulation micro-step), all slices of one data-parallel width W x A: a global
     # batch holds the same rows whether it is spread over 8 GPUs or accumulated on 1, so runs are comparable.
     grad_accum, data_width = hp["grad_accum_steps"], hp["grad_accum_steps"] * runtime.world_size

@@ -13,10 +13,10 @@ reference model; advantage = reward - its group's mean, not divided by the std (
 
     loss = -sum over sampled tokens t of the step (all ranks) of A(t) * log p(t) / (sampled tokens of the step)
 
-Only sampled tokens are trained (not the prompt or the calculator's forced output). The LR decays linearly from
-`--init-lr-frac` x the LRs to 0. Rollouts depend only on the weights and (seed, step, question), so `--resume`
-replays exactly. Writes <base dir>/chatrl_checkpoints/<tag>/ and report/chat_rl.json with pass@1..k on the first
-`--eval-examples` GSM8K test problems (sample j of problem i is the one `scripts.chat_eval -n k` draws).
+Only sampled tokens are trained (not the prompt or the calculator's forced output). Rollouts depend only on the
+weights and (seed, step, question), so `--resume` replays exactly. Writes <base dir>/chatrl_checkpoints/<tag>/
+and report/chat_rl.json with pass@1..k on the first `--eval-examples` GSM8K test problems (sample j of problem
+i is the one `scripts.chat_eval -n k` draws).
 Not here: other tasks or reward models, PPO/KL machinery, torch.compile (every step has new shapes).
 """
 
@@ -30,9 +30,8 @@ import torch.distributed as dist
 
 from nanochat.chat_data import padded_batch
 from nanochat.checkpoint import build_model, checkpoint_dir, last_verified_step, load_model
-from nanochat.common import compute_init, dist_info, needs_grad_scaler, print0
+from nanochat.common import compute_init, dist_info, print0
 from nanochat.engine import ContextFullError, Engine
-from nanochat.optim import build_optimizer
 from nanochat.tokenizer import get_tokenizer
 from nanochat.train import (
     StageLog,
@@ -40,9 +39,9 @@ from nanochat.train import (
     add_stage_flags,
     one_line_errors,
     optimizer_step,
-    resume_stage,
     save_stage,
     set_schedule,
+    start_optimizer,
     warmdown_multiplier,
 )
 from tasks.common import resolve_data_dir
@@ -239,18 +238,15 @@ def main(argv=None):
     record = StageRecord("rl", model_tag, 0, args.device_batch_size, StageRecord.from_meta(meta).total_batch_size,
                          args.matrix_lr, args.embedding_lr, args.unembedding_lr)  # fmt: skip
 
-    # ---------------------------------------------------------------- optimizer
-    frac = args.init_lr_frac
-    optimizer = build_optimizer(model, args.matrix_lr * frac, args.embedding_lr * frac, args.unembedding_lr * frac,
-                                weight_decay=args.weight_decay)  # fmt: skip
-    scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(runtime.dtype) else None
-    start_step, loop = 0, {"rewards": []}
-    if args.resume:  # rollouts depend only on (weights, seed, step, question): these settings must not change
-        layout = {key: getattr(args, key) for key in ("examples_per_step", "num_samples", "seed", "num_steps")}
-        start_step, loop, _, _ = resume_stage(out_dir, model, optimizer, runtime, layout)
+    # ---------------------------------------------------------------- optimizer and resume
+    # rollouts depend only on (weights, seed, step, question): these settings must not change
+    layout = {key: getattr(args, key) for key in ("examples_per_step", "num_samples", "seed", "num_steps")}
+    optimizer, scaler, start_step, loop, _ = start_optimizer(
+        model, record, args.init_lr_frac, args.weight_decay, runtime, args.resume, out_dir, layout
+    )
 
     resolved = {**vars(args), "num_steps": num_steps, "source": source, "model_tag": model_tag, "data_dir": data_dir}
-    log = StageLog("chat_rl", runtime, resolved, args.run, loop, num_steps, start_step=start_step)
+    log = StageLog("chat_rl", runtime, resolved, args.run, loop or {"rewards": []}, num_steps, start_step=start_step)
     print0(f"parameters: {model.num_params():,}; {num_steps} steps x {args.examples_per_step} questions x "
            f"{args.num_samples} samples; start at step {start_step}")  # fmt: skip
 
