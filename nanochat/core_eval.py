@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat.common import atomic_write, dist_info, get_base_dir
+from nanochat.dataset import DatasetError, MissingDataError
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -64,7 +65,7 @@ def ensure_bundle(bundle_dir: str | None = None, base_dir: str | None = None) ->
     """The bundle directory: `bundle_dir` when given, else <base dir>/eval_bundle, downloaded when absent."""
     if bundle_dir is not None:
         if not os.path.exists(os.path.join(bundle_dir, "core.yaml")):
-            raise FileNotFoundError(f"{bundle_dir} has no core.yaml: point --bundle at the unzipped eval_bundle/")
+            raise MissingDataError(f"{bundle_dir} has no core.yaml: point --bundle at the unzipped eval_bundle/")
         return bundle_dir
     base_dir = base_dir or get_base_dir()
     target = os.path.join(base_dir, "eval_bundle")
@@ -79,7 +80,7 @@ def ensure_bundle(bundle_dir: str | None = None, base_dir: str | None = None) ->
             # ~162 MB; a dropped connection leaves no truncated zip
             atomic_write(zip_path, lambda f: f.writelines(response.iter_content(1 << 20)))
     except requests.RequestException as e:
-        raise RuntimeError(f"cannot download the CORE eval bundle from {BUNDLE_URL} ({type(e).__name__}: {e}). "
+        raise DatasetError(f"cannot download the CORE eval bundle from {BUNDLE_URL} ({type(e).__name__}: {e}). "
                            "Offline? Pass --bundle PATH (the unzipped eval_bundle/) or set NANOCHAT_DATA_DIR to a data "
                            "directory holding core/eval_bundle") from e  # fmt: skip
     # Unzip beside the target and rename, so an interrupted unzip never looks like a complete bundle.

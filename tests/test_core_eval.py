@@ -242,11 +242,13 @@ def test_download_unzips_the_bundle_under_the_base_dir(tmp_path, monkeypatch):
 def test_offline_download_says_to_pass_bundle(tmp_path, monkeypatch):
     import requests
 
+    from nanochat.dataset import DatasetError
+
     def refuse(*args, **kwargs):
         raise requests.ConnectionError("no network")
 
     monkeypatch.setattr(requests, "get", refuse)
-    with pytest.raises(RuntimeError, match="--bundle PATH"):
+    with pytest.raises(DatasetError, match="--bundle PATH"):  # base_eval's one_line_errors makes it one line
         core_eval.ensure_bundle(base_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no core.yaml"):
         core_eval.ensure_bundle(str(tmp_path))
