@@ -93,8 +93,7 @@ def read_stage(directory: str, stage: str):
 
 
 def stage_status(stage: str, tag: str) -> str:
-    """'done: why' when `stage` need not run for model `tag`, 'resume: why' when a training stage left a checkpoint
-    to continue from, else 'run'."""
+    """'done: why', 'resume: <checkpoint dir>' or 'run' for `stage` of model `tag` (rules: the module docstring)."""
     directory = report_dir()
     summary, _ = read_stage(directory, stage)
     if stage == "data":
@@ -134,7 +133,6 @@ def current_environment() -> dict:
 
 
 def reset() -> str:
-    """Delete the previous run's report files and write header.json with the start time and environment."""
     directory = report_dir()
     os.makedirs(directory, exist_ok=True)
     for name in os.listdir(directory):
@@ -159,13 +157,9 @@ def lines_of_code() -> dict:
 
 
 def fmt(value) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
     if isinstance(value, float):
         return f"{value:,.4f}" if abs(value) < 1e6 else f"{value:.4g}"
-    return str(value)
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
 
 def noisy(problems) -> bool:
@@ -179,46 +173,15 @@ def caveat(counts: dict) -> list[str]:
     return ["", f"Noisy, too few problems to compare: {', '.join(few)} (95%, at worst)."] if few else []
 
 
-def fmt_seconds(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-def bullets(summary: dict) -> list[str]:
-    """`- key: value` for the scalars and small flat dicts; lists of strings (samples) as sub-bullets."""
-    lines = []
-    for key, value in summary.items():
-        if key.endswith("_curve") or key in ("tasks", "results", "config"):
-            continue
-        if isinstance(value, dict) and all(not isinstance(v, (dict, list)) for v in value.values()):
-            lines.append(f"- {key}: " + ", ".join(f"{k}={fmt(v)}" for k, v in value.items()))
-        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-            lines.append(f"- {key}:")
-            lines.extend(f"  - `{v!r}`" for v in value)
-        elif not isinstance(value, (dict, list)):
-            lines.append(f"- {key}: {fmt(value)}")
-    return lines
-
-
-def curves_of(summary: dict) -> dict:
-    """{name: [[step, value], ...]}: the `_curve` keys, and chat_rl's per-step mean reward."""
-    curves = {key.removesuffix("_curve"): value for key, value in summary.items() if key.endswith("_curve") and value}
-    rewards = summary.get("mean_reward_by_step")
-    if rewards:
-        curves["mean_reward"] = [[step + 1, reward] for step, reward in enumerate(rewards)]
-    return curves
-
-
 def save_png(figure, path: str) -> None:
     atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=100, bbox_inches="tight"))
 
 
 def plot_curves(curves: dict, title: str, path: str) -> None:
-    # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    # The object-oriented API: no pyplot global state, no display needed; savefig picks the PNG renderer itself.
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(5 * len(curves), 3.5))
-    FigureCanvasAgg(figure)
     for axes, (name, points) in zip(figure.subplots(1, len(curves), squeeze=False)[0], curves.items()):
         steps, values = zip(*points)
         axes.plot(steps, values, marker="o" if len(points) < 30 else None)
@@ -229,11 +192,9 @@ def plot_curves(curves: dict, title: str, path: str) -> None:
 
 def plot_bars(tasks: dict, title: str, path: str):
     """Accuracy bars labelled with their problem counts, each task's chance level a dashed line across its bar."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(max(5, 1.2 * len(tasks)), 3.5))
-    FigureCanvasAgg(figure)
     axes = figure.subplots()
     rows = list(tasks.values())
     bars = axes.bar(range(len(rows)), [row.get("accuracy") or 0.0 for row in rows], tick_label=list(tasks))
@@ -251,7 +212,17 @@ def plot_bars(tasks: dict, title: str, path: str):
 
 def stage_body(stage: str, summary: dict, directory: str) -> list[str]:
     """The markdown of one stage's subsection; draws its plots into `directory`."""
-    lines = bullets(summary)
+    lines = []  # `- key: value` for the scalars and small flat dicts; lists of strings (samples) as sub-bullets
+    for key, value in summary.items():
+        if key.endswith("_curve") or key in ("tasks", "results", "config"):
+            continue
+        if isinstance(value, dict) and all(not isinstance(v, (dict, list)) for v in value.values()):
+            lines.append(f"- {key}: " + ", ".join(f"{k}={fmt(v)}" for k, v in value.items()))
+        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            lines.append(f"- {key}:")
+            lines.extend(f"  - `{v!r}`" for v in value)
+        elif not isinstance(value, (dict, list)):
+            lines.append(f"- {key}: {fmt(value)}")
     if stage == "tok_eval" and summary.get("results"):
         encoders = summary.get("encoders", ["ours"])
         lines += ["", "| text | bytes | " + " | ".join(f"{e} bytes/token" for e in encoders) + " |"]
@@ -271,7 +242,9 @@ def stage_body(stage: str, summary: dict, directory: str) -> list[str]:
         lines += caveat({task: row.get("problems") for task, row in summary["tasks"].items()})
         plot_bars(summary["tasks"], stage.replace("_", " "), os.path.join(directory, f"{stage}.png"))
         lines += ["", f"![{stage}]({stage}.png)"]
-    curves = curves_of(summary)
+    curves = {key.removesuffix("_curve"): value for key, value in summary.items() if key.endswith("_curve") and value}
+    if summary.get("mean_reward_by_step"):  # chat_rl's, one a step
+        curves["mean_reward"] = [[step + 1, reward] for step, reward in enumerate(summary["mean_reward_by_step"])]
     if curves:
         plot_curves(curves, stage, os.path.join(directory, f"{stage}.png"))
         lines += ["", f"![{stage}]({stage}.png)"]
@@ -285,8 +258,7 @@ def stage_body(stage: str, summary: dict, directory: str) -> list[str]:
 
 
 def summary_table(summaries: dict) -> list[str]:
-    """CORE, the chat tasks (accuracy) and ChatCORE per stage, and chance; '-' where a stage or task did not run,
-    '*' on a figure from fewer than FEW_PROBLEMS problems (per task)."""
+    """CORE, each chat task's accuracy and ChatCORE by stage, and chance; '*' on a figure from too few problems."""
 
     def cell(value, problems=None) -> str:
         return "-" if value is None else fmt(value) + ("*" if noisy(problems) else "")
@@ -311,17 +283,8 @@ def summary_table(summaries: dict) -> list[str]:
     return lines
 
 
-def hourly_cost(environment: dict, override: float | None) -> float:
-    if override is not None:
-        return override
-    if os.environ.get("NANOCHAT_HOURLY_COST"):
-        return float(os.environ["NANOCHAT_HOURLY_COST"])
-    return GPU_HOURLY_COST * environment.get("gpu_count", 0)
-
-
 def sample_conversation(summaries: dict) -> list[str]:
-    """The most advanced chat model there is (rl > sft > mid; the tag its summary names, else the largest)
-    answering SAMPLE_CHAT greedily in one conversation, as markdown; a note instead when none loads."""
+    """rl > sft > mid (the tag its summary names, else the largest) answering SAMPLE_CHAT greedily, or why not."""
     from nanochat.checkpoint import checkpoint_dir, load_model  # here: they import torch, `status` and `time` do not
     from nanochat.common import autodetect_device_type, autodetect_dtype
     from nanochat.engine import Engine
@@ -355,20 +318,20 @@ def sample_conversation(summaries: dict) -> list[str]:
 
 
 def generate(cost_per_hour: float | None = None) -> str:
-    """Write <base dir>/report/report.md and its PNGs from whatever stage summaries exist; returns its path."""
     directory = report_dir()
     os.makedirs(directory, exist_ok=True)
-    now = time.time()
     header, header_error = read_stage(directory, "header")
     environment = (header or {}).get("environment") or current_environment()
-    rate = hourly_cost(environment, cost_per_hour)
+    rate = cost_per_hour
+    if rate is None:
+        rate = float(os.environ.get("NANOCHAT_HOURLY_COST") or GPU_HOURLY_COST * environment.get("gpu_count", 0))
     base_dir = get_base_dir()
+    stamp = lambda seconds: time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(seconds))
     out = ["# nanochat report card", "", "## Environment", ""]
     out.append(f"- base dir: {base_dir} (the paths below are relative to it)")
-    out.append(f"- generated: {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(now))}")
+    out.append(f"- generated: {stamp(time.time())}")
     if header and isinstance(header.get("started_at"), (int, float)):
-        started = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(header["started_at"]))
-        out.append(f"- run started: {started}")
+        out.append(f"- run started: {stamp(header['started_at'])}")
     elif header_error:
         out.append(f"- header.json is unreadable ({header_error})")
     else:
@@ -410,7 +373,8 @@ def generate(cost_per_hour: float | None = None) -> str:
     times, _ = read_stage(directory, "times")
     if times:
         hours = sum(times.values()) / 3600
-        out.append("- wall time by stage: " + ", ".join(f"{s} {fmt_seconds(t)}" for s, t in times.items()))
+        by_stage = ", ".join(f"{s} {t:.0f} s" if t < 120 else f"{s} {t / 60:.1f} min" for s, t in times.items())
+        out.append(f"- wall time by stage: {by_stage}")
         out.append(f"- total wall time: {hours * 60:.1f} min ({hours:.2f} h); estimated cost: ${hours * rate:,.2f} "
                    f"at ${rate:.2f}/h")  # fmt: skip
     else:
