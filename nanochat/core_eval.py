@@ -296,20 +296,17 @@ def evaluate_core(model, tokenizer, bundle_dir: str, device="cpu", max_per_task=
     if unknown:
         raise ValueError(f"unknown CORE task labels {unknown}; core.yaml defines {[spec.label for spec in specs]}")
     result = CoreResult()
-    for spec in specs:
-        if tasks is not None and spec.label not in tasks:
-            continue
+    for spec in [spec for spec in specs if tasks is None or spec.label in tasks]:
         path = task_path(bundle_dir, spec)
-        if not os.path.exists(path):
+        if os.path.exists(path):
+            task = evaluate_task(model, tokenizer, spec, load_examples(path), device, max_seq_len, max_per_task)
+            line = f"{task.label}: accuracy {task.accuracy:.4f} centered {task.centered:.4f} ({task.examples} examples)"
+        else:
             task = TaskResult(spec.label, spec.task_type, spec.num_fewshot, spec.baseline, None, spec.csv_rows)
-            result.tasks.append(task)
-            if log:
-                log(f"{spec.label}: missing ({spec.dataset_uri} not in the bundle), excluded from CORE")
-            continue
-        task = evaluate_task(model, tokenizer, spec, load_examples(path), device, max_seq_len, max_per_task)
+            line = f"{spec.label}: missing ({spec.dataset_uri} not in the bundle), excluded from CORE"
         result.tasks.append(task)
         if log:
-            log(f"{task.label}: accuracy {task.accuracy:.4f} centered {task.centered:.4f} ({task.examples} examples)")
+            log(line)
     return result
 
 

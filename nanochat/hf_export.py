@@ -3,9 +3,9 @@
 Contract:
 - `export(model, tokenizer, out_dir, card=None)` writes config.json, generation_config.json, model.safetensors,
   tokenizer.json, tokenizer_config.json (with a chat template) and the `model_card` README.md, all 0666 less
-  the umask, so that `AutoModelForCausalLM.from_pretrained(out_dir)` loads
-  with no custom code and gives our logits (fp32 on CPU: bit-identical in the tests) and
-  `AutoTokenizer.from_pretrained(out_dir)` encodes and renders chats as we do.
+  the umask, so that `AutoModelForCausalLM.from_pretrained(out_dir)` loads with no custom code and gives our
+  logits (fp32 on CPU: bit-identical in the tests) and `AutoTokenizer.from_pretrained(out_dir)` encodes and
+  renders chats as we do.
 - Every GPTConfig field is checked against what NanoChatConfig can carry; anything it cannot (a field this
   file does not know) raises `UnsupportedModelError` instead of exporting a model that computes something else.
 - Files are written atomically, config.json last (its presence marks a complete export). A non-empty
@@ -108,8 +108,7 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: torch.dtype = torc
     return {
         "architectures": ["NanoChatForCausalLM"],
         "model_type": "nanochat",
-        # The real vocabulary, not our padded one: see hf_state_dict.
-        "vocab_size": config.vocab_size,
+        "vocab_size": config.vocab_size,  # the real vocabulary, not our padded one: see hf_state_dict
         "hidden_size": config.n_embd,
         "intermediate_size": 4 * config.n_embd,  # ReLU² MLP width (nanochat/gpt.py MLP)
         "num_hidden_layers": config.n_layer,
@@ -142,22 +141,14 @@ def hf_generation_config(tokenizer: Tokenizer) -> dict:
 def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Our weights under NanoChatForCausalLM's names, as new contiguous tensors of `dtype` on the CPU."""
     config = model.config
-    ours = dict(model.state_dict())
+    ours = dict(model.state_dict())  # detached tensors
     vocab_size, head_dim = config.vocab_size, config.head_dim
-
-    def take(name: str) -> torch.Tensor:
-        return ours.pop(name).detach()
-
-    def rope_sign_flipped(weight: torch.Tensor, num_heads: int) -> torch.Tensor:  # see "RoPE" at the top
-        weight = weight.clone().view(num_heads, head_dim, -1)  # (heads, head_dim, n_embd)
-        weight[:, head_dim // 2 :] *= -1
-        return weight.view(num_heads * head_dim, -1)
 
     # The padding rows are cut: ids never reach them and our forward slices their logits off, so the logits are
     # ours and the model cannot sample an id the tokenizer does not have.
     converted = {
-        "model.embed_tokens.weight": take("wte.weight")[:vocab_size],
-        "lm_head.weight": take("lm_head.weight")[:vocab_size],
+        "model.embed_tokens.weight": ours.pop("wte.weight")[:vocab_size],
+        "lm_head.weight": ours.pop("lm_head.weight")[:vocab_size],
     }
     # (ours, transformers', heads whose RoPE halves to flip or None) per block's matrix.
     matrices = [("attn.c_q", "self_attn.q_proj", config.n_head), ("attn.c_k", "self_attn.k_proj", config.n_kv_head)]
@@ -165,19 +156,15 @@ def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, t
     matrices += [("mlp.c_fc", "mlp.fc1", None), ("mlp.c_proj", "mlp.fc2", None)]
     for i in range(config.n_layer):
         for our_name, hf_name, num_heads in matrices:
-            weight = take(f"blocks.{i}.{our_name}.weight")
-            weight = rope_sign_flipped(weight, num_heads) if num_heads else weight
+            weight = ours.pop(f"blocks.{i}.{our_name}.weight")
+            if num_heads:  # see "RoPE" at the top
+                weight = weight.clone().view(num_heads, head_dim, -1)  # (heads, head_dim, n_embd)
+                weight[:, head_dim // 2 :] *= -1
+                weight = weight.view(num_heads * head_dim, -1)
             converted[f"model.layers.{i}.{hf_name}.weight"] = weight
     if ours:  # a tensor we did not place would silently vanish from the export
         raise UnsupportedModelError(f"no transformers NanoChat equivalent for {sorted(ours)}")
     return {name: tensor.to(device="cpu", dtype=dtype, copy=True).contiguous() for name, tensor in converted.items()}
-
-
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map, which tokenizers' ByteLevel steps assume."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [byte for byte in range(256) if byte not in printable]
-    return {byte: chr(byte) for byte in printable} | {byte: chr(256 + i) for i, byte in enumerate(others)}
 
 
 def bpe_merges(ranks: list[bytes]) -> list[tuple[bytes, bytes]]:
@@ -202,7 +189,10 @@ def hf_tokenizer(tokenizer: Tokenizer):
     ranks = tokenizer._mergeable_ranks
     if ranks is None:
         raise UnsupportedModelError("only a tokenizer trained by nanochat (with its merge ranks) can be exported")
-    as_chars = byte_to_unicode()
+    # GPT-2's byte -> printable character map, which tokenizers' ByteLevel steps assume.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    as_chars = {byte: chr(byte) for byte in printable} | {byte: chr(256 + i) for i, byte in enumerate(others)}
 
     def to_text(token: bytes) -> str:
         return "".join(as_chars[byte] for byte in token)
@@ -222,13 +212,6 @@ def hf_tokenizer(tokenizer: Tokenizer):
     bos = [("<|bos|>", tokenizer.get_bos_token_id())]
     fast.post_processor = processors.TemplateProcessing("<|bos|> $A:0", "<|bos|> $A:0 <|bos|>:1 $B:1", bos)
     return fast
-
-
-def hf_tokenizer_config(config: GPTConfig) -> dict:
-    # clean_up_tokenization_spaces off: decoding must give back the exact text.
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|assistant_end|>",
-            "model_max_length": config.sequence_len, "clean_up_tokenization_spaces": False,
-            "chat_template": CHAT_TEMPLATE}  # fmt: skip
 
 
 def model_card(model: GPT, source: str, tag: str, step: int, reports: str) -> str:
@@ -293,11 +276,15 @@ def export(model: GPT, tokenizer: Tokenizer, out_dir: str, dtype=torch.float32, 
     for name in SHADOWING_FILES:
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
+    # clean_up_tokenization_spaces off: decoding must give back the exact text.
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>",
+                        "eos_token": "<|assistant_end|>", "model_max_length": model.config.sequence_len,
+                        "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}  # fmt: skip
     as_json = lambda data: (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")  # noqa: E731
     files = {
         "model.safetensors": save(tensors, metadata={"format": "pt"}),  # bytes: safetensors' own file is 0600
         "tokenizer.json": fast_tokenizer.to_str(pretty=True).encode("utf-8"),
-        "tokenizer_config.json": as_json(hf_tokenizer_config(model.config)),
+        "tokenizer_config.json": as_json(tokenizer_config),
         "generation_config.json": as_json(hf_generation_config(tokenizer)),
         **({"README.md": card.encode("utf-8")} if card else {}),
         "config.json": as_json(config_json),  # last: its presence marks a complete export

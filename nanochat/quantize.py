@@ -1,9 +1,5 @@
 """Weight-only int8 / int4 quantization of a GPT's linear layers, for inference (`--quantize` of chat_cli, chat_web).
 
-    model, meta = load_model("base", device, "eval")
-    quantize_model(model, bits=8)                    # or bits=4 (group_size=128), include_lm_head=False
-    weight_bytes(model)                              # {"float": ..., "quantized": ..., "total": ...}
-
 Every `nanochat.gpt.Linear` (the blocks and, by default, lm_head) is replaced in place by a module holding
 integer weights and float scales; activations and the embedding stay float.
 - int8: symmetric, one scale per output row: w ≈ q · scale, q in [-127, 127] (as gpt-fast's int8 handler).
@@ -104,20 +100,8 @@ def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_
 
 
 # ---------------------------------------------------------------------------- kernels, found by probing
-def _int4_pack_cpu(packed: torch.Tensor) -> torch.Tensor:
-    # The CPU packer takes one int32 per value; its layout depends on the CPU's vector width (AVX2 / AVX-512).
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(torch.int32), 1)
-
-
-def _int4_pack_cuda(packed: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._convert_weight_to_int4pack(packed, 8)  # inner_k_tiles = 8 (gpt-fast's choice)
-
-
-# device -> (packer from pack_int4's layout, the name of its matmul op: (x, packed, group size, scales and zeros))
-INT4_KERNELS = {
-    "cpu": (_int4_pack_cpu, "_weight_int4pack_mm_for_cpu"),
-    "cuda": (_int4_pack_cuda, "_weight_int4pack_mm"),
-}
+# device -> the name of its int4 matmul op: (x, packed, group size, scales and zeros); Int4Linear packs for it
+INT4_MATMULS = {"cpu": "_weight_int4pack_mm_for_cpu", "cuda": "_weight_int4pack_mm"}
 
 
 def working_dtypes(kernel, reference_weight: torch.Tensor) -> frozenset:
@@ -197,12 +181,15 @@ class Int4Linear(QuantizedLinear):
         # (groups, out, 2): the tinygemm kernels' own layout, so they read it without conversion
         self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous())
         self.register_buffer("qweight", pack_int4(q))  # (out, in / 2) uint8
-        pack, _ = INT4_KERNELS.get(self.kernel_device, (None, None)) if use_kernels else (None, None)
-        if pack is None:
+        if not use_kernels or self.kernel_device not in INT4_MATMULS:
             return
         reference, portable = self.dequantize(), self.qweight
-        try:
-            self.qweight, self.layout = pack(portable), self.kernel_device
+        try:  # from pack_int4's layout to the kernel's
+            if self.kernel_device == "cpu":  # one int32 per value, laid out for the CPU's vector width (AVX2/AVX-512)
+                self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(portable).int(), 1)
+            else:
+                self.qweight = torch.ops.aten._convert_weight_to_int4pack(portable, 8)  # inner_k_tiles 8 (gpt-fast's)
+            self.layout = self.kernel_device
         except (AttributeError, RuntimeError, NotImplementedError, TypeError):
             return  # no packer for this device in this torch, or it refuses the shape
         self.kernel_dtypes = working_dtypes(self.kernel, reference)
@@ -210,7 +197,7 @@ class Int4Linear(QuantizedLinear):
             self.qweight, self.layout = portable, "portable"
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        matmul = getattr(torch.ops.aten, INT4_KERNELS[self.layout][1])  # looked up late: a private op may be absent
+        matmul = getattr(torch.ops.aten, INT4_MATMULS[self.layout])  # looked up late: a private op may be absent
         return matmul(x, self.qweight, self.group_size, self.scales_and_zeros.to(x.dtype))
 
     def dequantize(self) -> torch.Tensor:
@@ -261,11 +248,8 @@ def quantize_model(
     if isinstance(model, Linear):
         raise ValueError("pass the module that holds the Linear layers (e.g. nn.ModuleList([layer])), not a Linear")
     lm_head = getattr(model, "lm_head", None)
-    targets = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, Linear) and (include_lm_head or m is not lm_head)
-    ]
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
+    targets = [(name, m) for name, m in linears if include_lm_head or m is not lm_head]
     if bits == 4:
         for name, m in targets:  # all checks before the first replacement: an error leaves the model as it was
             try:
@@ -273,10 +257,8 @@ def quantize_model(
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
     for name, m in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
         quantized = Int8Linear(m.weight, use_kernels) if bits == 8 else Int4Linear(m.weight, group_size, use_kernels)
-        setattr(parent, attr, quantized)
+        model.set_submodule(name, quantized)
     return model
 
 
@@ -284,10 +266,6 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     """Weight bytes of `model` (any module): "float" (parameters), "quantized" (integer weights, scales and
     zeros of quantized layers), "total". RoPE tables are buffers, not weights: not counted."""
     float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    quantized_bytes = sum(
-        b.numel() * b.element_size()
-        for m in model.modules()
-        if isinstance(m, QuantizedLinear)
-        for b in m.buffers(recurse=False)
-    )
+    buffers = [b for m in model.modules() if isinstance(m, QuantizedLinear) for b in m.buffers(recurse=False)]
+    quantized_bytes = sum(b.numel() * b.element_size() for b in buffers)
     return {"float": float_bytes, "quantized": quantized_bytes, "total": float_bytes + quantized_bytes}
