@@ -91,11 +91,6 @@ class BatchingWorker:
         self.stats["requests"] += 1
         self.pending.put(request)
 
-    @property
-    def load(self) -> int:
-        """Active plus queued requests (a snapshot)."""
-        return len(self.slots) + self.pending.qsize()
-
     # ------------------------------------------------------------------ the worker thread
     def _run(self) -> None:
         torch.set_grad_enabled(False)
@@ -133,8 +128,7 @@ class BatchingWorker:
             except Exception as e:  # noqa: BLE001 -- a bad request fails alone
                 self._finish_request(request, "error", 0, f"{type(e).__name__}: {e}")
                 continue
-            row = len(self.slots)
-            self.cache.copy_prefix_from(prompt_cache, rows=[row])
+            self.cache.copy_prefix_from(prompt_cache, rows=[len(self.slots)])
             key = row_keys(request.seed, request.sample_index + 1, self.device)[request.sample_index]
             slot = _Slot(request, budget, key, ToolState(self.engine.tokenizer))
             self.slots.append(slot)
@@ -161,8 +155,7 @@ class BatchingWorker:
         sampled = [0] * len(slots)
         groups: dict[tuple, list[int]] = {}
         for i, slot in enumerate(slots):
-            r = slot.request
-            groups.setdefault((r.temperature, r.top_k, r.top_p), []).append(i)
+            groups.setdefault((slot.request.temperature, slot.request.top_k, slot.request.top_p), []).append(i)
         for (temperature, top_k, top_p), rows in groups.items():
             index = torch.tensor(rows, device=self.device)
             keys = torch.stack([slots[i].key for i in rows])
@@ -183,19 +176,18 @@ class BatchingWorker:
         i = 0
         while i < len(self.slots):
             slot = self.slots[i]
-            reason = None
             if slot.request.cancelled.is_set():
                 reason = "cancelled"
             elif slot.state.done or slot.generated >= slot.budget:
                 reason = finish_reason(slot.state.done, slot.budget, slot.request.max_tokens)
-            if reason is None:
+            else:
                 i += 1
                 continue
             tokens = slot.generated - (1 if reason == "stop" else 0)  # the stop token is not part of the reply
             self._finish_request(slot.request, reason, tokens)
             last = len(self.slots) - 1
             if i != last:
-                self.cache.move_row(last, i)
+                self.cache.copy_prefix_from(self.cache, rows=[i], source_row=last)
                 self.slots[i] = self.slots[last]
             self.cache.set_length(last, 0)
             self.slots.pop()
@@ -229,7 +221,7 @@ class WorkerPool:
 
     def submit(self, request: Request) -> BatchingWorker:
         with self._lock:
-            worker = min(self.workers, key=lambda w: w.load)
+            worker = min(self.workers, key=lambda w: len(w.slots) + w.pending.qsize())  # active plus queued
             worker.submit(request)
         return worker
 

@@ -74,15 +74,14 @@ class KVCache:
 
     def prepare(self, T: int):
         """Positions (B, T) of T new tokens per row, and the attention mask (None when every key is visible)."""
+        positions = self.lengths_tensor[:, None] + self._key_index[:T]  # (B, T)
+        self._positions = positions
         if self.static:
-            positions = self.lengths_tensor[:, None] + self._key_index[:T]  # (B, T)
-            self._positions = positions
             return positions, (self._key_index <= positions[:, :, None])[:, None]  # (B, 1, T, max_len)
         end = int(self.lengths.max()) + T
         if end > self.max_len:
             raise ContextFullError(f"{end} positions do not fit in a KV cache of {self.max_len}")
-        positions = self.lengths_tensor[:, None] + self._key_index[:T]  # (B, T)
-        self._positions, self._span = positions, end
+        self._span = end
         self._aligned = bool(self.lengths.min() == self.lengths.max())
         if T == 1 and self._aligned:
             return positions, None
@@ -130,16 +129,8 @@ class KVCache:
         view.batch_size = num_rows
         return view
 
-    def move_row(self, source: int, destination: int) -> None:
-        """Copy row `source` (its cached positions and length) over row `destination`."""
-        length = int(self.lengths[source])
-        self.k[:, destination, :, :length] = self.k[:, source, :, :length]
-        self.v[:, destination, :, :length] = self.v[:, source, :, :length]
-        self.lengths[destination] = length
-        self.lengths_tensor[destination] = length
-
     def copy_prefix_from(self, source: "KVCache", rows=None, source_row: int = 0) -> None:
-        """Copy `source_row` of another cache (a prefilled prompt) into `rows` (default: all) of this one."""
+        """Copy `source_row` of a cache (a prefilled prompt, or this one's row moving) into `rows` (default: all)."""
         rows = list(range(self.batch_size)) if rows is None else list(rows)
         length = int(source.lengths[source_row])
         if length > self.max_len:
@@ -316,9 +307,7 @@ class Engine:
             backend = backend or "inductor"
             self.decode = torch.compile(self._decode_step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
         self.compile_decode = compile_decode
-        special = tokenizer.encode_special
-        self.stop_ids = {special(name) for name in STOP_TOKENS}
-        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.stop_ids = {tokenizer.encode_special(name) for name in STOP_TOKENS}
 
     def token_budget(self, prompt_len: int, max_tokens: int | None = None) -> int:
         """Tokens a prompt of `prompt_len` may still be followed by: max_tokens (None = no limit), capped by the
@@ -389,7 +378,6 @@ class Engine:
                 cache.advance_host(1)
 
     def _decode_step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One token per row (B, 1) -> next-token logits (B, V); what compile_decode captures."""
         return self.model(ids, kv_cache=cache)[:, -1]
 
     def next_token(self, row: ToolState, sampled: int) -> tuple[int, int]:
@@ -402,7 +390,7 @@ class Engine:
         elif row.push(token)[0] == "call":
             result = use_calculator(row.call)
             if result is not None:  # a refused expression gets no output; the model goes on by itself
-                row.forced.extend([self.output_start, *self.tokenizer.encode(str(result)), self.output_end])
+                row.forced.extend([row.output_start, *self.tokenizer.encode(str(result)), row.output_end])
         return token, 0 if forced else 1
 
     def generate_batch(self, tokens, num_samples=1, max_tokens=None, **sampling) -> list[Completion]:

@@ -38,7 +38,6 @@ from nanochat.server_state import (
     Settings,
     error_response,
     finish_generation,
-    prompt_tokens,
     request_models,
     sse,
     start_generation,
@@ -89,8 +88,7 @@ async def stats(request: Request):
 
 async def page_completion(request: Request, body):
     state: ServerState = request.app.state.server
-    tokens = prompt_tokens(state, body)
-    queues, requests = start_generation(state, body, tokens, 1, body.max_tokens or state.settings.max_tokens)
+    tokens, queues, requests = start_generation(state, body, 1, body.max_tokens or state.settings.max_tokens)
 
     async def stream() -> AsyncIterator[str]:
         renderer = ReplyRenderer(state.tokenizer)
@@ -133,9 +131,8 @@ async def models(request: Request):
 
 async def openai_completion(request: Request, body):
     state: ServerState = request.app.state.server
-    tokens = prompt_tokens(state, body)
     max_tokens = body.max_completion_tokens or body.max_tokens or state.settings.max_tokens
-    queues, requests = start_generation(state, body, tokens, body.n, max_tokens)
+    tokens, queues, requests = start_generation(state, body, body.n, max_tokens)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
     merged = merge_choices(queues, requests, state.tokenizer, body.stop)
     if not body.stream:
@@ -199,10 +196,6 @@ class StopMatcher:
         out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
         return out
 
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
 
 def openai_text(piece: tuple) -> str:
     """How a rendered piece reads in plain text: tool calls in GSM8K's <<expression=result>> notation."""
@@ -242,7 +235,7 @@ async def merge_choices(queues, requests, tokenizer, stops):
                 assert isinstance(event, DoneEvent)
                 text = "".join(matchers[i].push(openai_text(p)) for p in renderers[i].finish())
                 reason = "stop" if matchers[i].stopped else OPENAI_FINISH[event.finish_reason]
-                text += "" if matchers[i].stopped else matchers[i].flush()
+                text += matchers[i].pending  # held back in case a stop followed; "" once stopped
                 yield i, text, reason, event.completion_tokens
     finally:
         for future in pending:
@@ -337,7 +330,7 @@ class Gate:
             nonlocal read
             message = await receive()
             read += len(message.get("body", b""))
-            if read > limit:  # FastAPI re-raises an HTTPException met while reading; http_error shapes it
+            if read > limit:  # FastAPI re-raises an HTTPException met while reading; openai_error shapes it
                 raise HTTPException(413, f"the request body is over {limit} bytes")
             return message
 

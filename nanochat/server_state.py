@@ -138,32 +138,21 @@ def error_response(status: int, message: str, param=None, kind="invalid_request_
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
 
 
-async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    """Starlette's own errors (404, 405, a body too large, ...) in OpenAI's error shape too."""
-    kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
-    return error_response(exc.status_code, str(exc.detail), None, kind)
-
-
-async def server_error(request: Request, exc: Exception) -> JSONResponse:
+async def openai_error(request: Request, exc: Exception) -> JSONResponse:
+    """Every error in OpenAI's shape, Starlette's own (404, 405, a body too large, ...) and unexpected ones too."""
+    if isinstance(exc, APIError):
+        return error_response(exc.status, exc.message, exc.param, exc.kind)
+    if isinstance(exc, RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
+        return error_response(400, f"{param or 'request'}: {first.get('msg', 'invalid')}", param)
+    if isinstance(exc, HTTPException):
+        kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), None, kind)
     return error_response(500, f"internal server error ({type(exc).__name__})", None, "server_error")
 
 
-async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
-    return error_response(400, f"{param or 'request'}: {first.get('msg', 'invalid')}", param)
-
-
-async def api_error(request: Request, exc: APIError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.param, exc.kind)
-
-
-ERROR_HANDLERS = {  # every error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}
-    RequestValidationError: validation_error,
-    APIError: api_error,
-    HTTPException: http_error,
-    Exception: server_error,
-}
+ERROR_HANDLERS = dict.fromkeys((RequestValidationError, APIError, HTTPException, Exception), openai_error)
 
 
 # ---------------------------------------------------------------------------- generation
@@ -193,8 +182,9 @@ def prompt_tokens(state: ServerState, body) -> list[int]:
     return tokens
 
 
-def start_generation(state: ServerState, body, tokens: list[int], n: int, max_tokens: int):
-    """Submit n rows of one prompt; returns (queues, requests), each queue fed TokenEvent/DoneEvent by a worker."""
+def start_generation(state: ServerState, body, n: int, max_tokens: int):
+    """Submit n rows of body's prompt; returns (prompt tokens, queues, requests), queues fed Token/DoneEvents."""
+    tokens = prompt_tokens(state, body)
     settings = state.settings
     if not state.ready:
         raise APIError(503, "the model is still loading", None, "server_error")
@@ -219,7 +209,7 @@ def start_generation(state: ServerState, body, tokens: list[int], n: int, max_to
     state.in_flight += 1
     for generation in requests:
         state.pool.submit(generation)
-    return queues, requests
+    return tokens, queues, requests
 
 
 def finish_generation(state: ServerState, requests) -> None:

@@ -111,8 +111,8 @@ def test_rows_at_different_positions_decode_as_if_alone(small_tokenizer):
     assert torch.allclose(again[1], alone[2][0], atol=1e-5)
 
 
-def test_head_view_shares_the_cache_and_move_row_copies_a_row(small_tokenizer):
-    """The batching worker runs n active rows through head(n) and compacts finished rows with move_row."""
+def test_head_view_shares_the_cache_and_copy_prefix_from_moves_a_row(small_tokenizer):
+    """The batching worker runs n active rows through head(n) and compacts finished rows with copy_prefix_from."""
     model = randomized(seed=10)
     engine = Engine(model, small_tokenizer)
     cache = KVCache.for_model(model, 3, 40)
@@ -121,7 +121,7 @@ def test_head_view_shares_the_cache_and_move_row_copies_a_row(small_tokenizer):
         engine.prefill(single, prompt_of(small_tokenizer, text))
         cache.copy_prefix_from(single, rows=[row])
     lengths = cache.lengths.tolist()
-    cache.move_row(2, 0)  # row 0 leaves; the last row takes its place
+    cache.copy_prefix_from(cache, rows=[0], source_row=2)  # row 0 leaves; the last row takes its place
     assert cache.lengths.tolist() == [lengths[2], lengths[1], lengths[2]]
     head = cache.head(2)
     logits = model(torch.tensor([[5], [6]]), kv_cache=head)[:, -1]

@@ -202,7 +202,7 @@ def test_stop_matcher_holds_back_partial_matches():
     assert matcher.push("N") == ""
     assert matcher.push("Dmore") == "" and matcher.stopped
     plain = StopMatcher(["END"])
-    assert plain.push("hello E") == "hello " and plain.push("nd") == "End" and plain.flush() == ""
+    assert plain.push("hello E") == "hello " and plain.push("nd") == "End" and plain.pending == ""
 
 
 # ---------------------------------------------------------------------------- validation
