@@ -209,34 +209,17 @@ def print0(*args, **kwargs) -> None:
 # Dense (not 2:4 sparse) bf16 tensor-core peak FLOP/s and memory bandwidth in bytes/s, from the vendors'
 # datasheets. Matched against torch.cuda.get_device_name() by substring, in order: a name that contains another
 # (GH200 / H200, L40S / L40 / L4) must come first.
-GPU_PEAKS = [
-    # name substring, bf16 dense FLOP/s, bytes/s
-    ("GB200", 2.5e15, 8.0e12),
-    ("B200", 2.25e15, 8.0e12),
-    ("GH200", 989e12, 4.0e12),
-    ("H200", 989e12, 4.8e12),
-    ("H100 NVL", 835e12, 3.9e12),
-    ("H100 PCIe", 756e12, 2.0e12),
-    ("H100", 989e12, 3.35e12),  # SXM
-    ("H800", 989e12, 3.35e12),
-    ("A100-SXM4-40GB", 312e12, 1.555e12),
-    ("A100", 312e12, 2.039e12),  # 80 GB SXM
-    ("A800", 312e12, 2.039e12),
-    ("L40S", 362e12, 864e9),
-    ("L40", 181e12, 864e9),
-    ("L4", 121e12, 300e9),
-    ("A10G", 70e12, 600e9),
-    ("A10", 125e12, 600e9),
-    ("RTX 5090", 209.5e12, 1.792e12),
-    ("RTX 4090", 165.2e12, 1.008e12),
-    ("RTX 3090", 71e12, 936e9),
-    ("V100", 125e12, 900e9),  # fp16 (no bf16)
-    ("T4", 65e12, 320e9),  # fp16 (no bf16)
-    ("MI355X", 2.5e15, 8.0e12),
-    ("MI325X", 1.307e15, 6.0e12),
-    ("MI300X", 1.307e15, 5.3e12),
-    ("MI250X", 383e12, 3.2e12),
-]
+GPU_PEAKS = [  # (name substring, bf16 dense FLOP/s, bytes/s); one line per family
+    ("GB200", 2.5e15, 8.0e12), ("B200", 2.25e15, 8.0e12),
+    ("GH200", 989e12, 4.0e12), ("H200", 989e12, 4.8e12), ("H100 NVL", 835e12, 3.9e12), ("H100 PCIe", 756e12, 2.0e12),
+    ("H100", 989e12, 3.35e12), ("H800", 989e12, 3.35e12),  # H100: SXM
+    ("A100-SXM4-40GB", 312e12, 1.555e12), ("A100", 312e12, 2.039e12), ("A800", 312e12, 2.039e12),  # A100: 80 GB SXM
+    ("L40S", 362e12, 864e9), ("L40", 181e12, 864e9), ("L4", 121e12, 300e9),
+    ("A10G", 70e12, 600e9), ("A10", 125e12, 600e9),
+    ("RTX 5090", 209.5e12, 1.792e12), ("RTX 4090", 165.2e12, 1.008e12), ("RTX 3090", 71e12, 936e9),
+    ("V100", 125e12, 900e9), ("T4", 65e12, 320e9),  # fp16: no bf16
+    ("MI355X", 2.5e15, 8.0e12), ("MI325X", 1.307e15, 6.0e12), ("MI300X", 1.307e15, 5.3e12), ("MI250X", 383e12, 3.2e12),
+]  # fmt: skip
 
 
 def gpu_peaks(device_name: str) -> tuple[float, float] | None:

@@ -21,26 +21,13 @@ import os
 
 import torch
 
+from nanochat import train
 from nanochat.common import compute_init, get_base_dir, print0
 from nanochat.dataloader import PretrainLoader
 from nanochat.dataset import add_data_argument, default_pretrain_paths
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_tokenizer
-from nanochat.train import (
-    StageLog,
-    StageRecord,
-    accumulate,
-    add_stage_flags,
-    lr_multiplier,
-    muon_momentum,
-    one_line_errors,
-    optimizer_step,
-    sample,
-    save_stage,
-    set_schedule,
-    start_optimizer,
-)
 
 REFERENCE_BATCH = 2**19  # tokens per step at the reference depth (nanochat: 524,288 for d12 and the d20 speedrun)
 
@@ -73,7 +60,7 @@ def parse_args(argv=None):
     parser.add_argument("--sample-every", type=int, default=2000, help="steps between samples (-1 = off)")
     # Runtime
     add_data_argument(parser, "training text")
-    add_stage_flags(parser)
+    train.add_stage_flags(parser)
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto = on for CUDA")
     return parser.parse_args(argv)
 
@@ -126,7 +113,7 @@ def derive_hyperparameters(args, config: GPTConfig, flops_per_token: float, worl
     }
 
 
-@one_line_errors("base_train")
+@train.one_line_errors("base_train")
 def main(argv=None):
     args = parse_args(argv)
     # ---------------------------------------------------------------- init
@@ -146,12 +133,12 @@ def main(argv=None):
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
     use_compile = args.compile == "on" or (args.compile == "auto" and runtime.device_type == "cuda")
     forward = torch.compile(model, dynamic=False) if use_compile else model
-    record = StageRecord("base", model_tag, 0, args.device_batch_size, hp["total_batch_size"], hp["matrix_lr"],
-                         hp["embedding_lr"], hp["unembedding_lr"])  # fmt: skip
+    record = train.StageRecord("base", model_tag, 0, args.device_batch_size, hp["total_batch_size"], hp["matrix_lr"],
+                               hp["embedding_lr"], hp["unembedding_lr"])  # fmt: skip
 
     # ---------------------------------------------------------------- optimizer and resume
     layout = {"total_batch_size": hp["total_batch_size"], "device_batch_size": args.device_batch_size}
-    optimizer, scaler, start_step, loop, loader_states = start_optimizer(
+    optimizer, scaler, start_step, loop, loader_states = train.start_optimizer(
         model, record, 1.0, hp["weight_decay"], runtime, args.resume, checkpoint_dir, layout
     )
     # One loader per (process, accumulation micro-step), all slices of one data-parallel width W x A: a global
@@ -168,7 +155,9 @@ def main(argv=None):
 
     num_iterations = hp["num_iterations"]
     resolved = {**vars(args), **hp, "model_config": config.to_dict(), "model_tag": model_tag, "data": data}
-    log = StageLog("base_train", runtime, resolved, args.run, loop, num_iterations, model.estimate_flops(), start_step)
+    log = train.StageLog(
+        "base_train", runtime, resolved, args.run, loop, num_iterations, model.estimate_flops(), start_step
+    )
     print0(f"parameters: {model.num_params():,}; scaling parameters: {scaling_params(config):,}; FLOPs/token: "
            f"{model.estimate_flops():.3e}; steps: {num_iterations:,} x {hp['total_batch_size']:,} tokens (grad "
            f"accumulation {grad_accum}); start at step {start_step}")  # fmt: skip
@@ -188,19 +177,19 @@ def main(argv=None):
             val_bpb = validate()
             log.evaluated(step, {"val_bpb": val_bpb})
         if runtime.is_master and args.sample_every > 0 and (step % args.sample_every == 0 or last_step) and step > 0:
-            for text in sample(model, tokenizer):
+            for text in train.sample(model, tokenizer):
                 print0(f"  sample: {text!r}")
         if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
-            save_stage(checkpoint_dir, step, model, optimizer, runtime, record, log, loaders, val_bpb=val_bpb,
-                       user_config=vars(args), **hp)  # fmt: skip
+            train.save_stage(checkpoint_dir, step, model, optimizer, runtime, record, log, loaders, val_bpb=val_bpb,
+                             user_config=vars(args), **hp)  # fmt: skip
         if last_step:
             break
 
         log.start()
-        lrm = lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
-        set_schedule(optimizer, lrm, muon_momentum(step))
-        train_loss = accumulate(forward, loaders, runtime, scaler)
-        optimizer_step(model, optimizer, scaler, train_loss, runtime, args.grad_clip, checkpoint_dir)
+        lrm = train.lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
+        train.set_schedule(optimizer, lrm, train.muon_momentum(step))
+        train_loss = train.accumulate(forward, loaders, runtime, scaler)
+        train.optimizer_step(model, optimizer, scaler, train_loss, runtime, args.grad_clip, checkpoint_dir)
         step += 1
         log.step(step, train_loss.item(), hp["total_batch_size"], lrm=lrm)
 

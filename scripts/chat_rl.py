@@ -28,22 +28,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nanochat import train
 from nanochat.chat_data import padded_batch
 from nanochat.checkpoint import build_model, checkpoint_dir, last_verified_step, load_model
 from nanochat.common import compute_init, dist_info, print0
 from nanochat.engine import ContextFullError, Engine
 from nanochat.tokenizer import get_tokenizer
-from nanochat.train import (
-    StageLog,
-    StageRecord,
-    add_stage_flags,
-    one_line_errors,
-    optimizer_step,
-    save_stage,
-    set_schedule,
-    start_optimizer,
-    warmdown_multiplier,
-)
 from tasks.common import resolve_data_dir
 from tasks.gsm8k import GSM8K
 
@@ -74,7 +64,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval-samples", type=int, default=8, help="samples per test problem: pass@1..k")
     # Runtime
     parser.add_argument("--data-dir", default=None, help="local data dir (default: $NANOCHAT_DATA_DIR, else hub)")
-    add_stage_flags(parser, save_every=60)
+    train.add_stage_flags(parser, save_every=60)
     return parser.parse_args(argv)
 
 
@@ -197,7 +187,7 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_problems: int, k: int, max_t
 # ---------------------------------------------------------------------------- the run
 
 
-@one_line_errors("chat_rl")
+@train.one_line_errors("chat_rl")
 def main(argv=None):
     args = parse_args(argv)
     # Derived values
@@ -235,18 +225,21 @@ def main(argv=None):
     model.compute_dtype = runtime.dtype  # fp32 master weights, computing in the compute dtype
     engine = Engine(model, tokenizer)  # the same weights: rollouts are always on-policy
     pad_id = tokenizer.encode_special("<|assistant_end|>")
-    record = StageRecord("rl", model_tag, 0, args.device_batch_size, StageRecord.from_meta(meta).total_batch_size,
-                         args.matrix_lr, args.embedding_lr, args.unembedding_lr)  # fmt: skip
+    source_batch = train.StageRecord.from_meta(meta).total_batch_size
+    record = train.StageRecord("rl", model_tag, 0, args.device_batch_size, source_batch,
+                               args.matrix_lr, args.embedding_lr, args.unembedding_lr)  # fmt: skip
 
     # ---------------------------------------------------------------- optimizer and resume
     # rollouts depend only on (weights, seed, step, question): these settings must not change
     layout = {key: getattr(args, key) for key in ("examples_per_step", "num_samples", "seed", "num_steps")}
-    optimizer, scaler, start_step, loop, _ = start_optimizer(
+    optimizer, scaler, start_step, loop, _ = train.start_optimizer(
         model, record, args.init_lr_frac, args.weight_decay, runtime, args.resume, out_dir, layout
     )
 
     resolved = {**vars(args), "num_steps": num_steps, "source": source, "model_tag": model_tag, "data_dir": data_dir}
-    log = StageLog("chat_rl", runtime, resolved, args.run, loop or {"rewards": []}, num_steps, start_step=start_step)
+    log = train.StageLog(
+        "chat_rl", runtime, resolved, args.run, loop or {"rewards": []}, num_steps, start_step=start_step
+    )
     print0(f"parameters: {model.num_params():,}; {num_steps} steps x {args.examples_per_step} questions x "
            f"{args.num_samples} samples; start at step {start_step}")  # fmt: skip
 
@@ -263,8 +256,8 @@ def main(argv=None):
             pass_at_k = evaluate()
             log.evaluated(step, pass_at_k)
         if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
-            save_stage(out_dir, step, model, optimizer, runtime, record, log, source=source, user_config=vars(args),
-                       pass_at_k=list(pass_at_k.values()))  # fmt: skip
+            train.save_stage(out_dir, step, model, optimizer, runtime, record, log, source=source,
+                             user_config=vars(args), pass_at_k=list(pass_at_k.values()))  # fmt: skip
         if last_step:
             break
 
@@ -292,11 +285,11 @@ def main(argv=None):
         mean_reward, mean_length = (stats[0] / stats[1].clamp(min=1)).item(), (stats[2] / stats[1].clamp(min=1)).item()
 
         # 2. the policy gradient and one optimizer step; the LR decays linearly to 0 (the reference's RL schedule)
-        lrm = warmdown_multiplier(step / num_steps, 1.0, 0.0)
-        set_schedule(optimizer, lrm)
+        lrm = train.warmdown_multiplier(step / num_steps, 1.0, 0.0)
+        train.set_schedule(optimizer, lrm)
         model.train()
         loss = backward_groups(model, groups, args.device_batch_size, pad_id, world_size, scaler and scaler.scale)
-        optimizer_step(model, optimizer, scaler, loss, runtime, args.grad_clip, out_dir)
+        train.optimizer_step(model, optimizer, scaler, loss, runtime, args.grad_clip, out_dir)
         model.eval()
         step += 1
         log.state["rewards"].append(mean_reward)

@@ -19,20 +19,10 @@ import argparse
 import os
 from dataclasses import asdict, replace
 
+from nanochat import train
 from nanochat.chat_data import evaluate_loss, sft_micro_batches, supervised_backward
 from nanochat.common import compute_init, print0
 from nanochat.tokenizer import get_tokenizer
-from nanochat.train import (
-    StageLog,
-    add_stage_flags,
-    load_source,
-    one_line_errors,
-    optimizer_step,
-    save_stage,
-    set_schedule,
-    start_optimizer,
-    warmdown_multiplier,
-)
 from tasks.evaluate import evaluate_task, load_task
 from tasks.mixture import COMPONENTS, add_mixture_flags, load_stage_mixtures
 
@@ -69,11 +59,11 @@ def parse_args(argv=None):
     parser.add_argument("--eval-metrics-every", type=int, default=200, help="steps between MMLU/ARC-Easy (-1 = end)")
     parser.add_argument("--eval-metrics-max-problems", type=int, default=1024, help="problems per task (-1 = all)")
     # Runtime
-    add_stage_flags(parser)
+    train.add_stage_flags(parser)
     return parser.parse_args(argv)
 
 
-@one_line_errors("chat_sft")
+@train.one_line_errors("chat_sft")
 def main(argv=None):
     args = parse_args(argv)
     # ---------------------------------------------------------------- init
@@ -82,7 +72,7 @@ def main(argv=None):
     tokenizer = get_tokenizer()
 
     # ---------------------------------------------------------------- model
-    model, source, source_dir, output_dir, seq_len = load_source(args, args.source, "sft", runtime)
+    model, source, source_dir, output_dir, seq_len = train.load_source(args, args.source, "sft", runtime)
     model_tag = os.path.basename(output_dir)
 
     # Derived values: the source stage's record unless given
@@ -105,14 +95,16 @@ def main(argv=None):
     # ---------------------------------------------------------------- optimizer and resume
     # batches are a function of the step: nothing else to restore
     layout = {"examples_per_step": args.examples_per_step}
-    optimizer, scaler, start_step, loop, _ = start_optimizer(
+    optimizer, scaler, start_step, loop, _ = train.start_optimizer(
         model, source, args.init_lr_frac, args.weight_decay, runtime, args.resume, output_dir, layout
     )
 
     resolved = {**vars(args), **asdict(record), "max_seq_len": seq_len, "grad_accum_steps": grad_accum,
                 "num_iterations": num_iterations, "source_dir": source_dir, "data_dir": data_dir,
                 "train_mixture": train_rows}  # fmt: skip
-    log = StageLog("chat_sft", runtime, resolved, args.run, loop, num_iterations, model.estimate_flops(), start_step)
+    log = train.StageLog(
+        "chat_sft", runtime, resolved, args.run, loop, num_iterations, model.estimate_flops(), start_step
+    )
     print0(f"parameters: {model.num_params():,}; {num_iterations:,} steps x {args.examples_per_step} conversations "
            f"(grad accumulation {grad_accum}); start at step {start_step}")  # fmt: skip
 
@@ -147,17 +139,18 @@ def main(argv=None):
             accuracies = metrics()
             log.evaluated(step, accuracies)
         if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
-            save_stage(output_dir, step, model, optimizer, runtime, record, log, val_loss=val_loss, metrics=accuracies,
-                       user_config=vars(args), max_seq_len=seq_len, grad_accum_steps=grad_accum)  # fmt: skip
+            train.save_stage(output_dir, step, model, optimizer, runtime, record, log, val_loss=val_loss,
+                             metrics=accuracies, user_config=vars(args), max_seq_len=seq_len,
+                             grad_accum_steps=grad_accum)  # fmt: skip
         if last_step:
             break
 
         log.start()
-        lrm = warmdown_multiplier(step / num_iterations, args.warmdown_ratio, args.final_lr_frac)
-        set_schedule(optimizer, lrm)  # Muon's momentum stays 0.95 here, as in reference nanochat's SFT
+        lrm = train.warmdown_multiplier(step / num_iterations, args.warmdown_ratio, args.final_lr_frac)
+        train.set_schedule(optimizer, lrm)  # Muon's momentum stays 0.95 here, as in reference nanochat's SFT
         micro_batches = batches(train_mixture, step)
         train_loss, supervised = supervised_backward(model, micro_batches, scaler.scale if scaler else None)
-        optimizer_step(model, optimizer, scaler, train_loss, runtime, args.grad_clip, output_dir)
+        train.optimizer_step(model, optimizer, scaler, train_loss, runtime, args.grad_clip, output_dir)
         step += 1
         tokens = sum(inputs.numel() for inputs, _ in micro_batches) * runtime.world_size
         log.step(step, train_loss.item(), tokens, lrm=lrm, supervised_tokens=supervised)

@@ -19,23 +19,11 @@ from dataclasses import asdict, replace
 import torch
 import torch.distributed as dist
 
+from nanochat import train
 from nanochat.chat_data import PackedChatLoader
 from nanochat.common import compute_init, print0
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_tokenizer
-from nanochat.train import (
-    StageLog,
-    accumulate,
-    add_stage_flags,
-    load_source,
-    muon_momentum,
-    one_line_errors,
-    optimizer_step,
-    save_stage,
-    set_schedule,
-    start_optimizer,
-    warmdown_multiplier,
-)
 from tasks.mixture import COMPONENTS, add_mixture_flags, load_stage_mixtures
 
 # The recipe: component -> sizes (epochs: listed n times; size: generated examples). Reference nanochat's mid
@@ -66,12 +54,12 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, default=150, help="steps between validation bpb (-1 = end only)")
     parser.add_argument("--eval-tokens", type=int, default=20 * 2**19, help="validation tokens per evaluation")
     # Runtime
-    add_stage_flags(parser)
+    train.add_stage_flags(parser)
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto = on for CUDA")
     return parser.parse_args(argv)
 
 
-@one_line_errors("mid_train")
+@train.one_line_errors("mid_train")
 def main(argv=None):
     args = parse_args(argv)
     # ---------------------------------------------------------------- init
@@ -81,7 +69,7 @@ def main(argv=None):
     token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
 
     # ---------------------------------------------------------------- model
-    model, source, source_dir, output_dir, seq_len = load_source(args, "base", "mid", runtime)
+    model, source, source_dir, output_dir, seq_len = train.load_source(args, "base", "mid", runtime)
     model_tag = os.path.basename(output_dir)
 
     # Derived values: the base stage's record unless given
@@ -104,7 +92,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- optimizer and resume
     layout = {"total_batch_size": total_batch, "device_batch_size": device_batch}
-    optimizer, scaler, start_step, loop, loader_states = start_optimizer(
+    optimizer, scaler, start_step, loop, loader_states = train.start_optimizer(
         model, source, args.init_lr_frac, args.weight_decay, runtime, args.resume, output_dir, layout
     )
     # One loader per (process, micro-step), slices of one data width, as in base_train.
@@ -118,7 +106,7 @@ def main(argv=None):
     resolved = {**vars(args), **asdict(record), "max_seq_len": seq_len, "grad_accum_steps": grad_accum,
                 "source": source_dir, "data_dir": data_dir, "train_mixture": train_rows}  # fmt: skip
     num_steps = args.num_iterations if args.num_iterations > 0 else None
-    log = StageLog("mid_train", runtime, resolved, args.run, loop, num_steps, model.estimate_flops(), start_step)
+    log = train.StageLog("mid_train", runtime, resolved, args.run, loop, num_steps, model.estimate_flops(), start_step)
     horizon = f"{args.num_iterations:,} steps" if num_steps else "one epoch of the mixture"
     print0(f"parameters: {model.num_params():,}; {horizon} x {total_batch:,} tokens "
            f"(grad accumulation {grad_accum}); start at step {start_step}")  # fmt: skip
@@ -144,16 +132,16 @@ def main(argv=None):
             val_bpb = validate()
             log.evaluated(step, {"val_bpb": val_bpb})
         if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
-            save_stage(output_dir, step, model, optimizer, runtime, record, log, loaders, val_bpb=val_bpb,
-                       user_config=vars(args), max_seq_len=seq_len, grad_accum_steps=grad_accum)  # fmt: skip
+            train.save_stage(output_dir, step, model, optimizer, runtime, record, log, loaders, val_bpb=val_bpb,
+                             user_config=vars(args), max_seq_len=seq_len, grad_accum_steps=grad_accum)  # fmt: skip
         if last_step:
             break
 
         log.start()
-        lrm = warmdown_multiplier(progress, args.warmdown_ratio, args.final_lr_frac)
-        set_schedule(optimizer, lrm, muon_momentum(step))
-        train_loss = accumulate(forward, loaders, runtime, scaler)
-        optimizer_step(model, optimizer, scaler, train_loss, runtime, args.grad_clip, output_dir)
+        lrm = train.warmdown_multiplier(progress, args.warmdown_ratio, args.final_lr_frac)
+        train.set_schedule(optimizer, lrm, train.muon_momentum(step))
+        train_loss = train.accumulate(forward, loaders, runtime, scaler)
+        train.optimizer_step(model, optimizer, scaler, train_loss, runtime, args.grad_clip, output_dir)
         step += 1
         log.step(step, train_loss.item(), total_batch, lrm=lrm, progress=progress)
 
