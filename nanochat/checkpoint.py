@@ -27,7 +27,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_write, fsync_directory, get_base_dir
+from nanochat.common import atomic_write, dist_info, fsync_directory, get_base_dir
 from nanochat.gpt import GPT, GPTConfig
 
 RESERVED_META_KEYS = ("step", "model_config", "world_size", "checksums")  # filled by save_checkpoint itself
@@ -90,7 +90,7 @@ def save_checkpoint(checkpoint_dir: str, step: int, model: torch.nn.Module, opti
     if rank == 0 and os.path.exists(meta_path(checkpoint_dir, step)):
         os.remove(meta_path(checkpoint_dir, step))  # re-saving: the step is incomplete until meta returns
         fsync_directory(checkpoint_dir)
-    distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
+    distributed = world_size > 1 and dist_info().is_distributed
     if distributed:
         dist.barrier()  # no rank overwrites its files while the old meta still vouches for them
 

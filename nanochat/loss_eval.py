@@ -10,6 +10,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from nanochat.common import dist_info
+
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, num_steps: int, token_bytes: torch.Tensor) -> float:
@@ -26,7 +28,7 @@ def evaluate_bpb(model, batches, num_steps: int, token_bytes: torch.Tensor) -> f
         nbytes = torch.where(targets >= 0, token_bytes[targets.clamp(min=0)], 0)
         total_nats += (losses * (nbytes > 0)).sum().to(accum)
         total_bytes += nbytes.sum().to(accum)
-    if dist.is_available() and dist.is_initialized():
+    if dist_info().is_distributed:
         dist.all_reduce(total_nats)
         dist.all_reduce(total_bytes)
     if total_bytes.item() == 0:
