@@ -10,7 +10,7 @@
 use std::sync::OnceLock;
 
 /// nanochat's split pattern: GPT-4's (`cl100k_base`) with `\p{N}{1,2}` instead of `\p{N}{1,3}`
-/// (val bpb 0.965 vs 0.972 at depth 12, 32K vocab; see shared/reference/nanochat.md §1.2).
+/// (val bpb 0.965 vs 0.972 at depth 12, 32K vocab: karpathy/nanochat dev/LOG.md, Jan 2026).
 pub const DEFAULT_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
 
 // Class bits of one character.
