@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from nanochat.batching import BatchingWorker, DoneEvent, TokenEvent, WorkerPool
@@ -136,14 +136,19 @@ async def openai_completion(request: Request, body):
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
     merged = merge_choices(queues, requests, state.tokenizer, body.stop)
     if not body.stream:
-        try:
-            texts, reasons, counts = [""] * body.n, [None] * body.n, [0] * body.n
+        texts, reasons, counts = [""] * body.n, [None] * body.n, [0] * body.n
+
+        async def collect():
             async for index, text, reason, count in merged:
                 texts[index] += text
                 if reason is not None:
                     reasons[index], counts[index] = reason, count
+
+        try:
+            if not await unless_client_leaves(request, collect()):
+                return Response(status_code=499)  # nobody reads it; 499 is nginx's "client closed request"
         finally:
-            finish_generation(state, requests)
+            finish_generation(state, requests)  # cancels every row still decoding
         choices = [
             {"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": reasons[i]}
             for i in range(body.n)
@@ -171,6 +176,27 @@ async def openai_completion(request: Request, body):
             finish_generation(state, requests)
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def unless_client_leaves(request: Request, work) -> bool:
+    """Awaits `work`, unless the client hangs up first (ASGI's http.disconnect, which the receive channel delivers
+    once the body is read): then cancels it and returns False, so a reply nobody will read stops decoding."""
+    task = asyncio.ensure_future(work)
+
+    async def hangup():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(hangup())
+    try:
+        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        task.cancel()  # no-op once done
+    if not task.done():
+        return False
+    task.result()  # the work's own error, if any, goes on up
+    return True
 
 
 def usage_of(tokens: list[int], counts: list[int]) -> dict:

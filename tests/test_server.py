@@ -310,6 +310,25 @@ def test_a_client_that_drops_frees_its_row(model_and_tokenizer):
         assert worker["tokens"] < 40  # freed long before its 64 tokens
 
 
+def test_a_non_streaming_client_that_drops_frees_its_rows(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    settings = Settings(model_loader=lambda i: (slow_copy(model), tokenizer, "slow"), max_tokens=64)
+    with ServerThread(settings) as running:
+        body = {"messages": USER, "n": 4, "max_tokens": 64, "stream": False}  # 4 rows x 64 x 50 ms: 3 s and more
+        with pytest.raises(httpx.ReadTimeout):  # hang up while the reply is being decoded
+            httpx.post(running.url + "/v1/chat/completions", json=body, timeout=0.5)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            stats = httpx.get(running.url + "/stats").json()
+            worker = stats["workers"][0]
+            if worker["active"] == 0 and stats["in_flight"] == 0:
+                break
+            time.sleep(0.05)
+        assert worker["active"] == 0 and stats["in_flight"] == 0
+        assert worker["cancelled"] == 4 and worker["completed"] == 0
+        assert worker["tokens"] < 4 * 40  # freed long before their 4 x 64 tokens
+
+
 # ---------------------------------------------------------------------------- access control
 
 
