@@ -289,6 +289,18 @@ def slow_copy(model) -> "SlowModel":
     return slow.eval()
 
 
+def idle_worker(url: str) -> dict:
+    """The worker's stats once no request is active or in flight (20 s at most): a dropped client's rows are freed."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stats = httpx.get(url + "/stats").json()
+        worker = stats["workers"][0]
+        if worker["active"] == 0 and stats["in_flight"] == 0:
+            return worker
+        time.sleep(0.05)
+    raise AssertionError(f"rows still busy after 20 s: {stats}")
+
+
 def test_a_client_that_drops_frees_its_row(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     settings = Settings(model_loader=lambda i: (slow_copy(model), tokenizer, "slow"), max_tokens=64)
@@ -298,14 +310,7 @@ def test_a_client_that_drops_frees_its_row(model_and_tokenizer):
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     break  # one event, then hang up
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            stats = httpx.get(running.url + "/stats").json()
-            worker = stats["workers"][0]
-            if worker["active"] == 0 and stats["in_flight"] == 0:
-                break
-            time.sleep(0.05)
-        assert worker["active"] == 0 and stats["in_flight"] == 0
+        worker = idle_worker(running.url)
         assert worker["cancelled"] == 1 and worker["completed"] == 0
         assert worker["tokens"] < 40  # freed long before its 64 tokens
 
@@ -317,14 +322,7 @@ def test_a_non_streaming_client_that_drops_frees_its_rows(model_and_tokenizer):
         body = {"messages": USER, "n": 4, "max_tokens": 64, "stream": False}  # 4 rows x 64 x 50 ms: 3 s and more
         with pytest.raises(httpx.ReadTimeout):  # hang up while the reply is being decoded
             httpx.post(running.url + "/v1/chat/completions", json=body, timeout=0.5)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            stats = httpx.get(running.url + "/stats").json()
-            worker = stats["workers"][0]
-            if worker["active"] == 0 and stats["in_flight"] == 0:
-                break
-            time.sleep(0.05)
-        assert worker["active"] == 0 and stats["in_flight"] == 0
+        worker = idle_worker(running.url)
         assert worker["cancelled"] == 4 and worker["completed"] == 0
         assert worker["tokens"] < 4 * 40  # freed long before their 4 x 64 tokens
 
