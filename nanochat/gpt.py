@@ -37,6 +37,15 @@ class GPTConfig:
     n_embd: int = 1280
     rope_base: float = 10000.0
     logit_softcap: float = 15.0
+    # Parts from the reference's 2026 recipe (karpathy/nanochat dev/LOG.md). The defaults are the classic model, so
+    # older checkpoints load unchanged; scripts/base_train.py decides what a new model uses.
+    value_embeds: bool = False  # a token embedding added to the values of alternating layers, the last included
+    resid_scalars: bool = False  # x = resid_lambda[i] * x + x0_lambda[i] * x0 before every block
+    window_pattern: str = "L"  # per layer, tiled, the last layer always L: L = full causal, S = short_window keys
+    short_window: int = 0  # keys a token sees in an S layer (itself included); 0 only with an all-L pattern
+    backout: bool = False  # subtract backout_lambda x the residual at n_layer // 2 from the final stream
+    qk_scale: float = 1.0  # q and k are each multiplied by this after QK-norm (nanochat autoresearch: 1.2)
+    init: str = "classic"  # weight initialisation: classic (arXiv 2310.17813) or tuned (nanochat autoresearch)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -45,6 +54,21 @@ class GPTConfig:
             raise ValueError(f"n_kv_head {self.n_kv_head} must divide n_head {self.n_head} (1 = MQA)")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError(f"head dim {self.n_embd // self.n_head} must be even for RoPE")
+        if not self.window_pattern or set(self.window_pattern) - {"S", "L"}:
+            raise ValueError(f"window_pattern {self.window_pattern!r} must be letters S (short) and L (long)")
+        if "S" in self.window_pattern and self.short_window < 1:
+            raise ValueError("an S in window_pattern needs short_window >= 1")
+        if self.init not in ("classic", "tuned"):
+            raise ValueError(f"init must be classic or tuned, got {self.init!r}")
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        """Keys a token at layer `layer_idx` may see (itself included); None = every earlier key."""
+        letter = self.window_pattern[layer_idx % len(self.window_pattern)]
+        return self.short_window if letter == "S" and layer_idx < self.n_layer - 1 else None
+
+    def has_value_embed(self, layer_idx: int) -> bool:
+        """Alternating layers counted from the last, so the last layer always has one (nanochat HEAD)."""
+        return self.value_embeds and (self.n_layer - 1 - layer_idx) % 2 == 0
 
     @property
     def head_dim(self) -> int:
@@ -100,31 +124,67 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+VE_GATE_CHANNELS = 12  # the value-embedding gate reads the first 12 channels of the block's input (nanochat HEAD)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.window = config.layer_window(layer_idx)
+        # QK-norm fixes |q| = |k| = sqrt(head_dim); qk_scale on both multiplies every logit by qk_scale^2
+        self.scale = config.qk_scale**2 / math.sqrt(config.head_dim)
         self.c_q = Linear(config.n_embd, config.n_head * config.head_dim)
         self.c_k = Linear(config.n_embd, config.n_kv_head * config.head_dim)
         self.c_v = Linear(config.n_embd, config.n_kv_head * config.head_dim)
         self.c_proj = Linear(config.n_embd, config.n_embd)
+        # one gate per KV head decides how much of the token's value embedding joins its values (ResFormer,
+        # arXiv 2410.17897; gated per head as in nanochat HEAD)
+        self.ve_gate = Linear(VE_GATE_CHANNELS, config.n_kv_head) if config.has_value_embed(layer_idx) else None
 
-    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
+    def forward(self, x, ve, cos, sin, masks, kv_cache=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.ve_gate is not None:
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, n_kv_head) in (0, 3)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        gqa = self.n_kv_head != self.n_head
-        if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
+        if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, n_kv_head, S, head_dim), new tokens included
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        mask = masks.get(self.window, k.size(2))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and kv_cache is None,
+                                           scale=self.scale, enable_gqa=self.n_kv_head != self.n_head)  # fmt: skip
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
+
+
+class AttentionMasks:
+    """The boolean masks (True = may attend) of one forward pass, made once per window size and key count.
+
+    Without a cache, queries and keys are positions 0..T-1; with one, query positions come from the cache and key
+    j is position j, and the cache's own mask (rows at different lengths) is kept. A window w keeps key j for the
+    query at p iff p - w < j <= p: a token never sees further back than its window, in training and decoding alike.
+    None means plain causal attention (or every key visible, as the cache reports it).
+    """
+
+    def __init__(self, positions: torch.Tensor, cache_mask: torch.Tensor | None):
+        self.positions, self.cache_mask = positions, cache_mask  # (B or 1, T); (B, 1, T, S) or None
+        self._made = {}
+
+    def get(self, window: int | None, num_keys: int) -> torch.Tensor | None:
+        if window is None:
+            return self.cache_mask
+        key = (window, num_keys)
+        if key not in self._made:
+            keys = torch.arange(num_keys, device=self.positions.device)
+            distance = self.positions[:, None, :, None] - keys  # (B, 1, T, S)
+            mask = (distance >= 0) & (distance < window)
+            self._made[key] = mask if self.cache_mask is None else mask & self.cache_mask
+        return self._made[key]
 
 
 class MLP(nn.Module):
@@ -143,8 +203,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
-        x = x + self.attn(rms_norm(x), cos, sin, kv_cache, attn_mask)
+    def forward(self, x, ve, cos, sin, masks, kv_cache=None):
+        x = x + self.attn(rms_norm(x), ve, cos, sin, masks, kv_cache)
         return x + self.mlp(rms_norm(x))
 
 
@@ -160,6 +220,16 @@ class GPT(nn.Module):
         )
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.lm_head = Linear(config.n_embd, config.padded_vocab_size)
+        ve_shape = (config.padded_vocab_size, config.n_kv_head * config.head_dim)
+        self.value_embeds = nn.ModuleDict({
+            str(i): nn.Embedding(*ve_shape, _weight=torch.empty(ve_shape))
+            for i in range(config.n_layer) if config.has_value_embed(i)
+        })  # fmt: skip
+        if config.resid_scalars:  # per-layer weights of the stream and of the first layer's input x0
+            self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.empty(()))
         # RoPE tables for 10x the training context, so generation can run past it. Not saved: recomputed.
         cos, sin = self._rotary_tables(10 * config.sequence_len)
         self.register_buffer("cos", cos, persistent=False)
@@ -185,27 +255,59 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Embedding N(0, 1); matrices N(0, std) with std = fan_in^-0.5 · min(1, sqrt(fan_out / fan_in))
-        (arXiv 2310.17813); residual output projections and lm_head zero, so every block starts as identity
-        and the first logits are uniform."""
-        nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
+        """classic: embedding N(0, 1); matrices N(0, std) with std = fan_in^-0.5 · min(1, sqrt(fan_out / fan_in))
+        (arXiv 2310.17813); lm_head zero. tuned (nanochat autoresearch rounds 1-2, 2026): embedding N(0, 0.8),
+        lm_head N(0, 0.001), matrices U(±sqrt(3 / n_embd)), c_fc at 0.4x that. Both: residual output projections
+        zero, so every block starts as the identity; value embeddings U(±sqrt(3 / n_embd)), gates U(0, 0.02);
+        residual scalars ramp over depth, 1.15 -> 1.05 on the stream and 0.20 -> 0.05 on x0; backout 0.2."""
+        c = self.config
+        tuned = c.init == "tuned"
+        nn.init.normal_(self.wte.weight, mean=0.0, std=0.8 if tuned else 1.0)
+        bound = math.sqrt(3 / c.n_embd)  # uniform with std 1 / sqrt(n_embd)
         for module in self.modules():
             if isinstance(module, Linear):
                 fan_out, fan_in = module.weight.shape
-                std = fan_in**-0.5 * min(1.0, math.sqrt(fan_out / fan_in))
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if tuned:
+                    nn.init.uniform_(module.weight, -bound, bound)
+                else:
+                    nn.init.normal_(module.weight, mean=0.0, std=fan_in**-0.5 * min(1.0, math.sqrt(fan_out / fan_in)))
         for block in self.blocks:
+            if tuned:
+                nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * bound, 0.4 * bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-        nn.init.zeros_(self.lm_head.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        for table in self.value_embeds.values():
+            nn.init.uniform_(table.weight, -bound, bound)
+        if tuned:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        else:
+            nn.init.zeros_(self.lm_head.weight)
+        if c.resid_scalars:
+            self.resid_lambdas.copy_(torch.linspace(1.15, 1.05, c.n_layer))
+            self.x0_lambdas.copy_(torch.linspace(0.20, 0.05, c.n_layer))
+        if c.backout:
+            self.backout_lambda.fill_(0.2)
         cos, sin = self._rotary_tables(self.cos.size(1))
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
     def parameter_roles(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by optimizer treatment: block matrices (Muon), embedding and unembedding (AdamW)."""
-        return {"matrix": list(self.blocks.parameters()), "embedding": [self.wte.weight],
-                "unembedding": [self.lm_head.weight]}  # fmt: skip
+        """Parameters by optimizer treatment (nanochat/optim.py): block matrices (Muon); the rest AdamW, each role
+        with its own LR. A role is absent when its part is off."""
+        gates = [block.attn.ve_gate.weight for block in self.blocks if block.attn.ve_gate is not None]
+        gate_ids = {id(p) for p in gates}
+        roles = {"matrix": [p for p in self.blocks.parameters() if id(p) not in gate_ids],
+                 "embedding": [self.wte.weight], "unembedding": [self.lm_head.weight]}  # fmt: skip
+        if self.value_embeds:
+            roles["value_embedding"] = [table.weight for table in self.value_embeds.values()]
+        if self.config.resid_scalars:
+            roles["resid_scalars"], roles["x0_scalars"] = [self.resid_lambdas], [self.x0_lambdas]
+        gates += [self.backout_lambda] if self.config.backout else []
+        if gates:
+            roles["gates"] = gates
+        return roles
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -214,31 +316,43 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6 per weight of every matmul (forward 2, backward 4; the embedding is a
         lookup, not a matmul) plus attention's 12 · layers · heads · head_dim · sequence_len (PaLM, App. B)."""
         c = self.config
-        matmul_params = self.num_params() - self.wte.weight.numel()
-        return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+        lookups = self.wte.weight.numel() + sum(table.weight.numel() for table in self.value_embeds.values())
+        # a windowed layer's query sees at most its window (full-width attention FLOPs counted, as a dense kernel does)
+        seen = sum(min(c.layer_window(i) or c.sequence_len, c.sequence_len) for i in range(c.n_layer))
+        return 6 * (self.num_params() - lookups) + 12 * c.n_head * c.head_dim * seen
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_to_keep: int = 0):
         """idx (B, T) token ids. Returns the loss when `targets` (B, T; -1 = ignore) is given, else fp32
         logits (B, T, vocab_size), or (B, logits_to_keep, vocab_size) for the last positions only when
         logits_to_keep > 0 (prefill needs one row of logits, not T)."""
         B, T = idx.shape
+        c = self.config
         dtype = self.compute_dtype or self.wte.weight.dtype
-        attn_mask = None
         if kv_cache is None:
             if T > self.cos.size(1):
                 raise ValueError(f"sequence of {T} exceeds the RoPE table ({self.cos.size(1)} positions)")
             cos, sin = self.cos[:, :T], self.sin[:, :T]  # (1, T, 1, head_dim/2)
+            masks = AttentionMasks(torch.arange(T, device=idx.device)[None], None)
         else:
             if kv_cache.max_len > self.cos.size(1):
                 raise ValueError(
                     f"a KV cache of {kv_cache.max_len} positions exceeds the RoPE table ({self.cos.size(1)} positions)"
                 )
-            positions, attn_mask = kv_cache.prepare(T)  # (B, T): each row continues from its own length
+            positions, cache_mask = kv_cache.prepare(T)  # (B, T): each row continues from its own length
             cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, head_dim/2)
+            masks = AttentionMasks(positions, cache_mask)
         cos, sin = cos.to(dtype), sin.to(dtype)
-        x = rms_norm(self.wte(idx).to(dtype))
-        for block in self.blocks:
-            x = block(x, cos, sin, kv_cache, attn_mask)
+        x = x0 = rms_norm(self.wte(idx).to(dtype))
+        skipped = None
+        for i, block in enumerate(self.blocks):
+            if c.resid_scalars:
+                x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
+            ve = self.value_embeds[str(i)](idx).to(dtype) if c.has_value_embed(i) else None
+            x = block(x, ve, cos, sin, masks, kv_cache)
+            if c.backout and i == c.n_layer // 2 - 1:
+                skipped = x  # the stream halfway up; part of it is taken out at the end (nanochat HEAD "backout")
+        if skipped is not None:
+            x = x - self.backout_lambda.to(dtype) * skipped
         x = rms_norm(x)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]

@@ -101,6 +101,12 @@ def start_optimizer(model, lrs: StageRecord, lr_frac, weight_decay, runtime, res
 # Two LR shapes: base counts whole steps, the chat stages count progress (folding one into the other changes bits).
 
 
+def short_run_warmup(warmup_steps: int, num_steps: int) -> int:
+    """Warmup steps for a run of num_steps: as asked, but at most a tenth of the run, so a short run still spends
+    most of its steps at full LR and then decays (a 40-step run with 40 warmup steps never left warmup)."""
+    return min(warmup_steps, num_steps // 10)
+
+
 def lr_multiplier(step: int, num_steps: int, warmup_steps: int, warmdown_ratio: float, final_lr_frac: float) -> float:
     """Linear warmup, constant, then linear warmdown to final_lr_frac over the last warmdown_ratio of steps."""
     if step < warmup_steps:
@@ -120,15 +126,37 @@ def warmdown_multiplier(progress: float, warmdown_ratio: float, final_lr_frac: f
     return remaining + (1 - remaining) * final_lr_frac
 
 
-def muon_momentum(step: int) -> float:
-    """0.85 -> 0.95 over the first 300 steps (modded-nanogpt / nanochat): less momentum while the loss moves fast."""
-    return 0.85 + 0.10 * min(1.0, step / 300)
+@dataclass(frozen=True)
+class MomentumSchedule:
+    """Muon's momentum: `start` -> `peak` over the first `ramp_steps` (less momentum while the loss moves fast;
+    modded-nanogpt), then, when `warmdown_to` is set, linearly down to it over the LR's warmdown (nanochat
+    autoresearch round 2: 0.85 -> 0.97 over 400 steps, 0.90 at the end). The ramp is at most a third of a run."""
+
+    start: float = 0.85
+    peak: float = 0.95
+    ramp_steps: int = 300
+    warmdown_to: float | None = None
+
+    def __call__(self, step: int, num_steps: int | None = None, warmdown_ratio: float = 0.0) -> float:
+        ramp = self.ramp_steps if num_steps is None else max(1, min(self.ramp_steps, num_steps // 3))
+        momentum = self.start + (self.peak - self.start) * min(1.0, step / ramp)
+        warmdown_steps = round(warmdown_ratio * num_steps) if num_steps else 0
+        if self.warmdown_to is not None and warmdown_steps and step > num_steps - warmdown_steps:
+            done = (step - (num_steps - warmdown_steps)) / warmdown_steps
+            momentum += (self.warmdown_to - momentum) * done
+        return momentum
 
 
-def set_schedule(optimizer, lrm: float, momentum: float | None = None) -> None:
-    """Every group's LR = its initial LR x lrm; Muon's momentum too when given (else left as built, 0.95)."""
+muon_momentum = MomentumSchedule()  # mid_train's; base_train builds its own from its flags
+
+
+def set_schedule(optimizer, lrm: float, momentum: float | None = None, wdm: float = 1.0) -> None:
+    """Every group's LR = its initial LR x lrm and weight decay = its initial weight decay x wdm; Muon's momentum
+    too when given (else left as built, 0.95)."""
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
+        if "initial_weight_decay" in group:
+            group["weight_decay"] = group["initial_weight_decay"] * wdm
         if momentum is not None and group["kind"] == "muon":
             group["momentum"] = momentum
 

@@ -29,6 +29,8 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_tokenizer
 
+MOMENTUM_SCHEDULES = {"classic": train.MomentumSchedule(),
+                      "tuned": train.MomentumSchedule(peak=0.97, ramp_steps=400, warmdown_to=0.90)}  # fmt: skip
 REFERENCE_BATCH = 2**19  # tokens per step at the reference depth (nanochat: 524,288 for d12 and the d20 speedrun)
 
 
@@ -39,6 +41,15 @@ def parse_args(argv=None):
     parser.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
     parser.add_argument("--n-kv-head", type=int, default=-1, help="key/value heads (-1 = as many as heads; 1 = MQA)")
     parser.add_argument("--model-tag", default=None, help="checkpoint directory name (default: d<depth>)")
+    on_off = argparse.BooleanOptionalAction
+    parser.add_argument("--value-embeds", action=on_off, default=False, help="value embeddings on alternate layers")
+    parser.add_argument("--resid-scalars", action=on_off, default=False, help="learned per-layer residual weights")
+    parser.add_argument("--backout", action=on_off, default=False, help="subtract part of the mid-depth stream")
+    parser.add_argument("--window-pattern", default="L", help="attention per layer, tiled: S short, L full")
+    parser.add_argument("--short-window", type=int, default=-1, help="keys per S layer (-1 = context/4, min 128)")
+    parser.add_argument("--qk-scale", type=float, default=1.0, help="q and k multiplier after QK-norm")
+    parser.add_argument("--rope-base", type=float, default=10000.0, help="RoPE base frequency")
+    parser.add_argument("--init", choices=["classic", "tuned"], default="classic", help="weight initialisation")
     # Training horizon (first one set wins: iterations > FLOPs > tokens:params ratio)
     parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = derive)")
     parser.add_argument("--target-flops", type=float, default=-1, help="training FLOPs budget (-1 = off)")
@@ -51,7 +62,9 @@ def parse_args(argv=None):
     parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of wte at width 768, ref. batch")
     parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head at width 768")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay at the ref. depth")
-    parser.add_argument("--warmup-steps", type=int, default=40, help="linear LR warmup steps")
+    parser.add_argument("--warmup-steps", type=int, default=40, help="linear LR warmup steps (at most 1/10 of the run)")
+    parser.add_argument("--momentum-schedule", choices=sorted(MOMENTUM_SCHEDULES), default="classic",
+                        help="Muon momentum: classic 0.85->0.95; tuned 0.85->0.97, 0.90 by the end")  # fmt: skip
     parser.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of steps decaying the LR")
     parser.add_argument("--final-lr-frac", type=float, default=0.05, help="LR multiplier at the last step")
     # Evaluation and saving
@@ -124,8 +137,13 @@ def main(argv=None):
     data = args.data or default_pretrain_paths()
 
     # ---------------------------------------------------------------- model
-    config = GPTConfig.from_depth(depth=args.depth, vocab_size=tokenizer.get_vocab_size(),
-                                  sequence_len=args.max_seq_len, n_kv_head=args.n_kv_head)  # fmt: skip
+    short_window = args.short_window if args.short_window > 0 else max(128, -(-args.max_seq_len // 4 // 128) * 128)
+    config = GPTConfig.from_depth(
+        depth=args.depth, vocab_size=tokenizer.get_vocab_size(), sequence_len=args.max_seq_len,
+        n_kv_head=args.n_kv_head, value_embeds=args.value_embeds, resid_scalars=args.resid_scalars,
+        window_pattern=args.window_pattern, short_window=short_window if "S" in args.window_pattern else 0,
+        backout=args.backout, qk_scale=args.qk_scale, rope_base=args.rope_base, init=args.init,
+    )  # fmt: skip
     model = GPT.build(config, device)
     model.compute_dtype = runtime.dtype
     hp = derive_hyperparameters(args, config, model.estimate_flops(), runtime.world_size)
@@ -154,6 +172,8 @@ def main(argv=None):
     ]  # fmt: skip
 
     num_iterations = hp["num_iterations"]
+    warmup_steps = train.short_run_warmup(args.warmup_steps, num_iterations)
+    momentum = MOMENTUM_SCHEDULES[args.momentum_schedule]
     resolved = {**vars(args), **hp, "model_config": config.to_dict(), "model_tag": model_tag, "data": data}
     log = train.StageLog(
         "base_train", runtime, resolved, args.run, loop, num_iterations, model.estimate_flops(), start_step
@@ -161,6 +181,11 @@ def main(argv=None):
     print0(f"parameters: {model.num_params():,}; scaling parameters: {scaling_params(config):,}; FLOPs/token: "
            f"{model.estimate_flops():.3e}; steps: {num_iterations:,} x {hp['total_batch_size']:,} tokens (grad "
            f"accumulation {grad_accum}); start at step {start_step}")  # fmt: skip
+    flat_until = num_iterations - round(args.warmdown_ratio * num_iterations)
+    momenta = [momentum(s, num_iterations, args.warmdown_ratio) for s in (0, flat_until, num_iterations)]
+    print0(f"schedule: LR warmup {warmup_steps} steps (asked {args.warmup_steps}), flat to step {flat_until}, then "
+           f"down to {args.final_lr_frac}x at step {num_iterations}; Muon momentum "
+           f"{' -> '.join(f'{m:.2f}' for m in momenta)}; weight decay cosine to 0")  # fmt: skip
 
     def validate() -> float:
         val_loader = PretrainLoader(
@@ -186,8 +211,9 @@ def main(argv=None):
             break
 
         log.start()
-        lrm = train.lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
-        train.set_schedule(optimizer, lrm, train.muon_momentum(step))
+        lrm = train.lr_multiplier(step, num_iterations, warmup_steps, args.warmdown_ratio, args.final_lr_frac)
+        wdm = 0.5 * (1 + math.cos(math.pi * step / num_iterations))  # weight decay: cosine to 0 (nanochat HEAD)
+        train.set_schedule(optimizer, lrm, momentum(step, num_iterations, args.warmdown_ratio), wdm)
         train_loss = train.accumulate(forward, loaders, runtime, scaler)
         train.optimizer_step(model, optimizer, scaler, train_loss, runtime, args.grad_clip, checkpoint_dir)
         step += 1

@@ -10,9 +10,14 @@ from nanochat.gpt import GPT, GPTConfig
 VOCAB = 512
 
 
-def randomized(seed=0, n_layer=2, n_kv_head=2, n_embd=64, sequence_len=64) -> GPT:
+# Every part of the 2026 recipe on: short windows (4 keys) so prompts and replies run far past them
+NEW_PARTS = {"value_embeds": True, "resid_scalars": True, "backout": True, "window_pattern": "SL", "short_window": 4,
+             "qk_scale": 1.2, "n_layer": 3}  # fmt: skip
+
+
+def randomized(seed=0, n_layer=2, n_kv_head=2, n_embd=64, sequence_len=64, **parts) -> GPT:
     """A tiny model with every weight random (the default init zeroes projections and lm_head)."""
-    config = GPTConfig(sequence_len, VOCAB, n_layer, n_head=4, n_kv_head=n_kv_head, n_embd=n_embd)
+    config = GPTConfig(sequence_len, VOCAB, n_layer, n_head=4, n_kv_head=n_kv_head, n_embd=n_embd, **parts)
     torch.manual_seed(seed)
     model = GPT.build(config)
     with torch.no_grad():
@@ -55,9 +60,9 @@ def prompt_of(tokenizer, text="The history of the city"):
 # ---------------------------------------------------------------------------- against the reference
 
 
-@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
-def test_greedy_engine_equals_the_uncached_reference(small_tokenizer, n_kv_head):
-    model = randomized(seed=n_kv_head, n_kv_head=n_kv_head)
+@pytest.mark.parametrize("n_kv_head, parts", [(4, {}), (2, {}), (1, {}), (2, NEW_PARTS), (1, NEW_PARTS)])
+def test_greedy_engine_equals_the_uncached_reference(small_tokenizer, n_kv_head, parts):
+    model = randomized(seed=n_kv_head, n_kv_head=n_kv_head, **parts)
     engine = Engine(model, small_tokenizer, prefill_chunk=4)
     for text in ["The history of the city", "In 1990, a new", "x"]:
         prompt = prompt_of(small_tokenizer, text)
@@ -70,8 +75,9 @@ def test_greedy_engine_equals_the_uncached_reference(small_tokenizer, n_kv_head)
             assert reference[len(completion.tokens)] in engine.stop_ids
 
 
-def test_chunked_prefill_equals_one_shot(small_tokenizer):
-    model = randomized(seed=3)
+@pytest.mark.parametrize("parts", [{}, NEW_PARTS])
+def test_chunked_prefill_equals_one_shot(small_tokenizer, parts):
+    model = randomized(seed=3, **parts)
     prompt = prompt_of(small_tokenizer, "A long prompt, long enough to be cut into several chunks of tokens.")
     results = []
     for chunk in [1, 3, 7, 1000]:
@@ -85,9 +91,10 @@ def test_chunked_prefill_equals_one_shot(small_tokenizer):
         assert torch.allclose(other_cache.k, cache.k, atol=1e-5) and torch.allclose(other_cache.v, cache.v, atol=1e-5)
 
 
-def test_rows_at_different_positions_decode_as_if_alone(small_tokenizer):
+@pytest.mark.parametrize("parts", [{}, NEW_PARTS])
+def test_rows_at_different_positions_decode_as_if_alone(small_tokenizer, parts):
     """Continuous batching's case: two prompts of different lengths in one cache, decoded in one forward."""
-    model = randomized(seed=4)
+    model = randomized(seed=4, **parts)
     engine = Engine(model, small_tokenizer)
     prompts = [prompt_of(small_tokenizer, "Short"), prompt_of(small_tokenizer, "A much longer prompt than the first")]
     assert len(prompts[0]) != len(prompts[1])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import randomized
-from nanochat.gpt import GPT, GPTConfig, apply_rotary, rms_norm
+from nanochat.gpt import GPT, AttentionMasks, GPTConfig, apply_rotary, rms_norm
 
 
 def small(**kwargs) -> GPTConfig:
@@ -245,3 +245,92 @@ def test_rms_norm_has_no_parameters():
     y = rms_norm(x)
     assert torch.allclose(y.pow(2).mean(-1), torch.ones(3), atol=1e-4)
     assert torch.allclose(y, F.rms_norm(x, (8,)))
+
+
+# ---------------------------------------------------------------------------- the 2026 parts
+
+NEW_PARTS = {"value_embeds": True, "resid_scalars": True, "backout": True, "window_pattern": "SSL", "short_window": 3,
+             "qk_scale": 1.2, "n_layer": 4, "init": "tuned"}  # fmt: skip
+
+
+@pytest.mark.parametrize("window", [1, 3, 8, None])
+def test_windowed_attention_equals_a_dense_masked_reference(window):
+    """Each query at position p sees keys p - window < j <= p, computed here with an explicit score matrix."""
+    config = small(window_pattern="SL" if window else "L", short_window=window or 0, qk_scale=1.2, n_kv_head=2)
+    model = randomized(config)
+    attn, T = model.blocks[0].attn, 12
+    assert attn.window == window
+    x = torch.randn(2, T, 64)
+    cos, sin = model.cos[:, :T], model.sin[:, :T]
+    fast = attn(x, None, cos, sin, AttentionMasks(torch.arange(T)[None], None))
+
+    q = rms_norm(apply_rotary(attn.c_q(x).view(2, T, 4, 16), cos, sin)).transpose(1, 2) * 1.2
+    k = rms_norm(apply_rotary(attn.c_k(x).view(2, T, 2, 16), cos, sin)).transpose(1, 2) * 1.2
+    v = attn.c_v(x).view(2, T, 2, 16).transpose(1, 2)
+    k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)  # GQA: each KV head serves 2 query heads
+    scores = q @ k.transpose(-1, -2) / 4.0  # / sqrt(head_dim)
+    p, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    visible = (j <= p) & (p - j < (window or T))
+    weights = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    slow = attn.c_proj((weights @ v).transpose(1, 2).reshape(2, T, 64))
+    assert torch.allclose(fast, slow, atol=1e-5)
+
+
+def test_window_pattern_tiles_with_the_last_layer_full():
+    config = small(n_layer=6, window_pattern="SSL", short_window=5, value_embeds=True)
+    assert [config.layer_window(i) for i in range(6)] == [5, 5, None, 5, 5, None]
+    assert [config.has_value_embed(i) for i in range(6)] == [False, True, False, True, False, True]
+    with pytest.raises(ValueError, match="needs short_window"):
+        small(window_pattern="S")
+    with pytest.raises(ValueError, match="letters S"):
+        small(window_pattern="SX", short_window=2)
+
+
+def test_new_parts_cached_decode_equals_uncached():
+    model = randomized(small(**NEW_PARTS))
+    idx = torch.randint(0, 100, (1, 20))
+    full = model(idx)
+    cache = ListCache(4)
+    pieces = [model(idx[:, :7], kv_cache=cache), model(idx[:, 7:8], kv_cache=cache), model(idx[:, 8:], kv_cache=cache)]
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+
+
+def test_new_parts_init_roles_and_every_group_trains(tmp_path):
+    """Every new parameter sits in exactly one optimizer role, moves in one step, and survives a save/load."""
+    from nanochat.checkpoint import load_checkpoint, save_checkpoint
+    from nanochat.optim import build_optimizer
+
+    config = small(**NEW_PARTS)
+    model = GPT.build(config)
+    assert torch.allclose(model.resid_lambdas, torch.linspace(1.15, 1.05, 4))
+    assert torch.allclose(model.x0_lambdas, torch.linspace(0.20, 0.05, 4))
+    assert model.backout_lambda.item() == pytest.approx(0.2)
+    assert sorted(model.value_embeds) == ["1", "3"]  # alternate layers, the last included
+    assert abs(model.lm_head.weight.std().item() - 0.001) < 2e-4  # tuned init: lm_head small, not zero
+    roles = model.parameter_roles()
+    assert {"value_embedding", "resid_scalars", "x0_scalars", "gates"} <= set(roles)
+    in_roles = [id(p) for params in roles.values() for p in params]
+    assert sorted(in_roles) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = build_optimizer(model)
+    idx = torch.arange(100).view(4, 25)  # every token id, so every embedding row gets a gradient
+    for _ in range(2):  # zero c_proj blocks every gradient before it in step 1; step 2 reaches them
+        model(idx, targets=idx).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert [name for name, p in model.named_parameters() if torch.equal(p, before[name])] == []
+
+    save_checkpoint(str(tmp_path), 1, model, None, {"model_config": config.to_dict()})
+    state, _, meta = load_checkpoint(str(tmp_path), 1, "cpu")
+    loaded = GPT.build(GPTConfig.from_dict(meta["model_config"]))
+    loaded.load_state_dict(state)
+    assert torch.equal(loaded(idx), model(idx))
+
+
+def test_classic_checkpoint_config_loads_with_the_new_parts_off():
+    classic_keys = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "rope_base")
+    config = GPTConfig.from_dict({k: v for k, v in small().to_dict().items() if k in classic_keys})
+    assert (config.value_embeds, config.resid_scalars, config.backout) == (False, False, False)
+    assert (config.window_pattern, config.qk_scale, config.init) == ("L", 1.0, "classic")
+    assert set(GPT.build(config).state_dict()) == set(GPT.build(small()).state_dict())
