@@ -10,6 +10,7 @@ conversations; a mixture without held-out rows (identity, --data) trains with va
     NANOCHAT_DATA_DIR=/path/to/data python -m scripts.chat_sft --device-type cpu --num-iterations 20 \
         --device-batch-size 2 --examples-per-step 4 --eval-every 10 --eval-steps 4 \
         --eval-metrics-max-problems 16                                                # tiny, CPU, offline
+    python -m scripts.chat_sft --data my.jsonl --num-iterations 50                    # your data alone
 
 Writes <base dir>/chatsft_checkpoints/<model tag>/ (`--resume` continues exactly) and report/chat_sft.json.
 Not here: full chat evaluation (scripts/chat_eval.py -i sft).
@@ -20,11 +21,11 @@ import os
 from dataclasses import asdict, replace
 
 from nanochat import train
-from nanochat.chat_data import evaluate_loss, sft_micro_batches, supervised_backward
+from nanochat.chat_data import conversation_batch, evaluate_loss, sft_micro_batches, supervised_backward
 from nanochat.common import compute_init, print0
 from nanochat.tokenizer import get_tokenizer
 from tasks.evaluate import evaluate_task, load_task
-from tasks.mixture import COMPONENTS, add_mixture_flags, load_stage_mixtures
+from tasks.mixture import COMPONENTS, add_mixture_flags, load_stage_mixtures, user_validation
 
 # The recipe: component -> sizes (stop: the first n rows; size: generated examples). Reference nanochat's SFT
 # mixture: SmolTalk's first 10K, 300 of each spelling task. `--mixture` picks among all but mmlu-aux.
@@ -86,6 +87,8 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- data
     train_mixture, train_rows, val_mixture, data_dir = load_stage_mixtures(args, MIXTURE)
+    # your held-out rows apart, when built-in rows are mixed in beside them
+    user_val = user_validation(args) if len(train_rows) > 1 else None
     num_iterations = args.num_iterations if args.num_iterations > 0 else len(train_mixture) // args.examples_per_step
     if num_iterations < 1:
         raise SystemExit(f"chat_sft: {len(train_mixture):,} conversations make no step of --examples-per-step "
@@ -112,11 +115,14 @@ def main(argv=None):
         return sft_micro_batches(tokenizer, task, step, args.examples_per_step, device_batch, seq_len,
                                  runtime.rank, runtime.world_size, device)  # fmt: skip
 
-    def validate() -> float:
+    def validate(task) -> float:
+        """Loss over the first --eval-steps x device batch x processes rows, each at most once; micro-batch m of
+        rank r takes slice (m * W + r) of B rows."""
         model.eval()
-        steps = -(-args.eval_steps // grad_accum)  # enough optimizer-step layouts for eval_steps
-        micro = [batch for step in range(steps) for batch in batches(val_mixture, step)]
-        loss = evaluate_loss(model, micro[: args.eval_steps])
+        starts = [(m * runtime.world_size + runtime.rank) * device_batch for m in range(args.eval_steps)]
+        micro = [conversation_batch(tokenizer, task[first : first + device_batch], seq_len, device)
+                 for first in starts if first < len(task)]  # fmt: skip
+        loss = evaluate_loss(model, micro)
         model.train()
         return loss
 
@@ -129,12 +135,13 @@ def main(argv=None):
         return results
 
     # ---------------------------------------------------------------- loop
-    step, val_loss, accuracies = start_step, None, {}
+    step, val_loss, val_data_loss, accuracies = start_step, None, None, {}
     while True:
         last_step = step == num_iterations
         if val_mixture is not None and ((args.eval_every > 0 and step % args.eval_every == 0) or last_step):
-            val_loss = validate()
-            log.evaluated(step, {"val_loss": val_loss})
+            val_loss = validate(val_mixture)
+            val_data_loss = validate(user_val) if user_val is not None else None
+            log.evaluated(step, {"val_loss": val_loss} | ({"val_data_loss": val_data_loss} if user_val else {}))
         if (args.eval_metrics_every > 0 and step % args.eval_metrics_every == 0) or last_step:
             accuracies = metrics()
             log.evaluated(step, accuracies)
@@ -157,9 +164,10 @@ def main(argv=None):
 
     summary = {"model_tag": model_tag, "step": step, "val_loss": val_loss,
                "min_val_loss": log.state.get("min_val_loss"),
+               "val_data_loss": val_data_loss if user_val else (val_loss if args.data else None),
                **{f"{name}_acc": acc for name, acc in accuracies.items()}, "steps": step, **log.summary(),
                "train_mixture": dict(train_rows), "source": source_dir}  # fmt: skip
-    return log.finish(summary, curves=("train_loss", "val_loss"))
+    return log.finish(summary, curves=("train_loss", "val_loss", "val_data_loss"))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ Contract: `build_mixture(names, split, sources, recipe)` loads each component (`
 leaves them out, or with `drop_failing` (a default mixture from a local data dir) are left out and printed.
 `recipe` sizes them: {name: {"epochs": n (listed n times), "size": n (generated spelling examples), "stop": n
 (the first n rows)}}. `add_mixture_flags` / `load_stage_mixtures`: what mid_train and chat_sft share.
+Your own data (SFT): `--data FILE` alone trains on the file alone; `--mixture default` (the stage's recipe) or
+named components with `--data` mix it in, `--data-epochs N` times. Its validation rows are held out of the file
+(tasks/customjson.py: 5%, at least 4) unless `--val-data FILE` gives them; `user_validation` returns them.
 Not here: batching and losses (nanochat/chat_data.py), the recipes themselves (each stage script).
 """
 
@@ -25,11 +28,13 @@ class MixtureError(DatasetError):
 
 @dataclass(frozen=True)
 class Sources:
-    """Where components read from: a local data dir (None = the Hugging Face hub), the identity file, user data."""
+    """Where components read from: a local data dir (None = the Hugging Face hub), the identity file, user data
+    (and its validation file; None = held out of user_data)."""
 
     data_dir: str | None = None
     identity_path: str | None = None
     user_data: str | None = None
+    user_val_data: str | None = None
 
 
 # name -> what it teaches; the loading is in component_tasks
@@ -41,7 +46,7 @@ COMPONENTS = {
     "identity": "identity conversations, CustomJSON (no val split)",
     "simplespelling": "SimpleSpelling: spell a word letter by letter (val: its test split)",
     "spelling": "SpellingBee: count letters, check with the python tool (val: its test split)",
-    "data": "your own conversations from --data PATH.jsonl, CustomJSON (no val split)",
+    "data": "your own conversations from --data PATH.jsonl, CustomJSON (val: held out, or --val-data)",
 }
 VAL_SPELLING_SIZE = 1000  # generated held-out spelling examples; the val loaders only read the first tokens
 
@@ -71,11 +76,15 @@ def component_tasks(name: str, split: str, sources: Sources, size: int = 1000, s
         return [SimpleSpelling(size if train else VAL_SPELLING_SIZE, "train" if train else "test", data_dir)]
     if name == "spelling":
         return [SpellingBee(size if train else VAL_SPELLING_SIZE, "train" if train else "test", data_dir)]
-    if name in ("identity", "data"):
-        path = sources.identity_path if name == "identity" else sources.user_data
-        if path is None or not os.path.exists(path):
-            raise FileNotFoundError(f"no conversations file at {path!r}")
-        return [CustomJSON(path, stop=stop)] if train else []
+    if name == "identity":
+        if sources.identity_path is None or not os.path.exists(sources.identity_path):
+            raise FileNotFoundError(f"no conversations file at {sources.identity_path!r}")
+        return [CustomJSON(sources.identity_path, stop=stop)] if train else []
+    if name == "data":
+        if train:
+            return [CustomJSON(sources.user_data, "all" if sources.user_val_data else "train", stop=stop)]
+        held_out = CustomJSON(sources.user_val_data or sources.user_data, "all" if sources.user_val_data else "val")
+        return [held_out] if len(held_out) else []
     raise ValueError(f"unknown mixture component {name!r}; the components are {', '.join(COMPONENTS)}")
 
 
@@ -86,6 +95,8 @@ def build_mixture(names, split: str, sources: Sources, recipe: dict, seed: int =
         try:
             component = component_tasks(name, split, sources, options.get("size", 1000), options.get("stop"))
         except Exception as e:  # hub, file and format errors all mean the same thing here: it cannot be used
+            if name == "data":  # but the user's own file is never left out: its bad lines, one per line
+                raise MixtureError(str(e)) from e
             failures.append((name, f"  {name} ({COMPONENTS.get(name, '?')}): {type(e).__name__}: {e}"))
             continue
         epochs = options.get("epochs", 1) if split == "train" else 1
@@ -106,8 +117,9 @@ def build_mixture(names, split: str, sources: Sources, recipe: dict, seed: int =
 
 
 def describe_mixture(title: str, rows: list[tuple[str, int]]) -> str:
-    lines = [f"{title}: {sum(n for _, n in rows):,} conversations"]
-    lines += [f"  {name:<15} {n:>9,}" for name, n in rows]
+    total = sum(n for _, n in rows)
+    lines = [f"{title}: {total:,} conversations"]
+    lines += [f"  {name:<15} {n:>9,} {n / max(1, total):>7.1%}" for name, n in rows]
     return "\n".join(lines)
 
 
@@ -115,46 +127,75 @@ def describe_mixture(title: str, rows: list[tuple[str, int]]) -> str:
 
 
 def add_mixture_flags(parser: argparse.ArgumentParser, allowed: list[str], user_data: bool = False) -> None:
-    """--mixture (checked as it is parsed), --data-dir, --identity, and with `user_data` SFT's --data."""
+    """--mixture (checked as it is parsed), --data-dir, --identity, and with `user_data` SFT's --data flags."""
+    allowed = ["default", *allowed, *(["data"] if user_data else [])]
 
     def names(text: str) -> list[str]:  # comma-separated, in order, each known to the stage and listed once
         names = [name.strip() for name in text.split(",") if name.strip()]
         unknown = [name for name in names if name not in allowed]
-        if unknown or not names:
+        if unknown or not (names or user_data):
             choices = ",".join(allowed)
             raise argparse.ArgumentTypeError(f"unknown mixture component(s) {unknown}; choose among {choices}")
         if len(set(names)) != len(names):
             raise argparse.ArgumentTypeError(f"a mixture component is listed twice in {text!r}")
         return names
 
-    parser.add_argument("--mixture", type=names, default=None, help="components, comma-separated (default: the "
-                        "stage's recipe, the components a local --data-dir holds)")  # fmt: skip
+    parser.add_argument("--mixture", type=names, default=None, help="components, comma-separated; 'default' = the "
+                        "stage's recipe (default: the recipe, or --data alone)")  # fmt: skip
     if user_data:
-        parser.add_argument("--data", default=None, help="your conversations, JSONL (adds the component 'data')")
+        parser.add_argument("--data", default=None, help="your conversations, JSONL (alone unless --mixture)")
+        parser.add_argument("--val-data", default=None, help="your validation conversations, JSONL "
+                            "(default: held out of --data, 5%% and at least 4)")  # fmt: skip
+        parser.add_argument("--data-epochs", type=int, default=1, help="times --data is listed in the mixture")
     parser.add_argument("--data-dir", default=None, help="local data dir (default: $NANOCHAT_DATA_DIR, else hub)")
     parser.add_argument("--identity", default=None, help="identity JSONL (default: <data dir>/chat/ or <base dir>/)")
+
+
+def user_validation(args) -> Task | None:
+    """The validation conversations of --data (held out of it, or --val-data), None without any."""
+    if not getattr(args, "data", None):
+        return None
+    held_out = component_tasks("data", "val", Sources(user_data=args.data, user_val_data=args.val_data))
+    return held_out[0] if held_out else None
 
 
 def load_stage_mixtures(args, recipe: dict) -> tuple[TaskMixture, list, TaskMixture | None, str | None]:
     """(train mixture, its [(name, rows)], validation mixture or None, data dir) from add_mixture_flags' args.
 
     Checked before a stage's first step: --data must hold conversations; a mixture with no held-out rows at all
-    (identity and your data have no validation split) gives None, and the stage skips validation.
+    (identity has no validation split) gives None, and the stage skips validation.
     """
     data_dir, user_data = resolve_data_dir(args.data_dir), getattr(args, "data", None)
-    if user_data and not (os.path.isfile(user_data) and Path(user_data).read_bytes().strip()):
-        raise MixtureError(f"--data {user_data} holds no conversations: give a JSONL file, one conversation a line")
+    val_data, data_epochs = getattr(args, "val_data", None), getattr(args, "data_epochs", 1)
+    for flag, path in (("--data", user_data), ("--val-data", val_data)):
+        if path and not (os.path.isfile(path) and Path(path).read_bytes().strip()):
+            raise MixtureError(f"{flag} {path} holds no conversations: give a JSONL file, one conversation a line")
+    if val_data and not user_data:
+        raise MixtureError("--val-data is the validation of --data: give --data FILE.jsonl too")
+    if data_epochs < 1:
+        raise MixtureError(f"--data-epochs must be >= 1, got {data_epochs}")
     # identity: <data dir>/chat/ (the offline layout), else <base dir>/ (the reference layout)
     identity_dir = os.path.join(data_dir, "chat") if data_dir is not None else get_base_dir()
     identity = args.identity or os.path.join(identity_dir, "identity_conversations.jsonl")
-    sources = Sources(data_dir, identity, user_data)
-    names = (args.mixture or list(recipe)) + (["data"] if user_data else [])
-    drop = args.mixture is None and data_dir is not None  # the default recipe keeps what a local data dir holds
+    sources = Sources(data_dir, identity, user_data, val_data)
+    # --data alone: the file alone; --mixture default (or components) with --data: mixed in
+    chosen = args.mixture if args.mixture is not None else ([] if user_data else ["default"])
+    names = [part for name in chosen for part in (list(recipe) if name == "default" else [name])]
+    names = list(dict.fromkeys(names + (["data"] if user_data else [])))
+    if not names or ("data" in names and not user_data):
+        raise MixtureError("nothing to train on: --mixture data (or '') needs --data FILE.jsonl")
+    drop = "default" in chosen and data_dir is not None  # the default recipe keeps what a local data dir holds
+    recipe = {**recipe, "data": {"epochs": data_epochs}}
     train_mixture, train_rows = build_mixture(names, "train", sources, recipe, drop_failing=drop)
     val_mixture, val_rows = build_mixture([name for name, _ in train_rows], "val", sources, recipe)
     print0(describe_mixture("train mixture", train_rows))
+    if user_data:
+        trained, held_out = dict(train_rows)["data"] // data_epochs, dict(val_rows).get("data", 0)
+        where = f"--val-data {val_data}" if val_data else "held out of the file (5%, at least 4; --val-data to choose)"
+        print0(f"--data {user_data}: {trained:,} conversations train (x{data_epochs} epochs), "
+               f"{held_out:,} validate, {where}")  # fmt: skip
     if len(val_mixture) == 0:
-        print0(f"validation mixture: none ({', '.join(names)} have no held-out split); validation is skipped")
+        print0(f"validation mixture: none ({', '.join(names)} have no held-out rows); validation is skipped")
         return train_mixture, train_rows, None, data_dir
     print0(describe_mixture("validation mixture", val_rows))
     return train_mixture, train_rows, val_mixture, data_dir

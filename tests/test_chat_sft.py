@@ -13,6 +13,7 @@ from nanochat.checkpoint import build_model, find_last_step, load_checkpoint, lo
 from nanochat.engine import Engine
 from nanochat.train import StageRecord
 from scripts import chat_sft, mid_train
+from tasks.customjson import CustomJSON
 from tasks.mixture import Sources, build_mixture
 
 OFFLINE = "gsm8k,identity,spelling,simplespelling,arc"
@@ -170,6 +171,57 @@ def test_a_mixture_without_validation_rows_trains_and_saves(base_dir, tmp_path, 
         chat_sft.main([*TINY, "--data", str(empty), "--num-iterations", "1"])
     with pytest.raises(SystemExit, match="^chat_sft: 3,370 conversations make no step"):
         chat_sft.main([*TINY[:-2], "--mixture", "arc", "--examples-per-step", "4096", "--device-batch-size", "1"])
+
+
+def write_conversations(path, count: int):
+    """`count` conversations in the {"messages": [...]} format, one template a depth-1 model learns in steps."""
+    rows = [{"messages": [{"role": "user", "content": f"What is your number {i}?"},
+                          {"role": "assistant", "content": f"My number is {i}, thank you for asking."}]}
+            for i in range(count)]  # fmt: skip
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_your_data_alone_trains_on_it_and_its_held_out_loss_falls(base_dir, tmp_path, capsys):
+    data = write_conversations(tmp_path / "mine.jsonl", 40)
+    summary = chat_sft.main([*TINY[:-2], "--data", str(data), "--data-epochs", "2", "--num-iterations", "12",
+                             "--eval-every", "4", "--init-lr-frac", "1.0", "--model-tag", "d1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "train mixture: 72 conversations\n  data                   72  100.0%\n" in out  # the file alone, twice
+    assert f"--data {data}: 36 conversations train (x2 epochs), 4 validate, held out of the file" in out
+    assert "validation mixture: 4 conversations" in out
+    report = json.loads((base_dir / "report" / "chat_sft.json").read_text())
+    curve = [loss for _, loss in report["val_loss_curve"]]  # loss on the 4 held-out conversations
+    assert len(curve) == 4 and curve[-1] < curve[0] - 0.5, curve
+    assert summary["val_data_loss"] == summary["val_loss"] == curve[-1]
+
+
+def test_your_data_mixed_in_is_repeated_and_validated_apart(base_dir, tmp_path, capsys):
+    data = write_conversations(tmp_path / "mine.jsonl", 40)
+    mixture, rows = build_mixture(["arc", "data"], "train", Sources(SHARED_DATA, user_data=str(data)),
+                                  {"data": {"epochs": 3}})  # fmt: skip
+    texts = [json.dumps(mixture[i]) for i in range(len(mixture))]
+    assert rows == [("arc", 3370), ("data", 108)] and len(texts) == 3478
+    assert {texts.count(json.dumps(row)) for row in CustomJSON(str(data), "train")} == {3}  # each listed 3 times
+    validation = tmp_path / "val.jsonl"
+    validation.write_text(data.read_text().splitlines()[0] + "\n")
+    summary = chat_sft.main([*TINY[:-2], "--mixture", "arc", "--data", str(data), "--val-data", str(validation),
+                             "--data-epochs", "3", "--num-iterations", "1", "--eval-metrics-every", "-1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "  data                  120    3.4%" in out and "validation data_loss" in out
+    assert f"40 conversations train (x3 epochs), 1 validate, --val-data {validation}" in out
+    assert summary["val_data_loss"] > 0 and summary["val_data_loss"] != summary["val_loss"]
+
+
+def test_bad_own_data_is_one_line(tmp_path):
+    data = write_conversations(tmp_path / "mine.jsonl", 5)
+    data.write_text(data.read_text() + '{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(SystemExit, match=f"^chat_sft: {data}:6: expected at least one user message [^\n]*$"):
+        chat_sft.main([*TINY, "--data", str(data)])
+    with pytest.raises(SystemExit, match="^chat_sft: nothing to train on: --mixture data .* needs --data"):
+        chat_sft.main([*TINY[:-2], "--mixture", "data"])
+    with pytest.raises(SystemExit, match="^chat_sft: --val-data is the validation of --data"):
+        chat_sft.main([*TINY, "--val-data", str(data)])
 
 
 def test_grad_clip_bounds_the_global_norm_of_what_the_optimizer_sees(monkeypatch):

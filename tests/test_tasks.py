@@ -13,7 +13,7 @@ from conftest import REPO, SHARED_DATA, require
 from nanochat.tokenizer import Tokenizer
 from tasks.arc import ARC
 from tasks.common import TaskMixture, TaskSequence, render_mc
-from tasks.customjson import CustomJSON
+from tasks.customjson import CustomJSON, held_out_count
 from tasks.gsm8k import GSM8K, answer_to_parts, extract_answer
 from tasks.humaneval import HumanEval
 from tasks.mmlu import MMLU
@@ -245,21 +245,37 @@ def test_custom_json_reports_every_bad_line(tmp_path):
         json.dumps([{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"}]),
         "",
         json.dumps([{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]),
-        json.dumps({"messages": good}),
+        json.dumps({"messages": good, "id": "kept apart"}),  # the common format: good
         json.dumps(good[:1]),
+        json.dumps({"conversation": good}),
     ]
     path = tmp_path / "convs.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError) as error:
         CustomJSON(str(path))
     message = str(error.value)
-    assert "5 bad line(s)" in message
-    for line_number in (3, 4, 6, 7, 8):
+    assert message.startswith(f"5 bad lines in {path}:\n") and len(message.splitlines()) == 6
+    for line_number in (3, 4, 6, 8, 9):
         assert f"{path}:{line_number}:" in message
-    for line_number in (1, 2, 5):
+    for line_number in (1, 2, 5, 7):
         assert f"{path}:{line_number}:" not in message
-    path.write_text("\n".join(lines[:2]) + "\n")
-    assert len(CustomJSON(str(path))) == 2
+    path.write_text("\n".join(lines[:2] + lines[6:7]) + "\n")
+    task = CustomJSON(str(path))
+    assert len(task) == 3 and task[2] == {"messages": good}  # {"messages": [...]} loads like a bare list
+    path.write_text("\n".join(lines[:3]) + "\n")  # one bad line: one line naming file:line
+    with pytest.raises(ValueError, match=f"^{path}:3: not valid JSON [^\n]*$"):
+        CustomJSON(str(path))
+
+
+def test_custom_json_held_out_split_is_deterministic_and_disjoint(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    for rows, held_out in ((1, 0), (2, 1), (7, 3), (40, 4), (1000, 50)):
+        assert held_out_count(rows) == held_out and rows - held_out >= 1  # training never left empty
+    turns = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(40)]
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in turns))
+    train, val = list(CustomJSON(str(path), "train")), list(CustomJSON(str(path), "val"))
+    assert (len(train), len(val)) == (36, 4) and list(CustomJSON(str(path), "val")) == val
+    assert sorted(json.dumps(c) for c in train + val) == sorted(json.dumps(c) for c in CustomJSON(str(path)))
 
 
 # ---------------------------------------------------------------- slicing and mixtures
