@@ -1,11 +1,17 @@
-"""Bits per byte checked by hand on a tiny case."""
+"""Bits per byte checked by hand on a tiny case; scripts.base_loss sizing itself to the hardware."""
 
+import json
 import math
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import make_base_dir
+from nanochat import dataset
 from nanochat.loss_eval import evaluate_bpb
+from scripts import base_loss
 
 
 class FixedLoss(torch.nn.Module):
@@ -35,3 +41,22 @@ def test_only_special_tokens_is_a_clear_error():
     batches = iter([(None, torch.tensor([[1, -1]]))])
     with pytest.raises(ValueError, match="no target tokens with text"):
         evaluate_bpb(FixedLoss(), batches, 1, torch.tensor([1, 0]))
+
+
+def test_base_loss_sizes_itself_to_the_cpu_says_so_and_shows_progress(
+    tmp_path, small_tokenizer, wiki_docs, monkeypatch, capsys
+):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(make_base_dir(tmp_path, small_tokenizer)))  # device batch 4
+    (tmp_path / "base_data").mkdir()
+    pq.write_table(pa.table({"text": wiki_docs[:200]}), tmp_path / "base_data" / "shard_00000.parquet")
+    pq.write_table(pa.table({"text": wiki_docs[200:300]}), tmp_path / "base_data" / "val_00000.parquet")
+    monkeypatch.setattr(dataset, "PROGRESS_EVERY_S", 0.0)  # a progress line per batch
+    base_loss.main(["--device-type", "cpu"])  # no sizes: the 8xH100 run's 10M tokens per split ran 35 min on CPU
+    out = capsys.readouterr().out
+    assert "evaluating 20 batches x 4 x 128 tokens per split (CPU default; --device-batch-size" in out
+    assert "train bpb: 50.0% 10/20 batches, " in out and "val bpb: 100.0% 20/20 batches, " in out
+    assert " min elapsed, ETA " in out
+    summary = json.loads((tmp_path / "report" / "base_loss.json").read_text())
+    assert summary["tokens_per_split"] == 20 * 4 * 128 and summary["step"] == 0
+    base_loss.main(["--device-type", "cpu", "--device-batch-size", "2", "--split-tokens", "512"])  # flags win
+    assert "evaluating 2 batches x 2 x 128 tokens per split (as given;" in capsys.readouterr().out
