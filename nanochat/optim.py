@@ -1,26 +1,31 @@
-"""The house optimizer: Muon for the block matrices, AdamW for the embedding and the unembedding.
+"""The house optimizer: Muon for the block matrices, AdamW for the embeddings, lm_head, scalars and gates.
 
 One class, `MuonAdamW`, runs in one process and under torch.distributed with the same code: without a process
 group the collectives are skipped and each rank owns everything.
 
 Contract:
-- Param groups: "params", "kind" ("muon" or "adamw"), "lr", and the kind's hyperparameters (missing ones take
-  _GROUP_DEFAULTS). "initial_lr" (default: lr) lets a loop schedule `lr = initial_lr * multiplier`.
+- Param groups: "params", "kind" ("muon" or "adamw"), "lr", optional "role" (a name), and the kind's
+  hyperparameters (missing ones take _GROUP_DEFAULTS). "initial_lr" and "initial_weight_decay" (default: the
+  group's lr / weight_decay) let a loop schedule `lr = initial_lr * m` and `weight_decay = initial_weight_decay
+  * m'` each step; so can momentum and beta2 be set. Muon's switches, all off by default (today's Muon) until
+  the ablation decides: "beta2" (a float: NorMuon), "cautious_wd", "muoneq", "muon_plus" (see muon_update).
 - backward (any number of micro-steps), `step()`, `zero_grad(set_to_none=True)`. No DDP wrapper: under a
   process group `step()` averages the gradients itself, so every rank calls it with the same parameters
   (gradients on the same ones; a None grad is skipped).
 - State is sharded ZeRO-2 style (as nanochat's DistAdamW/DistMuon): an AdamW tensor whose dim 0 divides by the
-  world size is reduce-scattered, updated by slice and all-gathered; Muon matrices of one shape go in chunks of
-  world-size matrices, rank r owning the r-th. `state_dict()` is per rank: resume with the same world size.
+  world size is reduce-scattered, updated by slice and all-gathered; the Muon matrices of one shape are split
+  into world-size runs, rank r stepping the r-th run as one stacked batch (one process: all of them).
+  `state_dict()` is per rank: resume with the same world size.
 - Averages are SUM collectives divided by the world size: ReduceOp.AVG reached gloo only in 2025 (pytorch PR
   #149781, silent-correctness report in issue #162338); gloo has reduce_scatter_tensor since torch 2.3.
-Not here: schedules, clipping, NorMuon / cautious weight decay (promote them with evidence), fused AdamW.
+Not here: schedules, clipping.
 """
 
 import functools
 
 import torch
 import torch.distributed as dist
+from torch.optim.adamw import adamw as torch_adamw
 
 from nanochat.common import dist_info
 
@@ -75,42 +80,82 @@ def _compiled_orthogonalize():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The two update rules, applied to whatever part of a parameter this rank owns
+# The two update rules, applied to whatever part of a group this rank owns
 
 
-def adamw_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
-    """Bias-corrected Adam with decoupled weight decay, op for op as torch.optim.AdamW (single-tensor path)."""
-    if not state:
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(param)
-        state["exp_avg_sq"] = torch.zeros_like(param)
-    state["step"] += 1
-    step, (beta1, beta2), lr = state["step"], group["betas"], group["lr"]
-    if group["weight_decay"] != 0:
-        param.mul_(1 - lr * group["weight_decay"])
-    state["exp_avg"].lerp_(grad, 1 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    denom = (state["exp_avg_sq"].sqrt() / bias_correction2**0.5).add_(group["eps"])
-    param.addcdiv_(state["exp_avg"], denom, value=-lr / bias_correction1)
+def adamw_update(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], group: dict) -> None:
+    """AdamW (bias-corrected, decoupled weight decay) over all of a group's tensors in one call of torch's fused
+    kernel (torch.optim.AdamW(fused=True)'s): one pass over memory, no compilation, so a schedule changing lr,
+    betas or weight decay every step costs nothing (on this CPU 10x the single-tensor path; dev/BENCHMARKS.md)."""
+    for p, state in zip(params, states):
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        step = state.get("step", 0)  # a 0-D float32 tensor on p's device, as the kernel wants; ints predate it
+        if not torch.is_tensor(step) or step.device != p.device:
+            state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
+    beta1, beta2 = group["betas"]
+    torch_adamw(
+        params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+        [s["step"] for s in states], fused=True, amsgrad=False, maximize=False, beta1=beta1, beta2=beta2,
+        lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+    )  # fmt: skip
 
 
-def muon_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
-    """Momentum (Nesterov by default), orthogonalize, step with the shape-aware scale, decoupled weight decay."""
-    if not state:
-        state["momentum_buffer"] = torch.zeros_like(grad)
-    momentum, lr = group["momentum"], group["lr"]
-    buffer = state["momentum_buffer"]
-    buffer.lerp_(grad, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * grad
-    update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer  # out of place: grad may be p.grad
-    ortho = (_compiled_orthogonalize() if update.device.type == "cuda" else orthogonalize)(update, group["ns_steps"])
-    rows, cols = param.shape
+def _stacked_state(states: list[dict], key: str, like: torch.Tensor) -> torch.Tensor:
+    """(k, ...) stack of one per-matrix state tensor (zeros shaped like `like` where missing)."""
+    return torch.stack([state.setdefault(key, torch.zeros_like(like)) for state in states])
+
+
+def muon_update(params: list[torch.Tensor], grads: torch.Tensor, states: list[dict], group: dict) -> None:
+    """One Muon step for k same-shape matrices, `grads` stacked (k, rows, cols), orthogonalized as one batch.
+
+    Momentum (Nesterov by default) -> [MuonEq] -> orthogonalize -> [Muon+] -> [NorMuon] -> decoupled weight decay
+    ([cautious]) and the step with the shape-aware scale. Bracketed stages are off by default (today's Muon); the
+    ablation decides which stay. State stays per matrix (checkpoints unchanged), stacked for the step.
+    """
+    rows, cols = params[0].shape
+    momentum, lr, weight_decay = group["momentum"], group["lr"], group["weight_decay"]
+    buffer = _stacked_state(states, "momentum_buffer", grads[0])
+    buffer.lerp_(grads, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * grad
+    torch._foreach_copy_([s["momentum_buffer"] for s in states], list(buffer.unbind(0)))
+    update = grads.lerp_(buffer, momentum) if group["nesterov"] else buffer  # grads is this step's own stack
+    if group["muoneq"]:
+        # MuonEq, its R variant (arXiv 2603.28254, the paper's default for hidden weights): every row of the
+        # momentum to unit norm before the polar iteration, a cheap stand-in for whitening that evens out the
+        # spectrum the finite iteration sees (orthogonalize's Frobenius normalization sets the overall scale).
+        update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    orthogonal = (_compiled_orthogonalize() if update.device.type == "cuda" else orthogonalize)(
+        update, group["ns_steps"]
+    ).to(grads.dtype)
+    if group["muon_plus"]:
+        # Muon+ (arXiv 2602.21545): one more normalization after the polar iteration. As karpathy/nanochat's
+        # optim.py reads it: the Frobenius norm to sqrt(min(rows, cols)), a semi-orthogonal matrix's, undoing
+        # the iteration's under- or overshoot (Polar Express leaves singular values in about [0.84, 1.13]).
+        orthogonal *= min(rows, cols) ** 0.5 / orthogonal.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+    if group["beta2"] is not None:
+        # NorMuon (arXiv 2510.05491): an EMA of each row's mean square of the orthogonalized update, the row
+        # scaled by its inverse root, then the whole update rescaled to its norm before (the lr keeps its
+        # meaning). Rows of the long side: the short side's vectors of an orthogonal update are orthonormal
+        # already. The EMA starts at zero without bias correction: a uniform factor, undone by the rescale.
+        short_dim = -1 if rows >= cols else -2
+        second_moment = _stacked_state(states, "second_moment", orthogonal[0].mean(short_dim, keepdim=True))
+        second_moment.lerp_(orthogonal.square().mean(short_dim, keepdim=True), 1 - group["beta2"])
+        torch._foreach_copy_([s["second_moment"] for s in states], list(second_moment.unbind(0)))
+        norm = orthogonal.norm(dim=(-2, -1), keepdim=True)
+        orthogonal *= second_moment.clamp_min(1e-20).rsqrt()
+        orthogonal *= norm / orthogonal.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-20)
+    stacked = torch.stack(params)
+    if weight_decay != 0 and group["cautious_wd"]:
+        # Cautious weight decay (arXiv 2510.12402): decay only where the step -lr * O moves the weight toward
+        # zero anyway, i.e. where O and the weight have the same sign.
+        stacked.addcmul_(stacked, (orthogonal * stacked >= 0).to(stacked.dtype), value=-lr * weight_decay)
+    elif weight_decay != 0:
+        stacked.mul_(1 - lr * weight_decay)
     # O's RMS entry is 1/sqrt(max(rows, cols)); sqrt(max(1, rows/cols)) makes the step's lr/sqrt(fan_in) for tall
     # and wide matrices alike (Keller Jordan's Muon, kept by nanochat's muon.py).
-    if group["weight_decay"] != 0:
-        param.mul_(1 - lr * group["weight_decay"])
-    param.add_(ortho.to(param.dtype), alpha=-lr * max(1.0, rows / cols) ** 0.5)
+    stacked.add_(orthogonal.to(stacked.dtype), alpha=-lr * max(1.0, rows / cols) ** 0.5)
+    torch._foreach_copy_(params, list(stacked.unbind(0)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,8 +208,10 @@ def _all_gather(shard: torch.Tensor, world_size: int) -> _Pending:
 
 _GROUP_DEFAULTS = {
     "adamw": {"betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.0},
-    "muon": {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "weight_decay": 0.0},
-}
+    # beta2 None: no NorMuon; cautious_wd / muoneq / muon_plus False: plain Muon (see muon_update)
+    "muon": {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "weight_decay": 0.0, "beta2": None,
+             "cautious_wd": False, "muoneq": False, "muon_plus": False},
+}  # fmt: skip
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -180,20 +227,21 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError(f'param group "kind" must be one of {sorted(_GROUP_DEFAULTS)}, got {kind!r}')
         if "lr" not in group:
             raise ValueError(f"{kind} param group needs an explicit 'lr'")
-        allowed = {"params", "kind", "lr", "initial_lr", *_GROUP_DEFAULTS[kind]}
+        allowed = {"params", "kind", "role", "lr", "initial_lr", "initial_weight_decay", *_GROUP_DEFAULTS[kind]}
         unknown = sorted(set(group) - allowed)
         if unknown:
             raise ValueError(f"{kind} param group got unknown keys {unknown}; allowed: {sorted(allowed)}")
-        for key, value in _GROUP_DEFAULTS[kind].items():
-            group.setdefault(key, value)
-        group.setdefault("initial_lr", group["lr"])
         params = group["params"]
         group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
         if kind == "muon":
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"muon orthogonalizes 2-D matrices; got shape {tuple(p.shape)} (use adamw)")
-        super().add_param_group(group)
+        super().add_param_group(_with_defaults(group))
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # load_state_dict comes here too: groups saved before a key existed get it
+        self.param_groups = [_with_defaults(group) for group in self.param_groups]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -203,9 +251,9 @@ class MuonAdamW(torch.optim.Optimizer):
         jobs = []
         for group in self.param_groups:
             if group["kind"] == "adamw":
-                jobs += [self._adamw_job(p, group, rank, world_size) for p in group["params"] if p.grad is not None]
+                jobs.append(self._adamw_job(group, rank, world_size))
             else:
-                jobs += [self._muon_job(chunk, group, rank, world_size) for chunk in _muon_chunks(group, world_size)]
+                jobs += [self._muon_job(same, group, rank, world_size) for same in _by_shape(group["params"])]
         # Each job is a generator that runs one phase per next(): every reduction goes out before any update
         # waits, so communication overlaps the updates (nanochat's 3-phase step).
         for _phase in range(3):
@@ -213,76 +261,115 @@ class MuonAdamW(torch.optim.Optimizer):
                 next(job, None)
         return loss
 
-    def _adamw_job(self, p: torch.Tensor, group: dict, rank: int, world_size: int):
+    def _adamw_job(self, group: dict, rank: int, world_size: int):
         # Shard along dim 0 when it divides evenly (NCCL needs equal pieces); else every rank all-reduces and
         # updates the whole tensor: correct, only not memory-sharded (nanochat's shapes are multiples of 64).
-        sharded = world_size > 1 and p.size(0) % world_size == 0
-        pending_grad = _reduce_scatter_mean(p.grad, world_size) if sharded else _all_reduce_mean(p.grad, world_size)
-        yield  # phase 1 done: gradient reduction launched
-        owned = p.chunk(world_size)[rank] if sharded else p  # (rows / world_size, ...) view of p, or all of p
-        adamw_update(owned, pending_grad.wait(), self.state[p], group)
-        if sharded:
-            # In place: this rank's slice already sits at its place in p (NCCL documents in-place all-gather).
-            gather = dist.all_gather_into_tensor(p, owned, async_op=True)
-        yield  # phase 2 done: slice updated, gather launched
-        if sharded:
+        params = [p for p in group["params"] if p.grad is not None]
+        sharded = [world_size > 1 and p.size(0) % world_size == 0 for p in params]
+        reduce = {True: _reduce_scatter_mean, False: _all_reduce_mean}
+        pending = [reduce[s](p.grad, world_size) for p, s in zip(params, sharded)]
+        yield  # phase 1 done: gradient reductions launched
+        owned = [p.chunk(world_size)[rank] if s else p for p, s in zip(params, sharded)]  # views of p
+        if params:
+            adamw_update(owned, [x.wait() for x in pending], [self.state[p] for p in params], group)
+        # In place: this rank's slice already sits at its place in p (NCCL documents in-place all-gather).
+        gathers = [dist.all_gather_into_tensor(p, o, async_op=True) for p, o, s in zip(params, owned, sharded) if s]
+        yield  # phase 2 done: slices updated, gathers launched
+        for gather in gathers:
             gather.wait()
 
-    def _muon_job(self, chunk: list[torch.Tensor], group: dict, rank: int, world_size: int):
-        # chunk: up to world_size same-shape matrices; rank r owns chunk[r] (ranks past the end own nothing).
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in chunk]
+    def _muon_job(self, same_shape: list[torch.Tensor], group: dict, rank: int, world_size: int):
+        # Rank r owns the r-th run of `per_rank` matrices and steps them as one (per_rank, rows, cols) batch; one
+        # process owns them all. Zero matrices pad the stack to world_size * per_rank.
+        per_rank = -(-len(same_shape) // world_size)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in same_shape]
         if world_size == 1:
-            stacked = grads[0].unsqueeze(0)  # (1, rows, cols) view, no copy
+            stacked = torch.stack(grads)  # a copy: the step may work in it
         else:
-            stacked = grads[0].new_zeros((world_size, *grads[0].shape))  # zero rows pad a short chunk
-            for i, grad in enumerate(grads):
-                stacked[i].copy_(grad)
-        pending_grad = _reduce_scatter_mean(stacked, world_size)  # (1, rows, cols) for this rank
+            stacked = torch.cat(
+                [torch.stack(grads), grads[0].new_zeros((world_size * per_rank - len(grads), *grads[0].shape))]
+            )
+        pending_grads = _reduce_scatter_mean(stacked, world_size)  # (per_rank, rows, cols) for this rank
         yield  # phase 1 done
-        averaged = pending_grad.wait()[0]
-        owned = chunk[rank] if rank < len(chunk) else None
-        if owned is not None and owned.grad is not None:
-            muon_update(owned, averaged, self.state[owned], group)
-        pending_params = _all_gather(owned if owned is not None else torch.zeros_like(chunk[0]), world_size)
+        mine = pending_grads.wait()
+        owned = same_shape[rank * per_rank : (rank + 1) * per_rank]
+        active = [i for i, p in enumerate(owned) if p.grad is not None]
+        if active:
+            grads = mine if len(active) == len(mine) else mine[active]
+            muon_update([owned[i] for i in active], grads, [self.state[owned[i]] for i in active], group)
+        if world_size > 1:
+            shard = torch.zeros_like(mine)
+            for row, p in zip(shard, owned):  # ranks past the end send zeros
+                row.copy_(p)
+            pending_params = _all_gather(shard, world_size)
         yield  # phase 2 done
-        gathered = pending_params.wait()  # (world_size, rows, cols)
-        for i, p in enumerate(chunk):
-            if i != rank:
-                p.copy_(gathered[i])
+        if world_size > 1:
+            gathered = pending_params.wait().flatten(0, 1)  # (world_size * per_rank, rows, cols)
+            for i, p in enumerate(same_shape):
+                if i // per_rank != rank:
+                    p.copy_(gathered[i])
 
 
-def _muon_chunks(group: dict, world_size: int) -> list[list[torch.Tensor]]:
-    """The group's matrices with gradients, by shape (first-seen order, the same on every rank), in chunks of
-    world_size; a chunk is reduced and gathered as one stacked tensor."""
+def _with_defaults(group: dict) -> dict:
+    """The group with its kind's missing keys; "initial_lr" / "initial_weight_decay" default to the current values
+    (a loop schedules `lr = initial_lr * m` and `weight_decay = initial_weight_decay * m'`)."""
+    group = {**_GROUP_DEFAULTS[group["kind"]], **group}
+    group.setdefault("initial_lr", group["lr"])
+    group.setdefault("initial_weight_decay", group["weight_decay"])
+    return group
+
+
+def _by_shape(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The matrices grouped by shape, in first-seen order (the same on every rank), those with no gradient at all
+    left out."""
     by_shape: dict[torch.Size, list[torch.Tensor]] = {}
-    for p in group["params"]:
+    for p in params:
         by_shape.setdefault(p.shape, []).append(p)
-    chunks = []
-    for same_shape in by_shape.values():
-        for start in range(0, len(same_shape), world_size):
-            chunk = same_shape[start : start + world_size]
-            if any(p.grad is not None for p in chunk):
-                chunks.append(chunk)
-    return chunks
+    return [same for same in by_shape.values() if any(p.grad is not None for p in same)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # nanochat's parameter groups
 
 
-def build_optimizer(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0) -> MuonAdamW:
-    """Muon for the block matrices, AdamW (betas 0.8, 0.95; eps 1e-10) for the embedding and lm_head.
+# AdamW roles besides the embedding and lm_head, whose LRs are arguments: (lr, betas, lr scales as 1/sqrt(width),
+# decays with `weight_decay`), as karpathy/nanochat's GPT.setup_optimizers at HEAD (92d63d4).
+_ADAMW_ROLES = {
+    "value_embedding": (0.15, (0.8, 0.995), True, True),  # 2-D tables, trained like the embedding
+    "resid_scalars": (0.005, (0.8, 0.95), False, False),  # 1-D per-layer residual lambdas
+    "x0_scalars": (0.5, (0.96, 0.95), False, False),  # 1-D per-layer x0 lambdas
+    "gates": (0.2, (0.8, 0.95), False, False),  # small gate matrices and scalar lambdas (smear, backout)
+}
+
+
+def build_optimizer(
+    model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0, lr_frac=1.0
+) -> MuonAdamW:
+    """Muon for the block matrices, AdamW (eps 1e-10) for the rest: one group per non-empty role of
+    model.parameter_roles(), each group's "role" naming it.
 
     The AdamW LRs were tuned at width 768 (d12) and scale as 1/sqrt(width) (nanochat gpt.py setup_optimizers);
-    Muon's is not scaled: its update has unit spectral norm at any width. `weight_decay` applies to every group.
+    Muon's is not scaled: its update has unit spectral norm at any width. `weight_decay` applies to the matrices,
+    the embeddings and lm_head, not to scalars and gates. `lr_frac` multiplies every group's LR (the roles
+    without an LR argument too). A role this function does not know is an error: it would go untrained.
     """
-    roles = model.parameter_roles()
-    adamw_lr_scale = (model.config.n_embd / 768) ** -0.5
-    adamw = {"kind": "adamw", "betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": weight_decay}
-    return MuonAdamW(
-        [
-            {**adamw, "params": roles["unembedding"], "lr": unembedding_lr * adamw_lr_scale},
-            {**adamw, "params": roles["embedding"], "lr": embedding_lr * adamw_lr_scale},
-            {"kind": "muon", "params": roles["matrix"], "lr": matrix_lr, "weight_decay": weight_decay},
-        ]
-    )
+    roles = {role: list(params) for role, params in model.parameter_roles().items()}
+    unknown = sorted(set(roles) - {"matrix", "embedding", "unembedding", *_ADAMW_ROLES})
+    if unknown:
+        raise ValueError(f"build_optimizer has no group for parameter roles {unknown}: add them to optim._ADAMW_ROLES")
+    width_scale = (model.config.n_embd / 768) ** -0.5
+    specs = {"unembedding": (unembedding_lr, (0.8, 0.95), True, True), "embedding": (embedding_lr, (0.8, 0.95), True,
+             True), "matrix": None, **_ADAMW_ROLES}  # fmt: skip
+    groups = []
+    for role, spec in specs.items():
+        if not roles.get(role):
+            continue
+        if spec is None:
+            groups.append({"kind": "muon", "role": role, "params": roles[role], "lr": matrix_lr * lr_frac,
+                           "weight_decay": weight_decay})  # fmt: skip
+            continue
+        lr, betas, scaled, decays = spec
+        groups.append({"kind": "adamw", "role": role, "params": roles[role], "betas": betas, "eps": 1e-10,
+                       "lr": lr * lr_frac * (width_scale if scaled else 1.0),
+                       "weight_decay": weight_decay if decays else 0.0})  # fmt: skip
+    return MuonAdamW(groups)
