@@ -18,6 +18,8 @@ Contract:
   Batch rows are right-padded with BOS, which is never scored.
 - `max_per_task` > 0 keeps the first N of the file's indices shuffled by `random.Random(1337)`.
 - Rank r scores examples r, r+W, ...; a task whose data file is absent is reported as missing and excluded.
+- With a `log`, rank 0 also prints progress lines with an ETA (nanochat.dataset.Progress) every few seconds,
+  within the task and over all the tasks' examples.
 - The model is anything callable as `model(idx) -> logits (B, T, V)` (GPT, or `HuggingFaceModel`); one whose
   forward takes `logits_to_keep` is asked only for the positions from the first scored one on. The tokenizer
   needs `encode(list of str, prepend=id)` and `get_bos_token_id()`.
@@ -38,7 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat.common import atomic_write, dist_info, get_base_dir
-from nanochat.dataset import DatasetError, MissingDataError
+from nanochat.dataset import DatasetError, MissingDataError, Progress
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -262,7 +264,7 @@ class CoreResult:
         return line + (f"; missing: {', '.join(self.missing)}" if self.missing else "")
 
 
-def evaluate_task(model, tokenizer, spec: TaskSpec, examples, device, max_seq_len=None, max_per_task=-1):
+def evaluate_task(model, tokenizer, spec: TaskSpec, examples, device, max_seq_len=None, max_per_task=-1, progress=None):
     """TaskResult of one task, its examples split across ranks when a process group is up."""
     indices = list(range(len(examples)))
     if max_per_task > 0:
@@ -270,8 +272,11 @@ def evaluate_task(model, tokenizer, spec: TaskSpec, examples, device, max_seq_le
         indices = indices[:max_per_task]
     rank, _, world_size = dist_info()
     correct = torch.zeros(len(indices), dtype=torch.float32, device=device)
-    for position in range(rank, len(indices), world_size):
+    mine = range(rank, len(indices), world_size)
+    for done, position in enumerate(mine, start=1):
         correct[position] = evaluate_example(model, tokenizer, spec, examples, indices[position], device, max_seq_len)
+        if progress is not None and progress.due():
+            progress.show(done / len(mine), f"{done}/{len(mine)} examples")
     if world_size > 1:
         dist.all_reduce(correct)  # each position was filled by exactly one rank
     accuracy = correct.mean().item() if len(indices) else 0.0
@@ -295,18 +300,27 @@ def evaluate_core(model, tokenizer, bundle_dir: str, device="cpu", max_per_task=
     unknown = sorted(set(tasks or []) - {spec.label for spec in specs})
     if unknown:
         raise ValueError(f"unknown CORE task labels {unknown}; core.yaml defines {[spec.label for spec in specs]}")
+    specs = [spec for spec in specs if tasks is None or spec.label in tasks]
+    paths = {spec.label: task_path(bundle_dir, spec) for spec in specs}
+    data = {label: load_examples(path) for label, path in paths.items() if os.path.exists(path)}
+    total = sum(min(len(examples), max_per_task) if max_per_task > 0 else len(examples) for examples in data.values())
+    done = 0
+    overall = Progress("CORE") if log and dist_info().rank == 0 else None
     result = CoreResult()
-    for spec in [spec for spec in specs if tasks is None or spec.label in tasks]:
-        path = task_path(bundle_dir, spec)
-        if os.path.exists(path):
-            task = evaluate_task(model, tokenizer, spec, load_examples(path), device, max_seq_len, max_per_task)
+    for spec in specs:
+        if spec.label in data:
+            progress = Progress(f"CORE {spec.label}") if overall else None
+            task = evaluate_task(model, tokenizer, spec, data[spec.label], device, max_seq_len, max_per_task, progress)
             line = f"{task.label}: accuracy {task.accuracy:.4f} centered {task.centered:.4f} ({task.examples} examples)"
+            done += task.examples
         else:
             task = TaskResult(spec.label, spec.task_type, spec.num_fewshot, spec.baseline, None, spec.csv_rows)
             line = f"{spec.label}: missing ({spec.dataset_uri} not in the bundle), excluded from CORE"
         result.tasks.append(task)
         if log:
             log(line)
+        if overall is not None and overall.due():
+            overall.show(done / max(1, total), f"{len(result.tasks)}/{len(specs)} tasks, {done:,}/{total:,} examples")
     return result
 
 

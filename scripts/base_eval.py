@@ -6,9 +6,12 @@
     python -m scripts.base_eval --hf-path openai-community/gpt2 --bundle PATH      # a reference model
 
 The metric: nanochat/core_eval.py. The bundle: --bundle, else $NANOCHAT_DATA_DIR/core/eval_bundle, else
-<base dir>/eval_bundle (downloaded once). Rank 0 prints a per-task table and the CORE line (how many tasks it
-covers: absent data files are excluded) and writes <base dir>/base_eval/core_<tag>_<step>.csv and .json; a
-nanochat checkpoint's scores also go to the report card (report/base_eval.json, with "model_tag" and "step").
+<base dir>/eval_bundle (downloaded once). Examples per task unless --max-per-task: all on a GPU, elsewhere the
+first CPU_MAX_PER_TASK of each task's fixed shuffle (a d4 took ~1 s an example on 2 busy CPU cores), printed at the
+start; progress lines with an ETA, per task and overall, every few seconds. Rank 0 prints a per-task table and the
+CORE line (how many tasks it covers: absent data files are excluded) and writes
+<base dir>/base_eval/core_<tag>_<step>.csv and .json; a nanochat checkpoint's scores also go to the report card
+(report/base_eval.json, with "model_tag" and "step").
 Not here: bits per byte (scripts/base_loss.py); chat evaluations.
 """
 
@@ -27,6 +30,8 @@ from nanochat.core_eval import ensure_bundle, evaluate_core
 from nanochat.report import write_stage_summary
 from nanochat.train import one_line_errors
 from tasks.common import resolve_data_dir
+
+CPU_MAX_PER_TASK = 20
 
 
 def format_table(result) -> str:
@@ -59,7 +64,8 @@ def main(argv=None):
     parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None)
     # Evaluation
     parser.add_argument("--bundle", default=None, help="unzipped eval_bundle/ (default: see above)")
-    parser.add_argument("--max-per-task", type=int, default=-1, help="examples per task (-1 = all)")
+    parser.add_argument("--max-per-task", type=int, default=None, help="examples per task (-1 = all; default: "
+                        f"all on a GPU, else {CPU_MAX_PER_TASK})")  # fmt: skip
     parser.add_argument("--tasks", nargs="+", default=None, help="only these task labels (default: all)")
     args = parser.parse_args(argv)
     data_dir = resolve_data_dir(None)
@@ -90,10 +96,12 @@ def main(argv=None):
     print0(f"CORE of {tag}" + (f" step {step}" if step is not None else "") + f" on {bundle_dir}")
 
     # ---------------------------------------------------------------- evaluate
+    max_per_task = args.max_per_task or (-1 if runtime.device.type == "cuda" else CPU_MAX_PER_TASK)
+    chosen = "as given" if args.max_per_task else f"{runtime.device.type.upper()} default"
+    examples = "all examples" if max_per_task < 0 else f"at most {max_per_task} examples"
+    print0(f"evaluating {examples} per task ({chosen}; --max-per-task to change)")
     start = time.time()
-    result = evaluate_core(
-        model, tokenizer, bundle_dir, runtime.device, args.max_per_task, tasks=args.tasks, log=print0
-    )
+    result = evaluate_core(model, tokenizer, bundle_dir, runtime.device, max_per_task, tasks=args.tasks, log=print0)
     seconds = time.time() - start
     print0(format_table(result))
     print0(f"{result.summary()} ({seconds:.1f} s)")
@@ -102,7 +110,7 @@ def main(argv=None):
     if runtime.is_master:
         rows = [dict(zip(ROW_KEYS, (*astuple(task), task.missing), strict=True)) for task in result.tasks]
         report = {"model_tag": tag, "step": step, "core": result.core, "tasks_covered": len(result.evaluated),
-                  "tasks_defined": len(result.tasks), "max_per_task": args.max_per_task,
+                  "tasks_defined": len(result.tasks), "max_per_task": max_per_task,
                   "seconds": seconds}  # fmt: skip
         summary = {**report, "missing": result.missing, "summary": result.summary(), "tasks": rows}
         out_dir = os.path.join(get_base_dir(), "base_eval")

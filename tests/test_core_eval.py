@@ -344,6 +344,7 @@ def test_base_eval_end_to_end_on_a_saved_checkpoint(checkpoint_base_dir, monkeyp
     monkeypatch.setenv("NANOCHAT_DATA_DIR", os.path.dirname(os.path.dirname(require(BUNDLE))))  # no --bundle
     result = base_eval.main(["--max-per-task", "4"])
     printed = capsys.readouterr().out
+    assert "evaluating at most 4 examples per task (as given; --max-per-task to change)" in printed
     assert "over 18 of 22 tasks; missing: hellaswag_zeroshot, hellaswag, squad, coqa" in printed
     assert "arc_challenge" in printed and "missing" in printed
     saved = read_saved(checkpoint_base_dir)
@@ -353,6 +354,22 @@ def test_base_eval_end_to_end_on_a_saved_checkpoint(checkpoint_base_dir, monkeyp
     card = json.loads((checkpoint_base_dir / "report" / "base_eval.json").read_text())  # the report card's summary
     assert card["core"] == pytest.approx(result.core) and len(card["tasks"]) == 18
     assert (card["model_tag"], card["step"]) == ("d1", 7)  # the stage-summary contract
+
+
+def test_base_eval_sizes_itself_to_the_cpu_says_so_and_shows_progress(checkpoint_base_dir, monkeypatch, capsys):
+    from nanochat import dataset
+    from scripts import base_eval
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(checkpoint_base_dir))
+    monkeypatch.setattr(dataset, "PROGRESS_EVERY_S", 0.0)  # a progress line per example
+    base_eval.main(["--bundle", require(BUNDLE), "--tasks", "copa", "winograd", "--device-type", "cpu"])
+    printed = capsys.readouterr().out
+    limit = base_eval.CPU_MAX_PER_TASK  # copa has 100 examples, winograd 273: the CPU takes the first 20 of each
+    assert f"evaluating at most {limit} examples per task (CPU default; --max-per-task to change)" in printed
+    assert f"CORE copa: 50.0% {limit // 2}/{limit} examples, " in printed and " min elapsed, ETA " in printed
+    assert f"CORE: 50.0% 1/2 tasks, {limit}/{2 * limit} examples, " in printed
+    assert f"CORE winograd: 100.0% {limit}/{limit} examples" in printed
+    assert read_saved(checkpoint_base_dir)["max_per_task"] == limit
 
 
 @pytest.mark.slow
