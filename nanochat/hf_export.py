@@ -1,13 +1,14 @@
-"""Conversion of a nanochat GPT and its tokenizer to the Hugging Face transformers `nanochat` format.
+"""Conversion of a nanochat GPT and its tokenizer to the Hugging Face transformers format.
 
 Contract:
 - `export(model, tokenizer, out_dir, card=None)` writes config.json, generation_config.json, model.safetensors,
   tokenizer.json, tokenizer_config.json (with a chat template) and the `model_card` README.md, all 0666 less
-  the umask, so that `AutoModelForCausalLM.from_pretrained(out_dir)` loads with no custom code and gives our
-  logits (fp32 on CPU: bit-identical in the tests) and `AutoTokenizer.from_pretrained(out_dir)` encodes and
-  renders chats as we do.
-- Every GPTConfig field is checked against what NanoChatConfig can carry; anything it cannot (a field this
-  file does not know) raises `UnsupportedModelError` instead of exporting a model that computes something else.
+  the umask, so that `AutoModelForCausalLM.from_pretrained(out_dir)` gives our logits (fp32 on CPU:
+  bit-identical in the tests) and `AutoTokenizer.from_pretrained(out_dir)` encodes and renders chats as we do.
+- Two model formats. A classic model (every GPTConfig field beyond CLASSIC_FIELDS at its default, which is
+  "off") becomes transformers' own NanoChat: no custom code. Any other (value embeddings, windows, ...) becomes
+  remote code: modeling_nanochat.py (nanochat/hf_modeling.py) and a verbatim copy of nanochat/gpt.py, loaded
+  with `trust_remote_code=True`, our state dict as is (see `remote_code_fields`).
 - Files are written atomically, config.json last (its presence marks a complete export). A non-empty
   directory is refused unless `force`.
 - Loading needs transformers >= 5.0 (NanoChat and the `rope_parameters`/`dtype` keys arrived in v5; tested on
@@ -34,6 +35,7 @@ Not here: loading checkpoints (scripts/export_hf.py), uploading to the Hub, the 
 import json
 import os
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 
@@ -46,10 +48,15 @@ EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 RMS_NORM_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's eps=None, for fp32 and (in fp32) bf16/fp16 inputs
 
-# Files an earlier export may have left that transformers would read instead of, or on top of, ours: `force`
-# deletes them.
+# Files an earlier export may have left that transformers would read instead of, or on top of, ours, and a
+# remote-code export's code, stale under a classic export: `force` deletes them.
 SHADOWING_FILES = ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
-    "chat_template.jinja", "chat_template.json", "special_tokens_map.json", "added_tokens.json")  # fmt: skip
+    "chat_template.jinja", "chat_template.json", "special_tokens_map.json", "added_tokens.json",
+    "modeling_nanochat.py", "gpt.py")  # fmt: skip
+
+# The GPTConfig fields transformers' NanoChat carries, and `init` (how training starts, not what the model computes);
+# every other one must be at its default to use it.
+CLASSIC_FIELDS = set("sequence_len vocab_size n_layer n_head n_kv_head n_embd rope_base logit_softcap init".split())
 
 # Our chat protocol (Tokenizer.render_conversation) in Jinja; every tag trims the text around it ({%- -%}), so
 # this layout's line breaks and indentation never reach the output.
@@ -93,18 +100,28 @@ class UnsupportedModelError(ValueError):
     """The model uses something the transformers NanoChat format cannot express."""
 
 
-def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: torch.dtype = torch.float32) -> dict:
-    """The config.json of NanoChatForCausalLM, after checking every GPTConfig field can be carried over."""
-    handled = set("sequence_len vocab_size n_layer n_head n_kv_head n_embd rope_base logit_softcap".split())
-    unknown = [f.name for f in fields(config) if f.name not in handled]
-    if unknown:
-        raise UnsupportedModelError(f"GPTConfig fields {unknown} are not mapped by nanochat/hf_export.py: teach it "
-                                    "their meaning in transformers' NanoChat (or that it has none)")  # fmt: skip
+def remote_code_fields(config: GPTConfig) -> list[str]:
+    """The GPTConfig fields that transformers' NanoChat cannot express, as "name=value": those beyond
+    CLASSIC_FIELDS away from their defaults (a new field defaults to the classic architecture, so that older
+    checkpoints keep loading). Empty for a classic model."""
+    return [f"{f.name}={getattr(config, f.name)!r}" for f in fields(config)
+            if f.name not in CLASSIC_FIELDS and getattr(config, f.name) != f.default]  # fmt: skip
+
+
+def check_exportable(config: GPTConfig, tokenizer: Tokenizer) -> None:
     if not config.logit_softcap > 0:
         raise UnsupportedModelError(f"logit_softcap must be positive to export, got {config.logit_softcap}")
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise UnsupportedModelError(f"the model has vocab_size {config.vocab_size} but the tokenizer has "
                                     f"{tokenizer.get_vocab_size()} tokens: export the one it trained with")  # fmt: skip
+
+
+def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: torch.dtype = torch.float32) -> dict:
+    """The config.json of NanoChatForCausalLM, after checking every GPTConfig field can be carried over."""
+    if remote_code_fields(config):
+        raise UnsupportedModelError(f"transformers' NanoChat cannot express {remote_code_fields(config)}: "
+                                    "export it as remote code")  # fmt: skip
+    check_exportable(config, tokenizer)
     return {
         "architectures": ["NanoChatForCausalLM"],
         "model_type": "nanochat",
@@ -124,6 +141,21 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: torch.dtype = torc
         "attention_dropout": 0.0,
         "tie_word_embeddings": False,
         "use_cache": True,
+        "dtype": str(dtype).removeprefix("torch."),
+        **hf_generation_config(tokenizer),
+    }
+
+
+def remote_config(config: GPTConfig, tokenizer: Tokenizer, dtype: torch.dtype = torch.float32) -> dict:
+    """The config.json of nanochat/hf_modeling.py's NanoChatGPTForCausalLM: our GPTConfig as is."""
+    check_exportable(config, tokenizer)
+    classes = {"AutoConfig": "NanoChatGPTConfig", "AutoModelForCausalLM": "NanoChatGPTForCausalLM"}
+    return {
+        "architectures": ["NanoChatGPTForCausalLM"],
+        "model_type": "nanochat_gpt",
+        "auto_map": {auto: f"modeling_nanochat.{name}" for auto, name in classes.items()},
+        **config.to_dict(),
+        "tie_word_embeddings": False,
         "dtype": str(dtype).removeprefix("torch."),
         **hf_generation_config(tokenizer),
     }
@@ -229,18 +261,21 @@ def model_card(model: GPT, source: str, tag: str, step: int, reports: str) -> st
         tasks = ", ".join(f"{name} {row['accuracy']:.4f}" for name, row in summary["tasks"].items())
         return f"{score} (step {summary['step']}); accuracy: {tasks}"
 
-    c, padding = model.config, model.wte.weight.shape[0] - model.config.vocab_size  # padding rows are not exported
-    params = sum(p.numel() for p in model.parameters()) - 2 * padding * c.n_embd
+    c, padding = model.config, model.wte.weight.shape[0] - model.config.vocab_size  # padding rows are not used
+    tables = [model.wte, model.lm_head, *model.value_embeds.values()]  # (padded vocab, width) each
+    params = sum(p.numel() for p in model.parameters()) - sum(padding * table.weight.shape[1] for table in tables)
+    extra = remote_code_fields(c)
+    code = "with `trust_remote_code=True` (its model code is nanochat's gpt.py)" if extra else "no custom code"
     return f"""---
 library_name: transformers
 ---
 # nanochat {tag} ({source}, step {step})
 
-Exported by nanochat's scripts/export_hf.py; loads with transformers >= 5.0, no custom code.
+Exported by nanochat's scripts/export_hf.py; loads with transformers >= 5.0, {code}.
 
 {c.n_layer} layers, width {c.n_embd}, {c.n_head} query / {c.n_kv_head} key-value heads, ReLU² MLP, RoPE (base \
 {c.rope_base:g}), QK-norm, logit softcap {c.logit_softcap:g}; context {c.sequence_len} tokens, vocabulary \
-{c.vocab_size}, {params:,} parameters.
+{c.vocab_size}, {params:,} parameters.{f" Also: {', '.join(extra)}." if extra else ""}
 
 - Pretraining tokens: {recorded("base_train", lambda summary: f"{summary['tokens']:,}")}
 - CORE: {recorded("base_eval", lambda summary: f"{summary['core']:.4f} (step {summary['step']})")}
@@ -261,14 +296,23 @@ def check_out_dir(out_dir: str, force: bool) -> None:
 
 
 def export(model: GPT, tokenizer: Tokenizer, out_dir: str, dtype=torch.float32, force=False, card=None) -> list[str]:
-    """Writes the transformers NanoChat files into `out_dir` and returns their paths. Everything is converted and
-    checked before the first write; `force` replaces our files and deletes SHADOWING_FILES, leaving others alone."""
+    """Writes the transformers files into `out_dir` (remote code for a model with `remote_code_fields`) and returns
+    their paths. Everything is converted and checked before the first write; `force` replaces our files and deletes
+    SHADOWING_FILES, leaving others alone."""
     from safetensors.torch import save
 
     if dtype not in EXPORT_DTYPES.values():
         raise ValueError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype}")
-    config_json = hf_config(model.config, tokenizer, dtype)
-    tensors = hf_state_dict(model, dtype)
+    code = {}  # file name in out_dir -> our source file
+    if remote_code_fields(model.config):
+        config_json = remote_config(model.config, tokenizer, dtype)
+        tensors = {f"gpt.{name}": tensor.to(device="cpu", dtype=dtype, copy=True).contiguous()
+                   for name, tensor in model.state_dict().items()}  # fmt: skip
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = {"modeling_nanochat.py": os.path.join(here, "hf_modeling.py"), "gpt.py": os.path.join(here, "gpt.py")}
+    else:
+        config_json = hf_config(model.config, tokenizer, dtype)
+        tensors = hf_state_dict(model, dtype)
     fast_tokenizer = hf_tokenizer(tokenizer)
 
     check_out_dir(out_dir, force)
@@ -287,6 +331,7 @@ def export(model: GPT, tokenizer: Tokenizer, out_dir: str, dtype=torch.float32, 
         "tokenizer_config.json": as_json(tokenizer_config),
         "generation_config.json": as_json(hf_generation_config(tokenizer)),
         **({"README.md": card.encode("utf-8")} if card else {}),
+        **{name: Path(source).read_bytes() for name, source in code.items()},
         "config.json": as_json(config_json),  # last: its presence marks a complete export
     }
     for name, data in files.items():

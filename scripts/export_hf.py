@@ -1,8 +1,10 @@
-"""Export a trained checkpoint to the Hugging Face transformers format (model type "nanochat").
+"""Export a trained checkpoint to the Hugging Face transformers format.
 
 Loads a stage's checkpoint and the tokenizer from the base dir and writes the files of nanochat/hf_export.py (the
-mapping, what cannot be exported) to --out, with a model card of the report card's scores; they load with plain
-transformers >= 5.0 and give our logits. A user error (an --out that is not empty or not writable, a missing
+mapping, what cannot be exported) to --out, with a model card of the report card's scores; they load with
+transformers >= 5.0 and give our logits. A classic model becomes transformers' own NanoChat (no custom code); one
+with value embeddings, windows, residual scalars, backout or a QK scale ships our gpt.py as remote code, loaded
+with trust_remote_code=True (one line says which). A user error (an --out that is not empty or not writable, a missing
 checkpoint, a model the format cannot express) ends in one line; runs on the CPU; does not upload to the Hub.
 
     python -m scripts.export_hf --source sft --out hf/d20                      # latest sft checkpoint, largest depth
@@ -12,6 +14,7 @@ checkpoint, a model the format cannot express) ends in one line; runs on the CPU
 Then:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model, tokenizer = AutoModelForCausalLM.from_pretrained("hf/d20"), AutoTokenizer.from_pretrained("hf/d20")
+    # or, when export_hf said "remote code": AutoModelForCausalLM.from_pretrained("hf/d20", trust_remote_code=True)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi!"}], add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True)
 """
@@ -19,7 +22,7 @@ Then:
 import argparse
 import os
 
-from nanochat.hf_export import EXPORT_DTYPES, check_out_dir, export, model_card
+from nanochat.hf_export import EXPORT_DTYPES, check_out_dir, export, model_card, remote_code_fields
 
 
 def main(argv=None):
@@ -44,13 +47,17 @@ def main(argv=None):
         source_dir = checkpoint_dir(args.source, args.model_tag)
         model, meta = load_model(args.source, "cpu", "eval", model_tag=args.model_tag, step=args.step)
         print(f"export_hf: {source_dir} step {meta['step']}: {model.config}")
+        remote = remote_code_fields(model.config)
+        print(f"export_hf: remote code, as transformers' NanoChat has no {', '.join(remote)}" if remote
+              else "export_hf: classic architecture: transformers' own NanoChat, no custom code")  # fmt: skip
         card = model_card(model, args.source, os.path.basename(source_dir), meta["step"], report_dir())
         paths = export(model, get_tokenizer(), args.out, EXPORT_DTYPES[args.dtype], args.force, card)
     except (OSError, CheckpointError, ValueError) as e:  # OSError: also a write that fails (disk full, read-only)
         parser.exit(1, f"export_hf: {e}\n")
     for path in paths:
         print(f"wrote {path} ({os.path.getsize(path):,} bytes)")
-    print(f"load with transformers.AutoModelForCausalLM.from_pretrained({args.out!r})")
+    trust = ", trust_remote_code=True" if remote else ""
+    print(f"load with transformers.AutoModelForCausalLM.from_pretrained({args.out!r}{trust})")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""The Hugging Face export: plain transformers loads our model and tokenizer and computes exactly what we do.
+"""The Hugging Face export: transformers loads our model and tokenizer and computes exactly what we do.
 
-Tiny models (2 layers, 128 wide) and a tokenizer trained here on a few Wikipedia articles; CPU only.
-transformers' own NanoChat code is the reference: logits, greedy generation (its KV cache), tokenization and
-the chat template are compared against ours.
+Tiny models (2-4 layers, 128 wide) and a tokenizer trained here on a few Wikipedia articles; CPU only.
+transformers' own NanoChat code is the reference for classic models: logits, greedy generation (its KV cache),
+tokenization and the chat template are compared against ours. A model with the parts NanoChat lacks ships our
+gpt.py as remote code, loaded in a fresh process that cannot import nanochat.
 """
 
 import json
@@ -67,11 +68,17 @@ def tokenizer(wiki_docs) -> Tokenizer:
     return tok
 
 
+# Every part transformers' NanoChat lacks (issue 14), at 4 layers: value embeddings on layers 1 and 3, windows of
+# 3 keys on layers 0 and 1 (the test's sequences run to 64 tokens), backout after layer 1.
+NEW_PARTS = {"n_layer": 4, "value_embeds": True, "resid_scalars": True, "window_pattern": "SSL", "short_window": 3,
+             "backout": True, "qk_scale": 1.2, "init": "tuned"}  # fmt: skip
+
+
 def randomized_model(n_kv_head: int, seed: int = 0, **kwargs) -> GPT:
     """A GPT with every weight random (init zeroes lm_head and the output projections), large enough that the
     logits reach the curved part of the softcap."""
     shape = {"sequence_len": 64, "vocab_size": VOCAB_SIZE, "n_layer": 2, "n_head": 4, "n_embd": 128}
-    config = GPTConfig(**shape, n_kv_head=n_kv_head, **kwargs)
+    config = GPTConfig(**(shape | kwargs), n_kv_head=n_kv_head)
     torch.manual_seed(seed)
     model = GPT.build(config)
     with torch.no_grad():
@@ -178,6 +185,70 @@ def test_model_card_reads_the_report_card(tmp_path, tokenizer):
     assert f"Pretraining tokens: not recorded (no base_train.json for d2 in {reports})" in card
 
 
+# In a fresh interpreter whose path lacks the repository: the export alone must be enough.
+LOAD_REMOTE_CODE = """
+import importlib.util, sys, torch
+from transformers import AutoModelForCausalLM
+assert importlib.util.find_spec("nanochat") is None
+directory, inputs_path, outputs_path = sys.argv[1:]
+model, info = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, output_loading_info=True)
+assert not any(info.values()), info  # every weight from our file, none left over
+inputs = torch.load(inputs_path)
+with torch.no_grad():
+    outputs = {"class": type(model).__name__, "logits": [model(ids).logits for ids in inputs["batches"]],
+               "loss": model(inputs["batches"][-1], labels=inputs["batches"][-1]).loss,
+               "greedy": model.generate(inputs["prompt"], max_new_tokens=12, do_sample=False)[0].tolist()}
+    try:
+        model(inputs["prompt"], attention_mask=torch.ones_like(inputs["prompt"]).index_fill(1, torch.tensor([0]), 0))
+    except ValueError as e:
+        outputs["padded"] = str(e)
+torch.save(outputs, outputs_path)
+"""
+
+
+@pytest.mark.slow  # ~10 s: a subprocess that imports torch and transformers
+def test_new_architecture_exports_as_remote_code(tmp_path, tokenizer):
+    """Issue 14: a model with every part NanoChat lacks loads with trust_remote_code=True, running our gpt.py,
+    and gives our logits, loss and greedy tokens (transformers' generate, no KV cache, against GPT.generate)."""
+    model, out_dir = randomized_model(n_kv_head=2, seed=4, **NEW_PARTS), tmp_path / "hf"
+    export(model, tokenizer, str(out_dir), card=model_card(model, "sft", "d4", 7, str(tmp_path / "no-reports")))
+    files = ["README.md", "config.json", "generation_config.json", "gpt.py", "model.safetensors",
+             "modeling_nanochat.py", "tokenizer.json", "tokenizer_config.json"]  # fmt: skip
+    assert sorted(os.listdir(out_dir)) == files
+    with open(os.path.join(REPO, "nanochat", "gpt.py"), "rb") as f:
+        assert (out_dir / "gpt.py").read_bytes() == f.read()  # the model code exists once
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {os.stat(out_dir / name).st_mode & 0o777 for name in files} == {0o666 & ~umask}
+    card = (out_dir / "README.md").read_text()
+    assert "trust_remote_code=True" in card and "Also: value_embeds=True, resid_scalars=True" in card
+
+    generator = torch.Generator().manual_seed(4)
+    batches = [torch.randint(0, VOCAB_SIZE, shape, generator=generator) for shape in [(1, 1), (2, 7), (3, 64)]]
+    prompt = tokenizer.render_for_completion(CONVERSATIONS[2])
+    torch.save({"batches": batches, "prompt": torch.tensor([prompt])}, tmp_path / "inputs.pt")
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    env |= {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}  # transformers copies the code there
+    command = [sys.executable, "-c", LOAD_REMOTE_CODE, str(out_dir), "inputs.pt", "outputs.pt"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    theirs = torch.load(tmp_path / "outputs.pt")
+
+    assert theirs["class"] == "NanoChatGPTForCausalLM"
+    with torch.no_grad():
+        for ids, their_logits in zip(batches, theirs["logits"]):
+            ours = model(ids)
+            assert their_logits.shape == ours.shape and their_logits.dtype == torch.float32
+            assert ours.abs().max() > 5  # the comparison means something: logits are far from 0
+            assert (ours - their_logits).abs().max().item() <= 1e-4
+        targets = torch.nn.functional.pad(batches[-1][:, 1:], (0, 1), value=-1)  # transformers shifts its labels
+        assert abs(model(batches[-1], targets=targets).item() - theirs["loss"].item()) <= 1e-4
+    ours = list(model.generate(prompt, max_tokens=12, temperature=0))
+    generated = theirs["greedy"][len(prompt) :]
+    assert len(generated) >= 1 and generated == ours[: len(generated)]  # transformers may stop early at an eos token
+    assert "no padding mask" in theirs["padded"]
+
+
 # ---------------------------------------------------------------------------- tokenizer
 
 
@@ -239,6 +310,10 @@ def test_chat_template_renders_our_protocol(tmp_path, tokenizer):
 def test_unsupported_choices_fail_clearly(tmp_path, tokenizer):
     with pytest.raises(UnsupportedModelError, match="vocab_size"):
         hf_config(GPTConfig(vocab_size=VOCAB_SIZE + 1), tokenizer)
+    with pytest.raises(UnsupportedModelError, match="qk_scale=1.2"):  # export() writes such a model as remote code
+        hf_config(GPTConfig(vocab_size=VOCAB_SIZE, qk_scale=1.2), tokenizer)
+    # init decides how training starts, not what the model computes: still transformers' own NanoChat
+    assert hf_config(GPTConfig(vocab_size=VOCAB_SIZE, init="tuned"), tokenizer)["model_type"] == "nanochat"
     assert not os.listdir(tmp_path)  # checks run before anything is written
 
 
@@ -279,8 +354,9 @@ def test_unwritable_out_is_one_line_before_loading(tmp_path, capsys, monkeypatch
 
 
 @pytest.mark.slow  # ~10 s: a subprocess that imports torch, then two in-process runs
-def test_script_end_to_end(tmp_path, tokenizer, monkeypatch):
-    """A saved sft checkpoint and tokenizer in a base dir -> `python -m scripts.export_hf` -> transformers."""
+def test_script_end_to_end(tmp_path, tokenizer, monkeypatch, capsys):
+    """A saved sft checkpoint and tokenizer in a base dir -> `python -m scripts.export_hf` -> transformers; the
+    script says which format it writes."""
     from nanochat.checkpoint import save_checkpoint
     from scripts.export_hf import main
 
@@ -292,7 +368,7 @@ def test_script_end_to_end(tmp_path, tokenizer, monkeypatch):
     command = [sys.executable, "-m", "scripts.export_hf", "--source", "sft", "--out", str(out_dir)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "step 7" in result.stdout
+    assert "step 7" in result.stdout and "export_hf: classic architecture" in result.stdout
     assert "# nanochat d2 (sft, step 7)" in (out_dir / "README.md").read_text()  # no report card here: "not recorded"
 
     hf_model = load_hf(out_dir)
@@ -306,3 +382,15 @@ def test_script_end_to_end(tmp_path, tokenizer, monkeypatch):
         main(["--source", "sft", "--out", str(out_dir)])
     assert refused.value.code == 1
     main(["--source", "sft", "--model-tag", "d2", "--step", "7", "--out", str(out_dir), "--force"])
+
+    # A new-architecture checkpoint (the largest tag, so the default) becomes remote code; a classic export over it
+    # with --force leaves none of that code behind.
+    save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d4"), 9, randomized_model(n_kv_head=2, **NEW_PARTS))
+    capsys.readouterr()
+    main(["--source", "sft", "--out", str(out_dir), "--force"])
+    printed = capsys.readouterr().out
+    assert "export_hf: remote code, as transformers' NanoChat has no value_embeds=True, resid_scalars=True" in printed
+    assert f"from_pretrained({str(out_dir)!r}, trust_remote_code=True)" in printed
+    assert (out_dir / "gpt.py").exists() and "auto_map" in json.loads((out_dir / "config.json").read_text())
+    main(["--source", "sft", "--model-tag", "d2", "--out", str(out_dir), "--force"])
+    assert not (out_dir / "gpt.py").exists() and not (out_dir / "modeling_nanochat.py").exists()
