@@ -8,6 +8,9 @@
 ARC-Easy, ARC-Challenge (test split; `--arc-split validation` offline) and MMLU are categorical, `-b` prompts
 per forward pass; GSM8K, HumanEval and SpellingBee generative: `-n` samples per problem (at most `-m` new tokens,
 temperature `-t`, top-k `-k`), pass@n. `-x N`: the first N problems of each task (-1 = all).
+Unless given, -x and -m follow the hardware: all problems and 512 tokens on a GPU (the reference's), elsewhere
+CPU_MAX_PROBLEMS and CPU_MAX_NEW_TOKENS; the choice is printed in one line, and each task prints a progress
+line with an ETA every few seconds.
 
 Rank 0 prints a table and writes `<base dir>/chat_eval/chat_<source>_<tag>_<step>[_<tasks>].json` and `.md` (the
 task names appended when not all six ran) and the report card's `report/chat_eval_<source>.json` ("model_tag",
@@ -23,11 +26,14 @@ import time
 from dataclasses import asdict
 
 from nanochat.common import atomic_write, compute_cleanup, compute_init, describe_environment, get_base_dir, print0
+from nanochat.dataset import Progress
 from nanochat.engine import Engine
 from nanochat.report import read_stage, report_dir, write_stage_summary
 from nanochat.train import one_line_errors
 from tasks.common import resolve_data_dir
 from tasks.evaluate import ALL_TASKS, TaskResult, chatcore, evaluate_task, load_task
+
+CPU_MAX_PROBLEMS, CPU_MAX_NEW_TOKENS = 50, 256  # a few minutes for a d4 on CPU; -x / -m to change
 
 
 def summary_line(results: list[TaskResult]) -> str:
@@ -80,10 +86,12 @@ def main(argv=None):
     parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
     # Evaluation
     parser.add_argument("-a", "--task-name", default="|".join(ALL_TASKS), help="tasks joined by '|' (default: all six)")
-    parser.add_argument("-x", "--max-problems", type=int, default=-1, help="first N problems per task (-1 = all)")
+    parser.add_argument("-x", "--max-problems", type=int, default=None, help="first N problems per task (-1 = all; "
+                        f"default: all on a GPU, else {CPU_MAX_PROBLEMS})")  # fmt: skip
     parser.add_argument("-b", "--batch-size", type=int, default=8, help="categorical prompts per forward pass")
     parser.add_argument("-n", "--num-samples", type=int, default=1, help="samples per generative problem (pass@n)")
-    parser.add_argument("-m", "--max-new-tokens", type=int, default=512, help="new tokens per sample, at most")
+    parser.add_argument("-m", "--max-new-tokens", type=int, default=None, help="new tokens per sample, at most "
+                        f"(default: 512 on a GPU, else {CPU_MAX_NEW_TOKENS})")  # fmt: skip
     parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k likeliest tokens (-1 = off)")
     parser.add_argument("--data-dir", default=None, help="local data (default: $NANOCHAT_DATA_DIR, else the hub)")
@@ -97,20 +105,26 @@ def main(argv=None):
         parser.error(f"unknown task(s) {unknown}; choose from {'|'.join(ALL_TASKS)}")
     if len(set(task_names)) != len(task_names):
         parser.error(f"task listed twice in {args.task_name!r}")
-    for flag, value in (("-b", args.batch_size), ("-n", args.num_samples), ("-m", args.max_new_tokens)):
+    for flag, value in (("-b", args.batch_size), ("-n", args.num_samples), ("-m", args.max_new_tokens or 1)):
         if value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")
     if args.top_k == 0 or args.top_k < -1:
         parser.error(f"-k must be >= 1, or -1 for off, got {args.top_k}")
-    sampling = {"num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                "top_k": None if args.top_k == -1 else args.top_k}  # fmt: skip
     data_dir = resolve_data_dir(args.data_dir)  # None = the Hugging Face hub
     if data_dir is not None and args.arc_split == "test" and {"ARC-Easy", "ARC-Challenge"} & set(task_names):
         parser.error(f"the local data in {data_dir} has no ARC test split: pass --arc-split validation")
 
     # ---------------------------------------------------------------- init
     runtime = compute_init(args.device_type)
-    resolved = {**vars(args), "tasks": task_names, "data_dir": data_dir}
+    gpu = runtime.device.type == "cuda"
+    max_problems = args.max_problems or (-1 if gpu else CPU_MAX_PROBLEMS)
+    max_new_tokens = args.max_new_tokens or (512 if gpu else CPU_MAX_NEW_TOKENS)
+    chosen = "as given" if args.max_problems and args.max_new_tokens else f"{runtime.device.type.upper()} default"
+    problems = "all problems" if max_problems < 0 else f"at most {max_problems} problems"
+    sampling = {"num_samples": args.num_samples, "max_new_tokens": max_new_tokens, "temperature": args.temperature,
+                "top_k": None if args.top_k == -1 else args.top_k}  # fmt: skip
+    resolved = {**vars(args), "max_problems": max_problems, "max_new_tokens": max_new_tokens, "tasks": task_names,
+                "data_dir": data_dir}  # fmt: skip
     print0(json.dumps({"config": resolved, "environment": describe_environment(runtime)}, indent=2, default=str))
     if args.temperature == 0 and args.num_samples > 1:
         print0(f"note: greedy decoding (-t 0) makes all {args.num_samples} samples identical; pass@n = pass@1")
@@ -123,15 +137,17 @@ def main(argv=None):
     tokenizer = get_tokenizer()
     engine = Engine(model, tokenizer)
     tag, step = args.model_tag or f"d{meta['model_config']['n_layer']}", meta["step"]
-    print0(f"chat eval of {args.source} {tag} step {step}")
+    print0(f"chat eval of {args.source} {tag} step {step}: {problems} per task, at most {max_new_tokens} new tokens "
+           f"a sample ({chosen}; -x, -m to change)")  # fmt: skip
 
     # ---------------------------------------------------------------- evaluate
     results, seconds = [], {}
     for name in task_names:
         start = time.time()
         task = load_task(name, data_dir, args.arc_split)
-        result = evaluate_task(name, task, model, tokenizer, runtime.device, args.max_problems, args.batch_size, engine,
-                               **sampling)  # fmt: skip
+        progress = Progress(f"chat eval {name}") if runtime.is_master else None
+        result = evaluate_task(name, task, model, tokenizer, runtime.device, max_problems, args.batch_size, engine,
+                               progress, **sampling)  # fmt: skip
         seconds[name] = time.time() - start
         results.append(result)
         too_long = f" ({result.too_long} too long for the context, counted as failed)" if result.too_long else ""

@@ -6,7 +6,8 @@ Contract:
 - Generative (GSM8K, HumanEval, SpellingBee): `num_samples` samples per problem from `Engine.generate_batch`
   (seed = the problem's index); the problem passes if any sample does (pass@n).
 - A prompt too long for the model is skipped, never cropped (that would cut the question), and counted as failed.
-- `evaluate_task` strides the problems over the ranks (rank r takes r, r+W, ...) and sums the counts.
+- `evaluate_task` strides the problems over the ranks (rank r takes r, r+W, ...) and sums the counts; a
+  `progress` (nanochat.dataset.Progress) prints how far this rank is, with an ETA, every few seconds.
 - ChatCORE = the mean centered accuracy over the six tasks (baseline 0.25 multiple choice, else 0); None unless
   all six have a result.
 
@@ -78,7 +79,7 @@ def predict_choices(model, prompts: list[list[int]], letter_ids: list[list[int]]
     return [int(logits[row, ids].argmax()) for row, ids in enumerate(letter_ids)]
 
 
-def evaluate_categorical(model, tokenizer, task, indices, batch_size: int, device) -> tuple[int, int]:
+def evaluate_categorical(model, tokenizer, task, indices, batch_size: int, device, progress=None) -> tuple[int, int]:
     """(passed, too long) over the problems `indices` of a categorical task."""
     passed = too_long = 0
     pending = []  # (conversation, prompt) of the prompts that fit, evaluated batch_size at a time
@@ -95,15 +96,18 @@ def evaluate_categorical(model, tokenizer, task, indices, batch_size: int, devic
             choices = predict_choices(model, [p for _, p in pending], letter_ids, tokenizer.get_bos_token_id(), device)
             passed += sum(bool(task.evaluate(c, row[i])) for (c, _), row, i in zip(pending, letters, choices))
             pending = []
+        if progress is not None and progress.due():
+            progress.show((position + 1) / len(indices), f"{position + 1}/{len(indices)} problems")
     return passed, too_long
 
 
-def evaluate_generative(
-    engine, tokenizer, task, indices, num_samples=1, max_new_tokens=512, temperature=0.0, top_k: int | None = 50
-) -> tuple[int, int]:
+def evaluate_generative(engine, tokenizer, task, indices, num_samples=1, max_new_tokens=512, temperature=0.0,
+                        top_k: int | None = 50, progress=None) -> tuple[int, int]:  # fmt: skip
     """(passed, too long) over the problems `indices` of a generative task; pass@num_samples."""
     passed = too_long = 0
-    for index in indices:
+    for done, index in enumerate(indices):
+        if progress is not None and done and progress.due():
+            progress.show(done / len(indices), f"{done}/{len(indices)} problems")
         conversation = task[index]
         prompt = tokenizer.render_for_completion(conversation)
         try:
@@ -142,17 +146,17 @@ def chatcore(results: list[TaskResult]) -> float | None:
 
 
 def evaluate_task(
-    name: str, task, model, tokenizer, device, max_problems=-1, batch_size=8, engine=None, **sampling
+    name: str, task, model, tokenizer, device, max_problems=-1, batch_size=8, engine=None, progress=None, **sampling
 ) -> TaskResult:
     """One task's result; `sampling`: evaluate_generative's num_samples, max_new_tokens, temperature and top_k."""
     num_problems = len(task) if max_problems < 0 else min(len(task), max_problems)
     rank, _, world_size = dist_info()
     indices = range(rank, num_problems, world_size)
     if task.eval_type == "categorical":
-        passed, too_long = evaluate_categorical(model, tokenizer, task, indices, batch_size, device)
+        passed, too_long = evaluate_categorical(model, tokenizer, task, indices, batch_size, device, progress)
     elif task.eval_type == "generative":
         engine = engine or Engine(model, tokenizer)
-        passed, too_long = evaluate_generative(engine, tokenizer, task, indices, **sampling)
+        passed, too_long = evaluate_generative(engine, tokenizer, task, indices, **sampling, progress=progress)
     else:
         raise ValueError(f"{name} has eval_type {task.eval_type!r}: only categorical and generative tasks evaluate")
     counts = torch.tensor([passed, too_long], dtype=torch.long, device=device)

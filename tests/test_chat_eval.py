@@ -357,6 +357,23 @@ def test_cli_all_six_tasks_reports_chatcore(base_dir, data_dir, monkeypatch, cap
     assert (card["model_tag"], card["step"]) == ("d1", 3)  # the stage-summary contract
 
 
+def test_cli_sizes_itself_to_the_cpu_says_so_and_shows_progress(base_dir, data_dir, monkeypatch, capsys):
+    from nanochat import dataset
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    monkeypatch.setattr(dataset, "PROGRESS_EVERY_S", 0.0)  # a progress line per batch or problem
+    args = ["-i", "sft", "--device-type", "cpu", "--arc-split", "validation", "--data-dir", data_dir]
+    results = chat_eval.main([*args, "-a", "ARC-Easy|SpellingBee", "-m", "8"])  # -x: the CPU's default
+    out = capsys.readouterr().out
+    limit = chat_eval.CPU_MAX_PROBLEMS
+    assert f"at most {limit} problems per task, at most 8 new tokens a sample (CPU default; -x, -m to change)" in out
+    assert [r.problems for r in results] == [limit, limit]
+    assert f"chat eval ARC-Easy: 16.0% 8/{limit} problems, " in out and " min elapsed, ETA " in out
+    assert f"chat eval SpellingBee: {1 / limit:.1%} 1/{limit} problems, " in out
+    chat_eval.main([*args, "-a", "ARC-Easy", "-x", "1"])
+    assert f"at most 1 problems per task, at most {chat_eval.CPU_MAX_NEW_TOKENS} new tokens" in capsys.readouterr().out
+
+
 def test_cli_refuses_what_it_cannot_do(base_dir, data_dir, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
     for args, message in (
