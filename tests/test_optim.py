@@ -1,5 +1,6 @@
-"""nanochat.optim on CPU: AdamW against torch's, Muon's orthogonalization and step size, a tiny model that
-overfits, checkpoint round trips, and two gloo processes against one process on the same global batch."""
+"""nanochat.optim on CPU: AdamW against torch's, Muon's orthogonalization, step size and switches (NorMuon,
+cautious weight decay, MuonEq, Muon+), a group per parameter role, a tiny model that overfits, checkpoint round
+trips, and two gloo processes against one process on the same global batch."""
 
 import copy
 import io
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch._dynamo.utils import counters
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import MuonAdamW, build_optimizer, orthogonalize
@@ -43,7 +45,7 @@ def train_steps(model, optimizer, inputs, targets, steps: int) -> list[float]:
 # AdamW
 
 
-def test_adamw_groups_match_torch_adamw():
+def test_adamw_groups_match_torch_adamw_and_a_schedule_compiles_nothing():
     shapes = [(8, 5), (7,), (3, 4, 2)]
     generator = torch.Generator().manual_seed(0)
     ours = [torch.randn(shape, generator=generator, requires_grad=True) for shape in shapes]
@@ -51,16 +53,21 @@ def test_adamw_groups_match_torch_adamw():
     hyper = {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.1}
     optimizer = MuonAdamW([{"kind": "adamw", "params": ours, **hyper}])
     reference = torch.optim.AdamW(theirs, **hyper, foreach=False)
+    torch._dynamo.reset()
+    counters.clear()
     for step in range(6):
-        if step == 3:  # a schedule changes lr from outside, in both
-            optimizer.param_groups[0]["lr"] = reference.param_groups[0]["lr"] = 0.003
+        for group in (optimizer.param_groups[0], reference.param_groups[0]):  # a schedule changes them each step
+            group["lr"], group["weight_decay"] = 0.01 / (step + 1), 0.1 * (1 - step / 6)
+            group["betas"] = (0.8, 0.95 - 0.01 * step)
         for p, q in zip(ours, theirs):
             p.grad = torch.randn(p.shape, generator=generator)
             q.grad = p.grad.clone()
         optimizer.step()
         reference.step()
     for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p, q, rtol=0, atol=0)  # same ops in the same order: bitwise equal
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)  # fused kernel vs torch's single-tensor path
+    # One fused kernel call per group, nothing traced: hyperparameters changing every step cannot recompile.
+    assert not counters["stats"] and not counters["frames"], dict(counters)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,6 +160,95 @@ def test_muon_momentum_and_nesterov_follow_the_formula():
     torch.testing.assert_close(optimizer.state[matrix]["momentum_buffer"], buffer, rtol=1e-5, atol=1e-6)
 
 
+def muon_step(p: torch.Tensor, grad: torch.Tensor, **group) -> torch.Tensor:
+    """The change one Muon step (momentum 0: the direction is O(grad) alone) makes to a copy of p."""
+    q = p.detach().clone().requires_grad_()
+    q.grad = grad.clone()
+    MuonAdamW([{"kind": "muon", "params": [q], "lr": 0.1, "momentum": 0.0, **group}]).step()
+    return q.detach() - p
+
+
+def test_same_shape_matrices_step_as_one_batch_like_one_at_a_time():
+    generator = torch.Generator().manual_seed(2)
+    matrices = [torch.randn(24, 40, generator=generator, requires_grad=True) for _ in range(3)]
+    alone = [p.detach().clone().requires_grad_() for p in matrices]
+    hyper = {"kind": "muon", "lr": 0.05, "weight_decay": 0.1, "beta2": 0.9, "cautious_wd": True, "muoneq": True}
+    batched = MuonAdamW([{**hyper, "params": matrices}])
+    single = [MuonAdamW([{**hyper, "params": [p]}]) for p in alone]
+    for _ in range(3):
+        for p, q, optimizer in zip(matrices, alone, single):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+            optimizer.step()
+        batched.step()
+    for p, q in zip(matrices, alone):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+        assert set(batched.state[p]) == {"momentum_buffer", "second_moment"}  # state stays per matrix
+
+
+@pytest.mark.parametrize("shape", [(64, 16), (16, 64)])
+def test_normuon_evens_out_the_long_side_and_keeps_the_norm(shape):
+    generator = torch.Generator().manual_seed(4)
+    p = torch.randn(shape, generator=generator)
+    grad = torch.randn(shape, generator=generator) * torch.logspace(0, 1, shape[0]).unsqueeze(1)  # uneven rows
+    plain, normuon = muon_step(p, grad), muon_step(p, grad, beta2=0.95)
+    long_dim = -1 if shape[0] >= shape[1] else -2  # norms of the long side's vectors: rows if tall, else columns
+    spread = lambda step: step.norm(dim=long_dim).std() / step.norm(dim=long_dim).mean()  # noqa: E731
+    assert spread(plain) > 0.05  # measured 0.13 (tall) / 0.12 (wide): the polar factor leaves them uneven
+    assert spread(normuon) < 1e-4  # first step: each divided by its own RMS, so all equal
+    torch.testing.assert_close(normuon.norm(), plain.norm(), rtol=1e-5, atol=0)  # the rescale keeps the norm
+
+
+def test_cautious_weight_decay_decays_only_where_the_update_agrees_in_sign():
+    generator = torch.Generator().manual_seed(5)
+    p, grad = torch.randn(32, 48, generator=generator), torch.randn(32, 48, generator=generator)
+    ortho = orthogonalize(grad).float()
+    lr, weight_decay = 0.1, 0.5
+    step = muon_step(p, grad, weight_decay=weight_decay, cautious_wd=True)
+    agree = ortho * p >= 0
+    expected = -lr * weight_decay * p * agree - lr * ortho
+    torch.testing.assert_close(step, expected, rtol=0, atol=1e-6)
+    assert 0.3 < agree.float().mean() < 0.7  # both kinds of coordinates are there
+    plain = muon_step(p, grad, weight_decay=weight_decay)  # the default decays everything
+    torch.testing.assert_close(plain, -lr * weight_decay * p - lr * ortho, rtol=0, atol=1e-6)
+
+
+def test_muoneq_makes_the_step_blind_to_row_scales_of_the_momentum():
+    generator = torch.Generator().manual_seed(6)
+    p, grad = torch.randn(32, 48, generator=generator), torch.randn(32, 48, generator=generator)
+    row_scales = torch.logspace(-2, 2, 32).unsqueeze(1)
+    equilibrated = muon_step(p, grad * row_scales, muoneq=True)
+    torch.testing.assert_close(equilibrated, muon_step(p, grad, muoneq=True), rtol=0, atol=1e-6)
+    assert (muon_step(p, grad * row_scales) - muon_step(p, grad)).abs().max() > 1e-2  # plain Muon is not
+
+
+def test_muon_plus_sets_the_frobenius_norm_of_a_semi_orthogonal_matrix():
+    generator = torch.Generator().manual_seed(7)
+    for shape in ((64, 16), (16, 64)):
+        p, grad = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+        scale = max(1.0, shape[0] / shape[1]) ** 0.5
+        step = muon_step(p, grad, muon_plus=True)
+        assert step.norm().item() == pytest.approx(0.1 * scale * 16**0.5, rel=1e-5)
+        assert muon_step(p, grad).norm().item() != pytest.approx(0.1 * scale * 16**0.5, rel=1e-3)
+
+
+def test_schedules_and_old_checkpoints_keep_every_group_key():
+    p = torch.randn(8, 8, requires_grad=True)
+    optimizer = MuonAdamW([{"kind": "muon", "params": [p], "lr": 0.02, "weight_decay": 0.2, "beta2": 0.9}])
+    group = optimizer.param_groups[0]
+    assert group["initial_weight_decay"] == 0.2 and group["initial_lr"] == 0.02
+    saved = optimizer.state_dict()
+    for key in ("initial_weight_decay", "beta2", "cautious_wd", "muoneq", "muon_plus"):  # a checkpoint from before
+        del saved["param_groups"][0][key]
+    resumed = MuonAdamW([{"kind": "muon", "params": [p], "lr": 0.5}])
+    resumed.load_state_dict(saved)
+    group = resumed.param_groups[0]
+    assert group["lr"] == 0.02 and group["initial_weight_decay"] == group["weight_decay"] == 0.2
+    assert group["beta2"] is None and group["muoneq"] is False
+    p.grad = torch.ones(8, 8)
+    resumed.step()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The optimizer on the model
 
@@ -169,6 +265,61 @@ def test_build_optimizer_groups_and_width_scaled_lrs():
         assert group["lr"] == group["initial_lr"] == pytest.approx(lr)
     covered = [p for group in optimizer.param_groups for p in group["params"]]
     assert len(covered) == len(list(model.parameters())) == len({id(p) for p in covered})
+
+
+class AllRoles(torch.nn.Module):
+    """A stand-in with every parameter role GPT.parameter_roles() may return (gpt.py grows them one option at a
+    time): a block matrix, embedding, lm_head, value-embedding tables, scalars and a gate."""
+
+    def __init__(self, roles=("matrix", "embedding", "unembedding", "value_embedding", "resid_scalars",
+                              "x0_scalars", "gates")):  # fmt: skip
+        super().__init__()
+        self.config = GPTConfig.from_depth(depth=1, vocab_size=VOCAB, sequence_len=SEQ_LEN)  # n_embd 128
+        shapes = {"matrix": [(16, 16), (16, 16)], "embedding": [(32, 16)], "unembedding": [(32, 16)],
+                  "value_embedding": [(32, 16), (32, 16)], "resid_scalars": [(2,)], "x0_scalars": [(2,)],
+                  "gates": [(2, 4), ()]}  # fmt: skip
+        generator = torch.Generator().manual_seed(0)
+        self.roles = {
+            role: torch.nn.ParameterList(torch.randn(s, generator=generator) for s in shapes[role]) for role in roles
+        }
+        for role, params in self.roles.items():
+            self.add_module(role, params)
+
+    def parameter_roles(self):
+        return {role: list(params) for role, params in self.roles.items()}
+
+
+def test_every_role_gets_a_group_and_moves():
+    model = AllRoles()
+    optimizer = build_optimizer(model, weight_decay=0.1)
+    groups = {group["role"]: group for group in optimizer.param_groups}
+    assert list(groups)[:3] == ["unembedding", "embedding", "matrix"]  # today's order, new roles after
+    assert set(groups) == set(model.roles) and groups["matrix"]["kind"] == "muon"
+    scale = (128 / 768) ** -0.5
+    assert groups["value_embedding"]["lr"] == pytest.approx(0.15 * scale)
+    assert groups["value_embedding"]["betas"] == (0.8, 0.995) and groups["value_embedding"]["weight_decay"] == 0.1
+    assert groups["x0_scalars"]["lr"] == 0.5 and groups["x0_scalars"]["betas"] == (0.96, 0.95)
+    assert groups["resid_scalars"]["lr"] == 0.005 and groups["gates"]["lr"] == 0.2
+    assert groups["gates"]["weight_decay"] == 0.0  # scalars and gates are not decayed
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = sum((p.float() ** 2).sum() * (i + 1) for i, p in enumerate(model.parameters()))
+    loss.backward()
+    optimizer.step()
+    for (name, p), start in zip(model.named_parameters(), before):
+        assert (p - start).abs().max() > 1e-4, name
+    # lr_frac scales every group, the roles without an LR argument too
+    halved = build_optimizer(model, weight_decay=0.1, lr_frac=0.5)
+    for group, full in zip(halved.param_groups, optimizer.param_groups, strict=True):
+        assert group["lr"] == pytest.approx(full["initial_lr"] * 0.5)
+
+
+def test_absent_or_empty_roles_make_no_group_and_unknown_roles_are_refused():
+    model = AllRoles(roles=("matrix", "embedding", "unembedding", "gates"))
+    model.roles["gates"] = torch.nn.ParameterList()  # an option that is off may return an empty list
+    assert [g["role"] for g in build_optimizer(model).param_groups] == ["unembedding", "embedding", "matrix"]
+    model.roles["skip_weights"] = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match=r"no group for parameter roles \['skip_weights'\]"):
+        build_optimizer(model)
 
 
 def test_tiny_model_overfits_a_fixed_batch():
@@ -250,9 +401,10 @@ def odd_params() -> list[torch.Tensor]:
 
 
 def odd_optimizer(params) -> MuonAdamW:
-    return MuonAdamW(
-        [{"kind": "adamw", "params": params[:1], "lr": 0.01}, {"kind": "muon", "params": params[1:], "lr": 0.02}]
-    )
+    # Every Muon switch on, so their state (NorMuon's second moment) is sharded and stepped as in one process.
+    switches = {"weight_decay": 0.1, "beta2": 0.9, "cautious_wd": True, "muoneq": True, "muon_plus": True}
+    muon = {"kind": "muon", "params": params[1:], "lr": 0.02, **switches}
+    return MuonAdamW([{"kind": "adamw", "params": params[:1], "lr": 0.01}, muon])
 
 
 def odd_grad(p_index: int, step: int, rank: int) -> torch.Tensor:
@@ -380,5 +532,5 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         torch.testing.assert_close(p, expected, rtol=0, atol=1e-6)
     assert ranks[0]["wte_state_rows"] == ranks[1]["wte_state_rows"] == VOCAB // 2
     assert ranks[0]["owned_matrices"] + ranks[1]["owned_matrices"] == 6  # each block matrix owned exactly once
-    assert ranks[0]["owned_matrices"] == 4  # chunks by shape: [q, k] [v, attn proj] [fc, pad] [mlp proj, pad]
+    assert ranks[0]["owned_matrices"] == 4  # runs by shape: rank 0 q, k + fc + mlp proj
     assert ranks[0]["odd_adamw_state_rows"] == 5  # 5 rows do not split in two: full state on every rank
