@@ -1,21 +1,27 @@
 """Continuous batching: concurrent generation requests share one model's decode steps.
 
 Contract:
-- A `BatchingWorker` owns one model and a KVCache of `max_batch` full-context rows. Its thread prefills each
-  queued request alone into a free row, then decodes all active rows one step at a time; a finished or cancelled
-  request leaves at once and the last row moves into its place, so n requests are an n-row forward.
+- A `BatchingWorker` owns one model and a KVCache of `max_batch` full-context rows. Its thread alternates one
+  prefill forward with one decode step of all active rows. The prefill forward spends at most `prefill_budget`
+  prompt tokens: queued short prompts (first come, first served, while rows are free) go through it together
+  as one padded batch; a prompt longer than the budget goes alone, one budget-sized chunk per step. So a burst
+  of arrivals costs the running streams one bounded forward per token, and its prompts share forwards instead of
+  queueing one by one (dev/BENCHMARKS.md). A finished or cancelled request leaves at once and the last row moves
+  into its place, so n requests are an n-row forward.
   `WorkerPool` spreads requests over workers (one per GPU), least loaded first.
 - `submit(request)` is thread-safe. `request.emit(event)` is called on the worker thread: a `TokenEvent(token,
-  mask)` per generated token (the stop token excluded), then one `DoneEvent(finish_reason, completion_tokens)`,
-  finish_reason "stop", "length" (max_tokens), "context", "cancelled" or "error".
-- Each request samples with its own parameters and random stream (`engine.row_keys`): its tokens do not depend
-  on the other requests in the batch.
+  mask)` per generated token (the stop token excluded; with `request.logprobs` = k also the token's
+  log-probability and the k likeliest), then one `DoneEvent(finish_reason, completion_tokens)`, finish_reason
+  "stop", "length" (max_tokens), "context", "cancelled" or "error".
+- Each request samples with its own parameters and random stream (`engine.row_keys`), and a prompt's chunks
+  start at the same positions whatever else is queued: its tokens do not depend on the other requests.
 
 Not here: HTTP and text (nanochat/server.py); the KV cache, sampler and tool handling (nanochat/engine.py).
 """
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,6 +34,8 @@ from nanochat.engine import Engine, KVCache, ToolState, finish_reason, row_keys,
 class TokenEvent:
     token: int
     mask: int  # 1 = sampled, 0 = forced by the calculator tool
+    logprob: float | None = None  # with Request.logprobs: the model's log-probability of `token`
+    top_logprobs: list[tuple[int, float]] | None = None  # ... and its k likeliest (token, logprob), best first
 
 
 @dataclass
@@ -47,6 +55,7 @@ class Request:
     top_p: float | None = None
     seed: int = 42
     sample_index: int = 0  # which of n samples of one prompt (the OpenAI `n`): picks the random stream
+    logprobs: int | None = None  # None = off; k >= 0: each TokenEvent carries logprob and the k likeliest
     # set it from any thread to cancel: the worker frees the request's row before its next decode step
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -61,21 +70,36 @@ class _Slot:
     last_token: int = 0
 
 
+@dataclass
+class _Wave:
+    """Prompts being prefilled together: row j of `cache` holds requests[j]'s prompt, `fed` positions so far."""
+
+    requests: list[Request]
+    cache: KVCache
+    fed: int = 0
+
+
 class BatchingWorker:
-    def __init__(self, model, tokenizer, max_batch=16, name="worker-0", compile_decode=False, backend=None):
+    def __init__(
+        self, model, tokenizer, max_batch=16, name="worker-0", compile_decode=False, backend=None, prefill_budget=512
+    ):
         """compile_decode: Engine's torch.compile path; every step then runs all max_batch rows of a static cache
-        (idle ones on a dummy token, reset after), compute that a bandwidth-bound GPU step hides."""
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        (idle ones on a dummy token, reset after), compute that a bandwidth-bound GPU step hides.
+        prefill_budget: prompt tokens (padding included) one prefill forward may take between two decode steps."""
+        if max_batch < 1 or prefill_budget < 1:
+            raise ValueError(f"max_batch and prefill_budget must be >= 1, got {max_batch} and {prefill_budget}")
         self.engine = Engine(model, tokenizer, compile_decode=compile_decode, backend=backend)
-        self.model, self.max_batch, self.name = model, max_batch, name
+        self.model, self.max_batch, self.name, self.prefill_budget = model, max_batch, name, prefill_budget
         self.device = self.engine.device
         self.cache = KVCache.for_model(model, max_batch, self.engine.context_len, static=compile_decode)
         self.slots: list[_Slot] = []  # active requests; slot i lives in cache row i
         self.pending: queue.Queue[Request] = queue.Queue()
+        self.waiting: deque[Request] = deque()  # taken from `pending` by the worker thread, not yet prefilling
+        self.wave: _Wave | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0, "tokens": 0, "steps": 0}
+        self.stats["prefill_forwards"] = 0
 
     # ------------------------------------------------------------------ public, any thread
     def start(self) -> "BatchingWorker":
@@ -91,48 +115,99 @@ class BatchingWorker:
         self.stats["requests"] += 1
         self.pending.put(request)
 
+    @property
+    def queued(self) -> int:
+        """Requests not yet decoding: in the queue, taken by the worker, or being prefilled."""
+        wave = self.wave  # read once: the worker thread may end it meanwhile
+        return self.pending.qsize() + len(self.waiting) + (len(wave.requests) if wave else 0)
+
     # ------------------------------------------------------------------ the worker thread
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
             try:
-                self._admit(block=not self.slots)
+                self._take(block=not (self.slots or self.waiting or self.wave))
+                self._prefill_step()
                 if self.slots:
                     self._decode_step()
             except Exception as e:  # noqa: BLE001 -- a failed step ends its requests, never the worker
+                message = f"{type(e).__name__}: {e}"
                 for slot in self.slots:
-                    self._finish_request(slot.request, "error", slot.generated, f"{type(e).__name__}: {e}")
+                    self._finish_request(slot.request, "error", slot.generated, message)
+                for request in self.wave.requests if self.wave else []:
+                    self._finish_request(request, "error", 0, message)
                 self.slots.clear()
+                self.wave = None
                 self.cache.lengths[:] = 0
                 self.cache.lengths_tensor.zero_()
 
-    def _admit(self, block: bool) -> None:
-        """Move queued requests into free rows: prefill each and sample its first token."""
-        while len(self.slots) < self.max_batch and not self._stop.is_set():
+    def _take(self, block: bool) -> None:
+        """Move everything queued into `waiting` (waiting up to 0.5 s for a first request when idle); a request
+        that cannot run (cancelled already, no room in the context) is answered at once."""
+        while True:
             try:
                 request = self.pending.get(block=block, timeout=0.5 if block else None)
             except queue.Empty:
-                if block:
-                    continue
                 return
             if request is None:
                 return
             block = False
+            try:
+                if not request.prompt:
+                    raise ValueError("the prompt is empty; start it with <|bos|>")
+                self.engine.token_budget(len(request.prompt), request.max_tokens)
+            except ValueError as e:  # ContextFullError included: a bad request fails alone
+                self._finish_request(request, "error", 0, f"{type(e).__name__}: {e}")
+                continue
+            if request.cancelled.is_set():
+                self._finish_request(request, "cancelled", 0)
+            else:
+                self.waiting.append(request)
+
+    def _prefill_step(self) -> None:
+        """One prefill forward of at most `prefill_budget` tokens; requests whose prompts it completes sample their
+        first token and join the decoding rows."""
+        if self.wave is None:
+            requests, longest = [], 0
+            while self.waiting and len(self.slots) + len(requests) < self.max_batch:
+                if self.waiting[0].cancelled.is_set():
+                    self._finish_request(self.waiting.popleft(), "cancelled", 0)
+                    continue
+                longest_with = max(longest, len(self.waiting[0].prompt))
+                if requests and (len(requests) + 1) * longest_with > self.prefill_budget:
+                    break  # a prompt too long to share a forward waits for the next one, where it goes first
+                requests.append(self.waiting.popleft())
+                longest = longest_with
+            if not requests:
+                return
+            self.wave = _Wave(requests, KVCache.for_model(self.model, len(requests), longest))
+        wave = self.wave
+        longest = max(len(request.prompt) for request in wave.requests)
+        start, end = wave.fed, min(wave.fed + self.prefill_budget, longest)  # fixed chunks, alone or not
+        pieces = [request.prompt[start:end] + [0] * (end - len(request.prompt)) for request in wave.requests]
+        # the logits of every prompt's last position (the others are not needed): only rows ending in this chunk
+        keep = end - min(len(request.prompt) for request in wave.requests) + 1 if end == longest else 1
+        ids = torch.tensor(pieces, dtype=torch.long, device=self.device)  # (rows, end - start); padding after
+        with torch.inference_mode():
+            logits = self.model(ids, kv_cache=wave.cache, logits_to_keep=keep)  # (rows, keep, V)
+        self.stats["prefill_forwards"] += 1
+        wave.fed = end
+        if end < longest:
+            return  # a long prompt: its next chunk after the next decode step
+        self.wave, joined, last = None, [], []
+        for row, request in enumerate(wave.requests):
             if request.cancelled.is_set():
                 self._finish_request(request, "cancelled", 0)
                 continue
-            try:
-                budget = self.engine.token_budget(len(request.prompt), request.max_tokens)
-                prompt_cache = KVCache.for_model(self.model, 1, len(request.prompt))
-                logits = self.engine.prefill(prompt_cache, request.prompt)  # (1, V)
-            except Exception as e:  # noqa: BLE001 -- a bad request fails alone
-                self._finish_request(request, "error", 0, f"{type(e).__name__}: {e}")
-                continue
-            self.cache.copy_prefix_from(prompt_cache, rows=[len(self.slots)])
+            self.cache.copy_prefix_from(wave.cache, rows=[len(self.slots)], source_row=row)
+            self.cache.set_length(len(self.slots), len(request.prompt))  # the padding after it is forgotten
+            budget = self.engine.token_budget(len(request.prompt), request.max_tokens)
             key = row_keys(request.seed, request.sample_index + 1, self.device)[request.sample_index]
-            slot = _Slot(request, budget, key, ToolState(self.engine.tokenizer))
-            self.slots.append(slot)
-            self._emit_next_tokens([slot], logits)
+            self.slots.append(_Slot(request, budget, key, ToolState(self.engine.tokenizer)))
+            joined.append(self.slots[-1])
+            last.append(logits[row, keep - 1 - (end - len(request.prompt))])
+        if joined:
+            self._emit_next_tokens(joined, torch.stack(last))
             self._drop_finished()
 
     def _decode_step(self) -> None:
@@ -163,13 +238,26 @@ class BatchingWorker:
             tokens = sample_next_token(logits[index], temperature, top_k, top_p, keys, steps).tolist()
             for i, token in zip(rows, tokens):
                 sampled[i] = token
-        for slot, token in zip(slots, sampled):
+        logprobs = {}  # slot index -> the model's log-probabilities over the vocabulary (V,)
+        wanted = [i for i, slot in enumerate(slots) if slot.request.logprobs is not None]
+        if wanted:
+            # The model's own distribution, log_softmax of the raw logits: temperature, top-k and top-p are not
+            # applied (what OpenAI reports), so a greedy token's logprob equals a plain forward's.
+            rows = torch.log_softmax(logits[wanted].float(), dim=-1)
+            logprobs = dict(zip(wanted, rows))
+        for i, (slot, token) in enumerate(zip(slots, sampled)):
             token, mask = self.engine.next_token(slot.state, token)
             slot.last_token = token
             slot.generated += 1
-            if not slot.state.done:
-                slot.request.emit(TokenEvent(token, mask))
-                self.stats["tokens"] += 1
+            if slot.state.done:
+                continue
+            event = TokenEvent(token, mask)
+            if i in logprobs:  # a token the tool forced gets the model's logprob for it too
+                values, ids = logprobs[i].topk(slot.request.logprobs)
+                event.logprob = logprobs[i][token].item()
+                event.top_logprobs = list(zip(ids.tolist(), values.tolist()))
+            slot.request.emit(event)
+            self.stats["tokens"] += 1
 
     def _drop_finished(self) -> None:
         """Finish requests that stopped, ran out of budget or were cancelled; compact the rows."""
@@ -221,13 +309,13 @@ class WorkerPool:
 
     def submit(self, request: Request) -> BatchingWorker:
         with self._lock:
-            worker = min(self.workers, key=lambda w: len(w.slots) + w.pending.qsize())  # active plus queued
+            worker = min(self.workers, key=lambda w: len(w.slots) + w.queued)  # active plus queued
             worker.submit(request)
         return worker
 
     @property
     def queue_depth(self) -> int:
-        return sum(worker.pending.qsize() for worker in self.workers)
+        return sum(worker.queued for worker in self.workers)
 
     @property
     def active(self) -> int:

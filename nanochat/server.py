@@ -34,8 +34,10 @@ from nanochat.engine import ReplyRenderer
 from nanochat.server_state import (
     ERROR_HANDLERS,
     SSE_HEADERS,
+    APIError,
     ServerState,
     Settings,
+    check_openai_request,
     error_response,
     finish_generation,
     request_models,
@@ -44,6 +46,11 @@ from nanochat.server_state import (
 )
 
 UI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui.html")
+# GET /health's "limits": the bounds a request must keep (the page sets its inputs from them) -> Settings fields
+LIMITS = {
+    "max_temperature": "max_temperature", "max_top_k": "max_top_k", "max_tokens": "max_tokens_limit",
+    "max_message_chars": "max_message_chars", "max_messages": "max_messages", "max_total_chars": "max_total_chars",
+}  # fmt: skip
 
 
 def page_event(piece: tuple) -> dict:
@@ -65,6 +72,7 @@ async def page():
 async def health(request: Request):
     state: ServerState = request.app.state.server
     pool = state.pool
+    settings = state.settings
     return {
         "status": "ok",
         "ready": state.ready,
@@ -73,6 +81,8 @@ async def health(request: Request):
         "workers": len(pool.workers) if pool else 0,
         "queue_depth": pool.queue_depth if pool else 0,
         "active": pool.active if pool else 0,
+        "limits": {name: getattr(settings, field) for name, field in LIMITS.items()},
+        "defaults": {"temperature": settings.temperature, "top_k": settings.top_k, "max_tokens": settings.max_tokens},
     }
 
 
@@ -80,7 +90,7 @@ async def health(request: Request):
 async def stats(request: Request):
     state: ServerState = request.app.state.server
     workers = [
-        {"name": w.name, "device": str(w.device), "active": len(w.slots), "queued": w.pending.qsize(), **w.stats}
+        {"name": w.name, "device": str(w.device), "active": len(w.slots), "queued": w.queued, **w.stats}
         for w in (state.pool.workers if state.pool else [])
     ]
     return {"in_flight": state.in_flight, "workers": workers}
@@ -123,24 +133,40 @@ async def page_completion(request: Request, body):
 openai_router = APIRouter(prefix="/v1")
 
 
+def model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "nanochat"}
+
+
 @openai_router.get("/models")
 async def models(request: Request):
+    return {"object": "list", "data": [model_card(request.app.state.server.model_name)]}
+
+
+@openai_router.get("/models/{model_id:path}")
+async def model_by_id(request: Request, model_id: str):
     name = request.app.state.server.model_name
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "nanochat"}]}
+    if model_id != name:
+        message = f"the model {model_id!r} does not exist here; this server serves {name!r}"
+        raise APIError(404, message, "model", code="model_not_found")
+    return model_card(name)
 
 
 async def openai_completion(request: Request, body):
     state: ServerState = request.app.state.server
+    check_openai_request(state, body)
     max_tokens = body.max_completion_tokens or body.max_tokens or state.settings.max_tokens
     tokens, queues, requests = start_generation(state, body, body.n, max_tokens)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
     merged = merge_choices(queues, requests, state.tokenizer, body.stop)
+    logprobs = (lambda entries: {"content": entries}) if body.logprobs else (lambda entries: None)
     if not body.stream:
         texts, reasons, counts = [""] * body.n, [None] * body.n, [0] * body.n
+        entries = [[] for _ in range(body.n)]
 
         async def collect():
-            async for index, text, reason, count in merged:
+            async for index, text, logprob_entries, reason, count in merged:
                 texts[index] += text
+                entries[index] += logprob_entries
                 if reason is not None:
                     reasons[index], counts[index] = reason, count
 
@@ -150,9 +176,10 @@ async def openai_completion(request: Request, body):
         finally:
             finish_generation(state, requests)  # cancels every row still decoding
         choices = [
-            {"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": reasons[i]}
+            {"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": logprobs(entries[i]),
+             "finish_reason": reasons[i]}
             for i in range(body.n)
-        ]
+        ]  # fmt: skip
         return {**head, "object": "chat.completion", "choices": choices, "usage": usage_of(tokens, counts)}
 
     async def stream() -> AsyncIterator[str]:
@@ -162,9 +189,11 @@ async def openai_completion(request: Request, body):
             for i in range(body.n):
                 delta = {"role": "assistant", "content": ""}
                 yield sse({**chunk, "choices": [{"index": i, "delta": delta, "finish_reason": None}]})
-            async for index, text, reason, count in merged:
-                if text:
+            async for index, text, logprob_entries, reason, count in merged:
+                if text or logprob_entries:
                     choice = {"index": index, "delta": {"content": text}, "finish_reason": None}
+                    if body.logprobs:
+                        choice["logprobs"] = logprobs(logprob_entries)
                     yield sse({**chunk, "choices": [choice]})
                 if reason is not None:
                     counts[index] = count
@@ -234,9 +263,20 @@ def openai_text(piece: tuple) -> str:
 OPENAI_FINISH = {"stop": "stop", "length": "length", "context": "length", "cancelled": "stop", "error": "stop"}
 
 
+def logprob_entry(tokenizer, event: TokenEvent) -> dict:
+    """A token and its logprob in OpenAI's shape: token (its text), logprob, bytes, the likeliest alternatives."""
+
+    def item(token: int, logprob: float) -> dict:
+        raw = tokenizer.id_to_bytes(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return {**item(event.token, event.logprob), "top_logprobs": [item(t, lp) for t, lp in event.top_logprobs]}
+
+
 async def merge_choices(queues, requests, tokenizer, stops):
-    """Yields (choice index, text delta, finish reason or None, completion tokens) across the n choices as their
-    tokens arrive; a stop sequence ends its choice (and cancels its row)."""
+    """Yields (choice index, text delta, logprob entries, finish reason or None, completion tokens) across the n
+    choices as their tokens arrive; a stop sequence ends its choice (and cancels its row). The entries are the
+    tokens that arrived since the last yield (with logprobs asked for; else empty)."""
     pending = {asyncio.ensure_future(q.get()): i for i, q in enumerate(queues)}
     renderers = [ReplyRenderer(tokenizer) for _ in queues]
     matchers = [StopMatcher(stops or []) for _ in queues]
@@ -250,19 +290,20 @@ async def merge_choices(queues, requests, tokenizer, stops):
                 if isinstance(event, TokenEvent):
                     counts[i] += 1
                     text = "".join(matchers[i].push(openai_text(p)) for p in renderers[i].push(event.token))
+                    entries = [logprob_entry(tokenizer, event)] if event.logprob is not None else []
                     if matchers[i].stopped:
                         requests[i].cancelled.set()
-                        yield i, text, "stop", counts[i]
+                        yield i, text, entries, "stop", counts[i]
                         continue
-                    if text:
-                        yield i, text, None, counts[i]
+                    if text or entries:
+                        yield i, text, entries, None, counts[i]
                     pending[asyncio.ensure_future(queues[i].get())] = i
                     continue
                 assert isinstance(event, DoneEvent)
                 text = "".join(matchers[i].push(openai_text(p)) for p in renderers[i].finish())
                 reason = "stop" if matchers[i].stopped else OPENAI_FINISH[event.finish_reason]
                 text += matchers[i].pending  # held back in case a stop followed; "" once stopped
-                yield i, text, reason, event.completion_tokens
+                yield i, text, [], reason, event.completion_tokens
     finally:
         for future in pending:
             future.cancel()
@@ -273,7 +314,7 @@ def load_default(settings: Settings, device_index: int):
     """(model, tokenizer, name) from the checkpoint the settings name, on device `device_index`."""
     import torch
 
-    from nanochat.checkpoint import load_model
+    from nanochat.checkpoint import checkpoint_dir, load_model
     from nanochat.common import autodetect_device_type, autodetect_dtype
     from nanochat.tokenizer import get_tokenizer
 
@@ -286,7 +327,8 @@ def load_default(settings: Settings, device_index: int):
     dtype = autodetect_dtype(device_type)
     model, meta = load_model(settings.source, device, "eval", settings.model_tag, settings.step, dtype=dtype)
     model.compute_dtype = dtype
-    name = f"nanochat-{settings.source}-{meta.get('model_tag', 'model')}-step{meta['step']}"
+    tag = os.path.basename(checkpoint_dir(settings.source, settings.model_tag))  # "d4": the directory load_model read
+    name = f"nanochat-{tag}-{settings.source}-step{meta['step']}"
     return model, get_tokenizer(), name
 
 

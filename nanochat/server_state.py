@@ -11,7 +11,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -59,15 +59,18 @@ class Settings:
 
 # ---------------------------------------------------------------------------- request models
 def request_models(settings: Settings) -> tuple[type, type]:
-    """The request bodies, their bounds taken from the settings (declarative, so the OpenAPI schema shows them)."""
+    """The request bodies, their bounds taken from the settings (declarative, so the OpenAPI schema shows them);
+    `explain` turns a failed bound into a sentence."""
+    Text = Annotated[str, Field(max_length=settings.max_message_chars)]
+    Number = partial(Field, None, allow_inf_nan=False)  # NaN and infinity are refused, not compared
 
     class Part(BaseModel):
         type: Literal["text", "python", "python_output"] = "text"
-        text: str = Field(max_length=settings.max_message_chars)
+        text: Text
 
     class Message(BaseModel):
         role: Literal["system", "user", "assistant"]
-        content: str | list[Part] = Field(max_length=settings.max_message_chars)
+        content: Text | Annotated[list[Part], Field(max_length=100)]
 
         def chars(self) -> int:
             return len(self.content) if isinstance(self.content, str) else sum(len(p.text) for p in self.content)
@@ -75,9 +78,9 @@ def request_models(settings: Settings) -> tuple[type, type]:
     class PageRequest(BaseModel):
         model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we have no use for
         messages: list[Message] = Field(min_length=1, max_length=settings.max_messages)
-        temperature: float | None = Field(None, ge=0.0, le=settings.max_temperature)
-        top_k: int | None = Field(None, ge=1, le=settings.max_top_k)
-        top_p: float | None = Field(None, gt=0.0, le=1.0)
+        temperature: float | None = Number(ge=0.0, le=settings.max_temperature)
+        top_k: int | None = Field(None, ge=0, le=settings.max_top_k)  # 0 or null = off (omitted: the default)
+        top_p: float | None = Number(gt=0.0, le=1.0)
         max_tokens: int | None = Field(None, ge=1, le=settings.max_tokens_limit)
         seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
@@ -86,31 +89,88 @@ def request_models(settings: Settings) -> tuple[type, type]:
         def total_size(cls, messages):
             total = sum(message.chars() for message in messages)
             if total > settings.max_total_chars:
-                raise ValueError(f"messages hold {total} characters in all; the limit is {settings.max_total_chars}")
+                limit = settings.max_total_chars
+                raise ValueError(f"messages must hold at most {limit:,} characters in all; these hold {total:,}")
             return messages
 
     class StreamOptions(BaseModel):
         include_usage: bool = False
 
+    Stop = Annotated[str, Field(min_length=1, max_length=200)]
+
     class OpenAIRequest(PageRequest):
+        model_config = ConfigDict(extra="allow")  # kept so that check_openai_request can refuse what we lack
         model: str | None = Field(None, max_length=200)
         max_completion_tokens: int | None = Field(None, ge=1, le=settings.max_tokens_limit)
         n: int = Field(1, ge=1, le=settings.max_choices)
-        stop: str | list[str] | None = None
+        stop: Stop | Annotated[list[Stop], Field(max_length=settings.max_stop_sequences)] | None = None
         stream: bool = False
         stream_options: StreamOptions | None = None
+        logprobs: bool | None = False
+        top_logprobs: int | None = Field(None, ge=0, le=20)
 
         @field_validator("stop")
         @classmethod
         def stop_sequences(cls, value):
-            values = [value] if isinstance(value, str) else value or []
-            if len(values) > settings.max_stop_sequences:
-                raise ValueError(f"at most {settings.max_stop_sequences} stop sequences")
-            if any(not 1 <= len(v) <= 200 for v in values):
-                raise ValueError("each stop sequence must be 1 to 200 characters")
-            return values
+            return [value] if isinstance(value, str) else value or []
 
     return PageRequest, OpenAIRequest
+
+
+NOUNS = {"messages": "messages", "stop": "stop sequences", "content": "parts"}  # what a list of each holds
+KINDS = {
+    "string": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "list": "a list",
+    "dict": "an object",
+    "model": "an object",
+    "model_attributes": "an object",
+    "int_from": "a whole number",
+}
+
+
+def number(value) -> str:
+    """2.0 -> "2", 8000 -> "8,000": bounds as people write them."""
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:,}"
+
+
+def field_path(error: dict) -> list:
+    """An error's location in the body, without "body" and the union branch names pydantic adds ("str", ...)."""
+    branch = lambda part: isinstance(part, str) and (part in ("str", "int") or not part.isidentifier())  # noqa: E731
+    return [part for part in error["loc"] if part != "body" and not branch(part)]
+
+
+def explain(errors: list[dict]) -> tuple[str | None, str]:
+    """(param, one sentence naming the field and what it must be) for pydantic's errors on a request body."""
+    # a union (content: text or parts; stop: text or list) reports each branch's failure; a real bound beats
+    # "not this type"
+    errors = sorted(errors, key=lambda e: e["type"].endswith(("_type", "_parsing")))
+    kind, ctx, path = errors[0]["type"], errors[0].get("ctx", {}), field_path(errors[0])
+    param = ".".join(str(part) for part in path) or None
+    name, field = param or "the request", next((p for p in reversed(path) if isinstance(p, str)), "")
+    if kind == "json_invalid":
+        return None, f"the body is not valid JSON ({ctx.get('error', 'parse error')})"
+    if kind == "value_error":
+        return param, str(ctx["error"])
+    if kind.endswith(("_type", "_parsing")) or kind == "int_from_float":
+        kinds = [KINDS.get(e["type"].rsplit("_", 1)[0]) for e in errors if field_path(e) == path]
+        return param, f"{name} must be {' or '.join(dict.fromkeys(k for k in kinds if k)) or 'of another type'}"
+    sentences = {
+        "missing": "is required",
+        "finite_number": "must be a finite number",
+        "literal_error": f"must be {ctx.get('expected')}",
+        "greater_than_equal": f"must be at least {number(ctx.get('ge', 0))}",
+        "greater_than": f"must be greater than {number(ctx.get('gt', 0))}",
+        "less_than_equal": f"must be at most {number(ctx.get('le', 0))}",
+        "less_than": f"must be less than {number(ctx.get('lt', 0))}",
+        "string_too_long": f"must be at most {number(ctx.get('max_length', 0))} characters",
+        "string_too_short": "must not be empty",
+        "too_long": f"must hold at most {number(ctx.get('max_length', 0))} {NOUNS.get(field, 'items')}",
+        "too_short": "must not be empty",
+    }
+    return param, f"{name} {sentences[kind]}" if kind in sentences else f"{name}: {errors[0]['msg']}"
 
 
 # ---------------------------------------------------------------------------- state and errors
@@ -129,23 +189,30 @@ class ServerState:
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, param=None, kind="invalid_request_error", code=None):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
 
-def error_response(status: int, message: str, param=None, kind="invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+def error_response(status: int, message: str, param=None, kind="invalid_request_error", code=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
 
 async def openai_error(request: Request, exc: Exception) -> JSONResponse:
     """Every error in OpenAI's shape, Starlette's own (404, 405, a body too large, ...) and unexpected ones too."""
     if isinstance(exc, APIError):
-        return error_response(exc.status, exc.message, exc.param, exc.kind)
+        return error_response(exc.status, exc.message, exc.param, exc.kind, exc.code)
     if isinstance(exc, RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
-        return error_response(400, f"{param or 'request'}: {first.get('msg', 'invalid')}", param)
+        param, message = explain(list(exc.errors())) if exc.errors() else (None, "the request is not valid")
+        return error_response(400, message, param, code="invalid_value")
+    if isinstance(exc, HTTPException) and exc.status_code in (404, 405):  # OpenAI's words for unknown routes
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:
+            return error_response(404, f"Unknown request URL: {where} (GET /docs lists them)", code="unknown_url")
+        allowed = (exc.headers or {}).get("Allow", "")
+        response = error_response(405, f"{where} is not allowed; use {allowed}", code="method_not_allowed")
+        response.headers["Allow"] = allowed
+        return response
     if isinstance(exc, HTTPException):
         kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
         return error_response(exc.status_code, str(exc.detail), None, kind)
@@ -156,6 +223,28 @@ ERROR_HANDLERS = dict.fromkeys((RequestValidationError, APIError, HTTPException,
 
 
 # ---------------------------------------------------------------------------- generation
+# OpenAI fields this server cannot honour, each with the value that asks for nothing (None: none does). A request
+# that asks for one gets a 400 naming it: ignoring it would hand back something else than what was asked for.
+UNSUPPORTED = {
+    "tools": [], "tool_choice": "none", "functions": [], "function_call": "none", "parallel_tool_calls": None,
+    "response_format": {"type": "text"}, "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0,
+    "audio": None, "modalities": ["text"], "prediction": None, "web_search_options": None,
+}  # fmt: skip
+
+
+def check_openai_request(state: "ServerState", body) -> None:
+    """What the request models cannot say alone: the model asked for, fields we lack, logprobs' pairing."""
+    if body.model is not None and body.model != state.model_name:
+        message = f"the model {body.model!r} does not exist here; this server serves {state.model_name!r}"
+        raise APIError(404, message, "model", code="model_not_found")
+    for name, value in (body.model_extra or {}).items():
+        if name in UNSUPPORTED and value is not None and value != UNSUPPORTED[name]:
+            message = f"{name} is not supported by this server (nanochat answers in plain text); leave it out"
+            raise APIError(400, message, name, code="unsupported_parameter")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs", code="invalid_value")
+
+
 def prompt_tokens(state: ServerState, body) -> list[int]:
     """The chat prompt for `body.messages`; a conversation the model cannot take is a 400."""
     if body.messages[-1].role != "user":
@@ -178,7 +267,7 @@ def prompt_tokens(state: ServerState, body) -> list[int]:
             f"the conversation is {len(tokens)} tokens and the model's context is {state.context_len}: "
             "drop old turns or start a new conversation"
         )
-        raise APIError(400, message, "messages", "context_length_exceeded")
+        raise APIError(400, message, "messages", code="context_length_exceeded")
     return tokens
 
 
@@ -199,10 +288,11 @@ def start_generation(state: ServerState, body, n: int, max_tokens: int):
             emit=partial(loop.call_soon_threadsafe, events.put_nowait),  # from the worker's thread
             max_tokens=max_tokens,
             temperature=settings.temperature if body.temperature is None else body.temperature,
-            top_k=settings.top_k if body.top_k is None else body.top_k,
+            top_k=(body.top_k if "top_k" in body.model_fields_set else settings.top_k) or None,  # 0, null: off
             top_p=body.top_p,
             seed=seed,
             sample_index=index,
+            logprobs=(getattr(body, "top_logprobs", None) or 0) if getattr(body, "logprobs", False) else None,
         )
         for index, events in enumerate(queues)
     ]

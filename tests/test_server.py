@@ -157,7 +157,9 @@ def test_openai_client_non_streaming_and_streaming(server):
     assert all(c.finish_reason in ("stop", "length") and c.message.role == "assistant" for c in reply.choices)
     assert reply.usage.prompt_tokens > 0 and 0 < reply.usage.completion_tokens <= 24
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
-    again = client.chat.completions.create(model="x", messages=USER, max_tokens=12, temperature=0.7, seed=5, n=2)
+    again = client.chat.completions.create(
+        model="nanochat-test", messages=USER, max_tokens=12, temperature=0.7, seed=5, n=2
+    )
     assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
 
     stream = client.chat.completions.create(
@@ -187,11 +189,13 @@ def test_stop_sequences_cut_the_reply(server):
     from openai import OpenAI
 
     client = OpenAI(base_url=server.url + "/v1", api_key="unused")
-    full = client.chat.completions.create(model="m", messages=USER, max_tokens=40, temperature=0).choices[0]
+    full = client.chat.completions.create(model="nanochat-test", messages=USER, max_tokens=40, temperature=0).choices[0]
     text = full.message.content
     assert len(text) > 6
     stop = text[3:6]
-    cut = client.chat.completions.create(model="m", messages=USER, max_tokens=40, temperature=0, stop=[stop])
+    cut = client.chat.completions.create(
+        model="nanochat-test", messages=USER, max_tokens=40, temperature=0, stop=[stop]
+    )
     assert cut.choices[0].message.content == text[: text.find(stop)]
     assert cut.choices[0].finish_reason == "stop"
 
@@ -213,7 +217,7 @@ def test_stop_matcher_holds_back_partial_matches():
     [
         ({"temperature": 5.0}, "temperature"),
         ({"temperature": -1}, "temperature"),
-        ({"top_k": 0}, "top_k"),
+        ({"top_k": -1}, "top_k"),
         ({"top_p": 0}, "top_p"),
         ({"max_tokens": 65}, "max_tokens"),
         ({"max_tokens": 0}, "max_tokens"),
@@ -248,7 +252,7 @@ def test_malformed_json_and_overlong_conversation_are_400(server):
     response = httpx.post(server.url + "/v1/chat/completions", json={"messages": long_turns, "max_tokens": 4})
     assert response.status_code == 400
     error = response.json()["error"]
-    assert error["type"] == "context_length_exceeded" and "context" in error["message"] and error["param"] == "messages"
+    assert error["code"] == "context_length_exceeded" and "context" in error["message"] and error["param"] == "messages"
 
 
 # ---------------------------------------------------------------------------- batching
