@@ -56,14 +56,16 @@ def to_csv(rows: list[dict]) -> bytes:
 
 @one_line_errors("base_eval")
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    usage = "\n\n".join(__doc__.split("\n\n")[:2])  # --help: what it is and how to run it; the contract stays here
+    parser = argparse.ArgumentParser(description=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Model
     parser.add_argument("--model-tag", default=None, help="base checkpoint directory (default: largest depth)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: last)")
     parser.add_argument("--hf-path", default=None, help="evaluate this Hugging Face model (name or dir) instead")
     parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None)
     # Evaluation
-    parser.add_argument("--bundle", default=None, help="unzipped eval_bundle/ (default: see above)")
+    parser.add_argument("--bundle", default=None, help="unzipped eval_bundle/ (default: "
+                        "$NANOCHAT_DATA_DIR/core/eval_bundle, else downloaded once)")  # fmt: skip
     parser.add_argument("--max-per-task", type=int, default=None, help="examples per task (-1 = all; default: "
                         f"all on a GPU, else {CPU_MAX_PER_TASK})")  # fmt: skip
     parser.add_argument("--tasks", nargs="+", default=None, help="only these task labels (default: all)")

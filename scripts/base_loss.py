@@ -1,8 +1,8 @@
 """Bits per byte of a base checkpoint on the training and validation splits, plus sample completions.
 
-    python -m scripts.base_loss                                   # largest depth, last step
+    python -m scripts.base_loss                                   # largest depth, last step, sized to the hardware
     torchrun --standalone --nproc_per_node=8 -m scripts.base_loss --model-tag d20
-    python -m scripts.base_loss --device-batch-size 4 --split-tokens 8192   # tiny, CPU
+    python -m scripts.base_loss --device-batch-size 4 --split-tokens 8192   # tiny
 
 Sizes unless given, printed at the start: on a GPU the checkpoint's own run decides, its device batch and 20 of
 its optimizer steps' tokens per split (the reference's 20 x 2**19 for d20); elsewhere (CPU, MPS) 20 batches of at
@@ -28,7 +28,8 @@ from nanochat.train import StageRecord, one_line_errors, sample
 
 @one_line_errors("base_loss")
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    usage = "\n\n".join(__doc__.split("\n\n")[:2])  # --help: what it is and how to run it; the contract stays here
+    parser = argparse.ArgumentParser(description=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-tag", default=None, help="checkpoint directory (default: largest depth)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: last)")
     parser.add_argument("--device-batch-size", type=int, default=-1, help="sequences per forward pass (-1 = auto)")

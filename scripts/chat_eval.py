@@ -78,7 +78,8 @@ def update_report(source: str, tag: str, step: int, results: list[TaskResult]) -
 
 @one_line_errors("chat_eval")
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    usage = "\n\n".join(__doc__.split("\n\n")[:2])  # --help: what it is and how to run it; the contract stays here
+    parser = argparse.ArgumentParser(description=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Model
     parser.add_argument("-i", "--source", required=True, choices=["base", "mid", "sft", "rl"], help="checkpoint stage")
     parser.add_argument("-g", "--model-tag", default=None, help="checkpoint directory (default: largest depth)")

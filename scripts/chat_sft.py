@@ -1,16 +1,23 @@
 """Chat SFT: fine-tune a mid (or base) checkpoint on whole conversations, trained only on the assistant's tokens.
 
-One conversation per row (nanochat.chat_data.sft_micro_batches); the loss is normalised over the supervised
-tokens of the WHOLE step, so the gradient does not depend on the split. LRs and device batch are the source
-StageRecord's unless set. No torch.compile: rows have variable lengths. `--data PATH.jsonl` adds your own
-conversations; a mixture without held-out rows (identity, --data) trains with validation skipped, and says so.
-
     python -m scripts.chat_sft                                                       # one GPU, from mid
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run sft-d20
-    NANOCHAT_DATA_DIR=/path/to/data python -m scripts.chat_sft --device-type cpu --num-iterations 20 \
-        --device-batch-size 2 --examples-per-step 4 --eval-every 10 --eval-steps 4 \
-        --eval-metrics-max-problems 16                                                # tiny, CPU, offline
     python -m scripts.chat_sft --data my.jsonl --num-iterations 50                    # your data alone
+    python -m scripts.chat_sft --mixture default --data my.jsonl --data-epochs 10     # yours x10 + the recipe
+    NANOCHAT_DATA_DIR=/path/to/data python -m scripts.chat_sft --device-type cpu --num-iterations 20 \\
+        --device-batch-size 2 --examples-per-step 4 --eval-every 10 --eval-steps 4 \\
+        --eval-metrics-max-problems 16                                                # tiny, CPU, offline
+
+One conversation per row (nanochat.chat_data.sft_micro_batches); the loss is normalised over the supervised
+tokens of the WHOLE step, so the gradient does not depend on the split. LRs and device batch are the source
+StageRecord's unless set. No torch.compile: rows have variable lengths. A mixture without held-out rows (identity)
+trains with validation skipped, and says so. Validation reads each held-out row at most once (--eval-steps caps).
+
+Your own conversations (JSONL; tasks/mixture.py and tasks/customjson.py have the contract): `--data` alone trains
+on that file alone, with a few rows held out for a validation loss on it (`--val-data` gives them instead);
+`--mixture default` (or named components) mixes it into the built-ins, `--data-epochs N` listing it N times.
+Mixed, the loss on your held-out rows is printed apart ("validation data_loss"); the summary's "val_data_loss"
+is the loss on your rows either way.
 
 Writes <base dir>/chatsft_checkpoints/<model tag>/ (`--resume` continues exactly) and report/chat_sft.json.
 Not here: full chat evaluation (scripts/chat_eval.py -i sft).
@@ -36,7 +43,8 @@ METRIC_TASKS = ("MMLU", "ARC-Easy")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    usage = "\n\n".join(__doc__.split("\n\n")[:2])  # --help: what it is and how to run it; the contract stays here
+    parser = argparse.ArgumentParser(description=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Model
     parser.add_argument("--source", choices=["mid", "base"], default="mid", help="checkpoint stage to start from")
     parser.add_argument("--model-tag", default=None, help="source checkpoint dir, and ours (default: largest d<N>)")
