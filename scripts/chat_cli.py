@@ -1,10 +1,13 @@
-"""Chat with a trained model in the terminal: multi-turn, streamed, with the calculator tool.
+"""Chat with a trained model in the terminal, or get one reply with -p.
 
     python -m scripts.chat_cli                                   # the sft model: largest depth, last step
-    python -m scripts.chat_cli --source base --model-tag d20     # any stage: base | mid | sft | rl
-    python -m scripts.chat_cli -p "Why is the sky blue?"         # one reply, printed, then exit 0
-    python -m scripts.chat_cli --quantize int8 --device-type cpu # int8 weights: 2-4x faster CPU decode (BENCHMARKS)
-    python -m scripts.chat_cli --source base --model-tag d2 --device-type cpu --max-tokens 32 -p "hi"  # tiny CPU run
+    python -m scripts.chat_cli -i base -g d20                    # any stage (base | mid | sft | rl), any model
+    python -m scripts.chat_cli -p "Why is the sky blue?"         # one reply on stdout, then exit
+    python -m scripts.chat_cli --quantize int8 --device-type cpu # int8 weights: 2-4x faster CPU decode
+    python -m scripts.chat_cli -i base -g d2 --device-type cpu -m 32 -p "hi"   # a tiny CPU run
+
+In the chat, /help lists the commands. Ctrl-C stops a reply (what was said is kept); quit, exit or Ctrl-D leaves.
+Keys pressed while a reply is printing are dropped: they are not shown and do not start the next message.
 
 Contract:
 - The conversation is kept as exact token ids, one closed turn per exchange: `<|user_start|> message <|user_end|>
@@ -14,11 +17,15 @@ Contract:
   (`reply_room`); a message that does not fit alone is refused, the conversation unchanged.
 - A calculator call shows as `[calculator: 12*5 = 60]`, no other special token is shown. Reply n samples with
   seed `--seed` + n. `--quantize` and `--compile` do not combine yet (dev/LOG.md).
-- Replies and command answers go to stdout, the banner and notices to stderr. User errors (a missing checkpoint
-  or tokenizer, a message too long with -p) end with one line and exit code 1 (bad flags: argparse's 2).
+- Replies and command answers go to stdout, the banner and notices to stderr. With -p, stdout is the reply and
+  nothing else; no notice says how it ended (Ctrl-C: exit code 130). User errors (a missing checkpoint or
+  tokenizer, a message too long with -p) end with one line and exit code 1 (bad flags: argparse's 2).
+- On a terminal, echo is off while a reply streams and whatever was typed meanwhile is discarded when it ends
+  (termios TCSAFLUSH): it never shows inside the reply nor sends a line of its own.
+- Flags share their short forms with scripts/chat_web.py (-i -g -s -t -k -m); 0 turns top-k off in both.
 
-Commands: /help, /clear, /temperature X, /topk N, /topp P; quit, exit, /quit or Ctrl-D leave. Ctrl-C stops a
-reply (what was said is kept) or, at the prompt, drops the line.
+Commands: /help, /clear, /temperature X, /topk N, /topp P; quit, exit, /quit or Ctrl-D leave. Ctrl-C at the
+prompt drops the line.
 
 Not here: serving (scripts/chat_web.py), sampling and the tool (nanochat/engine.py), chat rendering (tokenizer.py).
 """
@@ -36,6 +43,11 @@ from nanochat.common import compute_init
 from nanochat.engine import ContextFullError, Engine, ReplyRenderer, finish_reason
 from nanochat.quantize import SCHEMES, quantize_model
 from nanochat.tokenizer import get_tokenizer
+
+try:
+    import termios
+except ImportError:  # Windows: no terminal modes to change
+    termios = None
 
 QUIT_WORDS = ("quit", "exit", "/quit", "/exit")
 
@@ -183,9 +195,9 @@ def stream_reply(engine: Engine, prompt: list[int], sampling: Sampling, seed: in
     return reply, finish or finish_reason(False, budget, sampling.max_tokens)
 
 
-def respond(engine: Engine, session: Session, message: str, write, notice, prefix: str = "") -> bool:
-    """One user message -> one streamed reply, added to the session as a closed turn. Old turns are dropped
-    first if needed. False, with the session unchanged, when the message cannot fit at all."""
+def respond(engine: Engine, session: Session, message: str, write, notice, prefix: str = "") -> str | None:
+    """One user message -> one streamed reply, added to the session as a closed turn; returns its finish reason.
+    Old turns are dropped first if needed. None, with the session unchanged, when the message cannot fit at all."""
     tokenizer = engine.tokenizer
     user_tokens = user_turn_tokens(tokenizer, message)
     room = reply_room(engine.context_len, session.sampling.max_tokens)
@@ -193,7 +205,7 @@ def respond(engine: Engine, session: Session, message: str, write, notice, prefi
         kept = trim_to_fit(session.turns, user_tokens, engine.context_len, room)
     except ContextFullError as e:
         notice(f"[{e}]")
-        return False
+        return None
     dropped = len(session.turns) - len(kept)
     if dropped:
         notice(f"[dropped {dropped} old turn{'s' if dropped > 1 else ''} to fit the context]")
@@ -204,9 +216,7 @@ def respond(engine: Engine, session: Session, message: str, write, notice, prefi
     write("\n")
     session.replies += 1
     session.turns.append(close_turn(tokenizer, user_tokens, reply))
-    if finish != "stop":
-        notice(FINISH_NOTICES[finish].format(max_tokens=session.sampling.max_tokens))
-    return True
+    return finish
 
 
 # ---------------------------------------------------------------------------- commands
@@ -247,6 +257,14 @@ def apply_command(line: str, session: Session, context_len: int) -> str:
     return f"[unknown command {name}; /help lists the commands]"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help for users (chat_cli and chat_web): the usage text as written, each default after its flag's help."""
+
+    def _get_help_string(self, action):
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        return action.help if unset else f"{action.help} (default: %(default)s)"
+
+
 # ---------------------------------------------------------------------------- the loop
 def chat_loop(engine: Engine, session: Session, read_line: Callable[[str], str], write, notice) -> None:
     """The REPL: read a line, run a command or reply to it, until quit, exit, /quit or end of input."""
@@ -269,8 +287,28 @@ def chat_loop(engine: Engine, session: Session, read_line: Callable[[str], str],
             except QuitChat:
                 return
             continue
-        respond(engine, session, line, write, notice, prefix="Assistant: ")
+        with typing_discarded():
+            finish = respond(engine, session, line, write, notice, prefix="Assistant: ")
+        if finish not in (None, "stop"):
+            notice(FINISH_NOTICES[finish].format(max_tokens=session.sampling.max_tokens))
         write("\n")
+
+
+@contextlib.contextmanager
+def typing_discarded():
+    """On a terminal: echo off for the block, and the keys typed meanwhile discarded at its end, so they neither
+    show inside a streaming reply nor send a line of their own. Elsewhere (pipes, Windows) nothing changes."""
+    if termios is None or not sys.stdin.isatty():
+        yield
+        return
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    quiet = [*saved[:3], saved[3] & ~termios.ECHO, *saved[4:]]  # index 3: local modes; ISIG stays, so Ctrl-C works
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)  # TCSAFLUSH: unread input is discarded first
 
 
 def write_stdout(text: str) -> None:
@@ -290,25 +328,31 @@ def read_stdin_line(prompt: str) -> str:
     return line
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    usage = __doc__.partition("\nContract:")[0]  # what a user needs; the contract is for readers of the code
+    parser = argparse.ArgumentParser(description=usage, formatter_class=HelpFormatter)
     # Model
-    parser.add_argument("--source", choices=["sft", "rl", "mid", "base"], default="sft", help="stage to chat with")
-    parser.add_argument("--model-tag", default=None, help="checkpoint directory, e.g. d20 (default: largest depth)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last one)")
-    parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
-    parser.add_argument("--quantize", choices=sorted(SCHEMES), default=None, help="int8/int4 weights; default float")
-    parser.add_argument("--compile", action="store_true", help="decode with torch.compile (the first reply compiles)")
+    parser.add_argument("-i", "--source", choices=STAGES, default="sft", metavar="STAGE", help="base|mid|sft|rl")
+    parser.add_argument("-g", "--model-tag", metavar="TAG", help="model directory, e.g. d20 (default: largest depth)")
+    parser.add_argument("-s", "--step", type=int, help="checkpoint step (default: the last)")
+    parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], help="default: the best available")
+    parser.add_argument("--quantize", choices=sorted(SCHEMES), help="int8 or int4 weights: faster on a CPU")
+    parser.add_argument("--compile", action="store_true", help="compile decoding (the first reply is slow)")
     # Sampling
-    parser.add_argument("--temperature", type=parse_temperature, default=0.6, help="sampling temperature (0 = greedy)")
-    parser.add_argument("--top-k", type=parse_top_k, default=50, help="sample among the k likeliest tokens (0 = off)")
+    parser.add_argument("-t", "--temperature", type=parse_temperature, default=0.6, metavar="T", help="0 = greedy")
     parser.add_argument(
-        "--top-p", type=parse_top_p, default=None, help="sample from the smallest set of probability p (1 = off)"
+        "-k", "--top-k", type=parse_top_k, default=50, metavar="K", help="the K likeliest tokens; 0 = off"
     )
-    parser.add_argument("--max-tokens", type=parse_max_tokens, default=512, help="tokens per reply at most")
-    parser.add_argument("--seed", type=int, default=42, help="reply n of a session samples with seed + n")
+    parser.add_argument("--top-p", type=parse_top_p, metavar="P", help="nucleus sampling; 1 = off (default)")
+    parser.add_argument("-m", "--max-tokens", type=parse_max_tokens, default=512, metavar="N", help="per reply")
+    parser.add_argument("--seed", type=int, default=42, help="reply n samples with seed + n")
     # Mode
-    parser.add_argument("-p", "--prompt", default=None, help="reply to this one message, print it and exit")
+    parser.add_argument("-p", "--prompt", help="reply to this one message on stdout, then exit")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.compile and args.quantize:  # dev/LOG.md: inductor cannot lower the quantized matmuls (torch 2.15)
         parser.error("--compile and --quantize do not combine yet: torch.compile fails on the quantized layers")
@@ -349,7 +393,8 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------- chat
     if args.prompt is not None:
-        return 0 if respond(engine, session, args.prompt, write_stdout, write_notice) else 1
+        finish = respond(engine, session, args.prompt, write_stdout, write_notice)
+        return 1 if finish is None else 130 if finish == "interrupted" else 0
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):  # line editing and history for input(); absent on Windows
             import readline  # noqa: F401

@@ -1,10 +1,17 @@
 """scripts.chat_cli: the conversation it builds (the tokenizer's protocol, trimmed whole turns), what it prints,
-its commands, and the real script run on a tiny sft checkpoint: one-shot, piped interactive, overfull, missing."""
+its commands, and the real script run on a tiny sft checkpoint: one-shot, piped interactive, in a real
+pseudo-terminal (keys typed during a reply), overfull, missing; its flags and chat_web's speaking one vocabulary."""
 
+import fcntl
 import os
+import pty
 import re
+import select
+import struct
 import subprocess
 import sys
+import termios
+import time
 from itertools import chain
 
 import pytest
@@ -15,7 +22,8 @@ from nanochat.checkpoint import load_model, save_checkpoint
 from nanochat.engine import ContextFullError, Engine, ReplyRenderer
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.quantize import quantize_model
-from scripts import chat_cli
+from nanochat.tokenizer import SPECIAL_TOKENS
+from scripts import chat_cli, chat_web
 from scripts.chat_cli import (
     QuitChat,
     Sampling,
@@ -35,14 +43,17 @@ DEFAULTS = Sampling(temperature=0.6, top_k=50, top_p=None, max_tokens=512)  # th
 LONG_MESSAGE = "Tell me everything about the history of the city and its rivers"  # ~15 tokens
 
 
-def randomized(seed=0) -> GPT:
+def randomized(seed=0, context=CONTEXT, never_special=False) -> GPT:
     """A tiny model with every weight random (the default init zeroes projections and lm_head, so it would only
-    ever say token 0)."""
+    ever say token 0). never_special: lm_head rows of the special tokens zeroed, so their logit 0 stays below
+    every top-k cut of the others (~N(0, 2.4)): replies never end early, they run to --max-tokens."""
     torch.manual_seed(seed)
-    model = GPT.build(GPTConfig(sequence_len=CONTEXT, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
+    model = GPT.build(GPTConfig(sequence_len=context, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0.0, 1.0 if name == "wte.weight" else 0.3)
+        if never_special:
+            model.lm_head.weight[-len(SPECIAL_TOKENS) :] = 0.0  # specials take the last ids of the vocab
     return model.eval()
 
 
@@ -276,13 +287,16 @@ def test_the_loop_survives_ctrl_c_and_ends_at_end_of_input(engine, small_tokeniz
 
 
 def test_one_shot_prints_the_reply_and_exits_0(script_env, base_dir, engine, small_tokenizer):
+    """-p prints the reply and nothing else: here it fills the model's context, and the notice a conversation
+    gets then ("older turns will be dropped") would mean nothing to a one-shot caller."""
     prompt = render_prompt(small_tokenizer, [], user_turn_tokens(small_tokenizer, "hello"))
-    expected = engine.generate_batch(prompt, max_tokens=16, temperature=0.6, top_k=50, seed=42)[0]
-    assert expected.tokens  # the test means something only if there is a reply to print
-    result = run_script(script_env, base_dir, "-p", "hello", "--max-tokens", "16")
+    expected = engine.generate_batch(prompt, max_tokens=200, temperature=0.6, top_k=50, seed=42)[0]
+    assert len(prompt) + len(expected.tokens) == CONTEXT  # the reply ran until the context was full
+    result = run_script(script_env, base_dir, "-p", "hello", "--max-tokens", "200")
     assert result.returncode == 0, result.stderr
     assert result.stdout == shown(small_tokenizer, expected.tokens) + "\n"
-    assert "sft d2 step 1" in result.stderr and "Traceback" not in result.stderr
+    banner, *rest = result.stderr.splitlines()
+    assert banner.startswith("chat_cli: sft d2 step 1") and rest == []
 
 
 def test_quantized_weights_answer_as_the_engine_on_them(script_env, base_dir, engine, small_tokenizer):
@@ -363,3 +377,100 @@ def test_other_user_errors_exit_1_with_a_message(base_dir, monkeypatch, capsys, 
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))  # the model but no tokenizer
     assert exit_code("-p", "hi") == 1
     assert re.search(r"no tokenizer .*scripts\.tok_train", capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------- in a terminal
+
+
+@pytest.fixture(scope="module")
+def long_reply_dir(tmp_path_factory, small_tokenizer):
+    """A base dir whose sft model has a 1,024-token context and never ends a reply early."""
+    root = tmp_path_factory.mktemp("nanochat-long")
+    small_tokenizer.save(str(root / "tokenizer"))
+    save_checkpoint(str(root / "chatsft_checkpoints" / "d2"), 1, randomized(context=1024, never_special=True))
+    return root
+
+
+class Terminal:
+    """The script on a real pseudo-terminal: what it prints is read from the master side, keys are written to it."""
+
+    def __init__(self, env, base_dir, *args):
+        self.master, self.slave = pty.openpty()
+        fcntl.ioctl(self.slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))  # rows, columns
+        env = {**env, "NANOCHAT_BASE_DIR": str(base_dir), "TERM": "dumb"}
+        command = [sys.executable, "-m", "scripts.chat_cli", "--device-type", "cpu", *args]
+        tty = {"stdin": self.slave, "stdout": self.slave, "stderr": self.slave}
+        self.process = subprocess.Popen(command, cwd=REPO, env=env, **tty)
+        self.output = b""
+
+    def read_until(self, text: str, start: int = 0, timeout: float = 120) -> int:
+        """Reads until `text` shows at or after output offset `start`; returns the offset just past it."""
+        deadline = time.monotonic() + timeout
+        while (found := self.output.find(text.encode(), start)) == -1:
+            ready, _, _ = select.select([self.master], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"no {text!r} within {timeout} s; the terminal shows: {self.output.decode(errors='replace')}"
+            try:
+                self.output += os.read(self.master, 65536)
+            except OSError:  # EIO: nobody holds the terminal any more
+                raise AssertionError(f"no {text!r}; the terminal shows: {self.output.decode()}") from None
+        return found + len(text)
+
+    def type(self, keys: str) -> None:
+        os.write(self.master, keys.encode())
+
+    def echoes(self) -> bool:
+        return bool(termios.tcgetattr(self.slave)[3] & termios.ECHO)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        os.close(self.master)
+        os.close(self.slave)
+
+
+def test_keys_typed_during_a_reply_are_not_echoed_nor_sent(script_env, long_reply_dir):
+    """Typed while the reply streams, text and Enter neither show inside the reply nor send a second message;
+    the terminal is left echoing again."""
+    terminal = Terminal(script_env, long_reply_dir, "--max-tokens", "1000")
+    try:
+        prompt_end = terminal.read_until("User: ")
+        terminal.type("hello\r")
+        reply_start = terminal.read_until("Assistant: ", prompt_end)
+        terminal.read_until(" ", reply_start)  # a few tokens in: echo is off by now
+        terminal.type("typed ahead\r")
+        typed_at = len(terminal.output)
+        reply_end = terminal.read_until("User: ", reply_start)
+        assert typed_at < reply_end - 200, "the reply ended before the keys were typed: make it longer"
+        terminal.type("quit\r")
+        assert terminal.process.wait(timeout=60) == 0, terminal.output.decode(errors="replace")
+        assert terminal.echoes()
+    finally:
+        terminal.close()
+    shown_text = terminal.output.decode(errors="replace")
+    assert "typed ahead" not in shown_text, shown_text
+    assert shown_text.count("Assistant: ") == 1  # the Enter typed meanwhile did not send a message
+
+
+# ---------------------------------------------------------------------------- flags
+
+
+def test_chat_cli_and_chat_web_share_one_vocabulary_of_flags(capsys):
+    """A short flag means the same in both scripts (or exists in one only), 0 turns top-k off in both, and
+    --help is the usage text, not the contract."""
+    short = ["-i", "base", "-g", "d3", "-s", "7", "-t", "0", "-k", "0", "-m", "9"]
+    cli, web = chat_cli.build_parser().parse_args(short), chat_web.parse_args(short)
+    for name in ("source", "model_tag", "step", "temperature", "top_k", "max_tokens"):
+        assert getattr(cli, name) == getattr(web, name), name
+    assert (cli.source, cli.model_tag, cli.step, cli.top_k, cli.max_tokens) == ("base", "d3", 7, None, 9)
+    assert chat_cli.build_parser().parse_args(["-p", "hi"]).prompt == "hi"
+    for bad, message in [(["-p", "8080"], "unrecognized arguments"), (["--top-k", "-1"], r"top-k must be .*0 = off")]:
+        with pytest.raises(SystemExit):
+            chat_web.parse_args(bad)  # -p is chat_cli's prompt; chat_web's port is --port only
+        assert re.search(message, capsys.readouterr().err), bad
+    assert chat_web.parse_args(["--port", "8080"]).port == 8080
+    for parse in (chat_cli.build_parser().parse_args, chat_web.parse_args):
+        with pytest.raises(SystemExit):
+            parse(["--help"])
+        text = capsys.readouterr().out
+        assert "0 = off" in text and "Contract" not in text and len(text.splitlines()) < 50, text
