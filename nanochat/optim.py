@@ -129,9 +129,10 @@ def muon_update(params: list[torch.Tensor], grads: torch.Tensor, states: list[di
         update, group["ns_steps"]
     ).to(grads.dtype)
     if group["muon_plus"]:
-        # Muon+ (arXiv 2602.21545): one more normalization after the polar iteration. As karpathy/nanochat's
-        # optim.py reads it: the Frobenius norm to sqrt(min(rows, cols)), a semi-orthogonal matrix's, undoing
-        # the iteration's under- or overshoot (Polar Express leaves singular values in about [0.84, 1.13]).
+        # Muon+ as karpathy/nanochat (92d63d4, nanochat/optim.py) has it: the Frobenius norm to sqrt(min(rows,
+        # cols)), a semi-orthogonal matrix's, undoing the iteration's under- or overshoot (Polar Express leaves
+        # singular values in about [0.84, 1.13]). The paper (arXiv 2602.21545) normalizes columns and/or rows
+        # instead (its code's norm_mode col / row / col_row / row_col); that variant is not built here.
         orthogonal *= min(rows, cols) ** 0.5 / orthogonal.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
     if group["beta2"] is not None:
         # NorMuon (arXiv 2510.05491): an EMA of each row's mean square of the orthogonalized update, the row
@@ -343,7 +344,7 @@ _ADAMW_ROLES = {
 
 
 def build_optimizer(
-    model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0, lr_frac=1.0
+    model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0, lr_frac=1.0, muon_options=None
 ) -> MuonAdamW:
     """Muon for the block matrices, AdamW (eps 1e-10) for the rest: one group per non-empty role of
     model.parameter_roles(), each group's "role" naming it.
@@ -351,7 +352,8 @@ def build_optimizer(
     The AdamW LRs were tuned at width 768 (d12) and scale as 1/sqrt(width) (nanochat gpt.py setup_optimizers);
     Muon's is not scaled: its update has unit spectral norm at any width. `weight_decay` applies to the matrices,
     the embeddings and lm_head, not to scalars and gates. `lr_frac` multiplies every group's LR (the roles
-    without an LR argument too). A role this function does not know is an error: it would go untrained.
+    without an LR argument too). `muon_options` go into the Muon group as they are (e.g. {"beta2": 0.95,
+    "cautious_wd": True}). A role this function does not know is an error: it would go untrained.
     """
     roles = {role: list(params) for role, params in model.parameter_roles().items()}
     unknown = sorted(set(roles) - {"matrix", "embedding", "unembedding", *_ADAMW_ROLES})
@@ -366,7 +368,7 @@ def build_optimizer(
             continue
         if spec is None:
             groups.append({"kind": "muon", "role": role, "params": roles[role], "lr": matrix_lr * lr_frac,
-                           "weight_decay": weight_decay})  # fmt: skip
+                           "weight_decay": weight_decay, **(muon_options or {})})  # fmt: skip
             continue
         lr, betas, scaled, decays = spec
         groups.append({"kind": "adamw", "role": role, "params": roles[role], "betas": betas, "eps": 1e-10,

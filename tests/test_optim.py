@@ -291,10 +291,11 @@ class AllRoles(torch.nn.Module):
 
 def test_every_role_gets_a_group_and_moves():
     model = AllRoles()
-    optimizer = build_optimizer(model, weight_decay=0.1)
+    optimizer = build_optimizer(model, weight_decay=0.1, muon_options={"beta2": 0.95, "cautious_wd": True})
     groups = {group["role"]: group for group in optimizer.param_groups}
     assert list(groups)[:3] == ["unembedding", "embedding", "matrix"]  # today's order, new roles after
     assert set(groups) == set(model.roles) and groups["matrix"]["kind"] == "muon"
+    assert groups["matrix"]["beta2"] == 0.95 and groups["matrix"]["cautious_wd"] and not groups["matrix"]["muoneq"]
     scale = (128 / 768) ** -0.5
     assert groups["value_embedding"]["lr"] == pytest.approx(0.15 * scale)
     assert groups["value_embedding"]["betas"] == (0.8, 0.995) and groups["value_embedding"]["weight_decay"] == 0.1
@@ -309,6 +310,8 @@ def test_every_role_gets_a_group_and_moves():
         assert (p - start).abs().max() > 1e-4, name
     # lr_frac scales every group, the roles without an LR argument too
     halved = build_optimizer(model, weight_decay=0.1, lr_frac=0.5)
+    with pytest.raises(ValueError, match="unknown keys"):
+        build_optimizer(model, muon_options={"normuon": True})
     for group, full in zip(halved.param_groups, optimizer.param_groups, strict=True):
         assert group["lr"] == pytest.approx(full["initial_lr"] * 0.5)
 
