@@ -1,7 +1,8 @@
 """The chat page (nanochat/ui.html) in a real headless Chromium, driven by selenium, against the real server
 (nanochat/server.py under uvicorn on 127.0.0.1) serving a tiny random model: streaming, stop, multi-turn, edit
-and regenerate, tool-call blocks and their round trip, sampling controls, errors, bearer tokens, a server that
-goes away and comes back, the markdown renderer against HTML injection, and the page at phone width.
+and regenerate, tool-call blocks and their round trip, sampling controls bounded by the server's /health, errors,
+bearer tokens, a server that goes away and comes back (a failed message keeps its own bubble), the markdown
+renderer (code blocks with a copy button, tables, links) against HTML injection, and the page at phone width.
 
 Needs Debian's `chromium` and `chromium-driver` (skipped, saying so, when they are absent). Screenshots go to
 $NANOCHAT_TEST_ARTIFACTS when set (CI keeps them), else to a pytest temporary directory.
@@ -350,7 +351,7 @@ def test_model_output_cannot_inject_html(driver, server):
         };""",
         markdown,
     )
-    assert set(probe["tags"]) <= {"p", "br", "strong", "em", "code", "a", "ul", "li", "pre"}, probe["tags"]
+    assert set(probe["tags"]) <= {"p", "br", "strong", "em", "code", "a", "ul", "li", "pre", "div", "button"}
     assert probe["tags"].count("li") == 2 and "pre" in probe["tags"]
     assert probe["links"] == [["https://example.com/a?b=1", "noopener noreferrer nofollow", "good"]]
     assert probe["code"] == ["<b>code</b>", INJECTION]
@@ -422,8 +423,9 @@ def test_bearer_token_is_asked_for_once_and_busy_is_shown(driver, settings):
         message_button(driver, len(messages(driver)) - 1, "retry-button").click()
         wait_idle(driver)
         assert banner(driver) is None and messages(driver)[-1]["role"] == "assistant"
-        # The question whose reply failed took the next message in, so turns still alternate.
-        assert messages(driver)[-2]["text"] == "Once more\n\nAm I next?"
+        # The questions whose replies failed keep their own bubbles; only the one asked again is sent.
+        assert [m["text"] for m in messages(driver)[-3:-1]] == ["Once more", "Am I next?"]
+        assert requests_sent(driver)[-1]["messages"][-1] == {"role": "user", "content": "Am I next?"}
     finally:
         secured.stop()
 
@@ -474,3 +476,102 @@ def test_screenshots_desktop_and_phone_width(driver, server, artifacts):
         driver.save_screenshot(os.path.join(artifacts, "phone-conversation.png"))
     finally:
         driver.set_window_size(1280, 900)
+
+
+def test_a_failed_message_keeps_its_own_bubble(driver, settings):
+    """After a send fails (here: the server is gone), the next message is a new bubble, not appended to the
+    failed one; the failed one is marked and left out of the conversation sent."""
+    live = LiveServer(settings, free_port()).start()
+    try:
+        open_page(driver, live.url)
+        set_input(driver, "max-tokens", SHORT_REPLY)
+        send(driver, "First question")
+        live.stop()
+        send(driver, "Lost question")
+        assert "Cannot reach the server" in (banner(driver) or "")
+        live.start()
+        wait(driver, lambda: banner(driver) is None, timeout=10, message="the banner to clear")
+        send(driver, "Next question")
+        shown = messages(driver)
+        assert [(m["role"], m["text"]) for m in shown[2:4]] == [("user", "Lost question"), ("user", "Next question")]
+        assert shown[2]["note"] == "Not answered: left out of the conversation."
+        assert shown[4]["role"] == "assistant" and shown[4]["text"] and banner(driver) is None
+        sent = requests_sent(driver)[-1]["messages"]
+        assert [m["role"] for m in sent] == ["user", "assistant", "user"] and sent[-1]["content"] == "Next question"
+    finally:
+        live.stop()
+
+
+def test_sampling_inputs_take_their_bounds_from_the_server(driver, settings):
+    """The inputs' bounds and defaults are the server's (GET /health); 0 turns top-k off; a value the server
+    refuses is sent as typed, marked invalid, and the server's message is shown."""
+    bounded = Settings(**{**settings.__dict__, "max_top_k": 30, "max_temperature": 1.5, "max_tokens_limit": 100,
+                          "temperature": 0.3, "top_k": None, "max_tokens": SHORT_REPLY})  # fmt: skip
+    live = LiveServer(bounded, free_port()).start()
+    try:
+        open_page(driver, live.url)
+        attributes = "return ['temperature', 'top-k', 'max-tokens'].map(id => [document.getElementById(id).max, " \
+            "document.getElementById(id).value, document.getElementById(id).placeholder])"  # fmt: skip
+        assert driver.execute_script(attributes) == [["1.5", "0.3", ""], ["30", "0", ""], ["100", "", str(SHORT_REPLY)]]
+        assert "0 = off" in driver.find_element(By.CSS_SELECTOR, "label:has(#top-k)").text
+        send(driver, "Hello")  # top-k 0: off, and the server takes it
+        assert banner(driver) is None and messages(driver)[-1]["role"] == "assistant"
+        assert requests_sent(driver)[-1]["top_k"] == 0 and requests_sent(driver)[-1]["temperature"] == 0.3
+
+        set_input(driver, "top-k", 31)
+        assert driver.execute_script("return document.getElementById('top-k').matches(':invalid')")
+        send(driver, "Again")
+        text = banner(driver)
+        assert text and "top_k" in text and "30" in text, text
+    finally:
+        live.stop()
+
+
+def test_code_blocks_copy_tables_and_bare_links(driver, server):
+    open_page(driver, server.url)
+    origin = server.url  # headless Chromium's clipboard answers once the page is granted it
+    driver.execute_cdp_cmd(
+        "Browser.grantPermissions", {"origin": origin, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]}
+    )
+    code = f"def f(x):\n    return '{INJECTION}'  # kept as text"
+    markdown = "\n".join([
+        "Here:", "```python", code, "```", "and a table:",
+        "| name | value | link |", "|:-----|------:|:----:|",
+        "| `a\\|b` | **2** | https://example.org/t |", f"| {INJECTION} | 3 \\| 4 |",
+        "",
+        "See https://example.com/docs?q=1, or (https://example.com/a_b). Not javascript:window.__pwned=5 nor "
+        "JAVASCRIPT://x, and www.example.com stays text.",
+    ])  # fmt: skip
+    reply = {"role": "assistant", "finish": "stop", "note": None, "parts": [{"type": "text", "text": markdown}]}
+    load_conversation(driver, [{"role": "user", "content": "Show me"}, reply])
+    probe = driver.execute_script("""
+        const bubble = document.querySelector('#messages .message[data-role="assistant"] .bubble');
+        const rows = [...bubble.querySelectorAll('table tr')];
+        return {
+            cells: rows.map(r => [...r.children].map(c => [c.tagName.toLowerCase(), c.textContent, c.style.textAlign])),
+            links: [...bubble.querySelectorAll('a')].map(a => [a.getAttribute('href'), a.textContent, a.rel, a.target]),
+            strong: [...bubble.querySelectorAll('td strong')].map(s => s.textContent),
+            tags: [...bubble.querySelectorAll('*')].map(e => e.tagName.toLowerCase()),
+        };""")  # fmt: skip
+    assert probe["cells"] == [
+        [["th", "name", ""], ["th", "value", "right"], ["th", "link", "center"]],
+        [["td", "a|b", ""], ["td", "2", "right"], ["td", "https://example.org/t", "center"]],
+        [["td", INJECTION, ""], ["td", "3 | 4", "right"], ["td", "", "center"]],
+    ]  # a pipe escaped as \\| (in code too, as on GitHub) stays in its cell; a short row gets empty cells
+    assert probe["strong"] == ["2"]
+    safe = "noopener noreferrer nofollow"
+    assert probe["links"] == [
+        ["https://example.org/t", "https://example.org/t", safe, "_blank"],
+        ["https://example.com/docs?q=1", "https://example.com/docs?q=1", safe, "_blank"],  # the comma is not in it
+        ["https://example.com/a_b", "https://example.com/a_b", safe, "_blank"],  # nor the parenthesis
+    ]
+    assert not set(probe["tags"]) & {"img", "script", "svg", "i", "b"}
+    assert driver.execute_script("return window.__pwned") is None
+
+    copy = driver.find_element(By.CSS_SELECTOR, '#messages [data-testid="copy-code"]')
+    copy.click()
+    wait(driver, lambda: copy.text == "Copied", message="the copy button to confirm")
+    clipboard = driver.execute_async_script(
+        "const done = arguments[0]; navigator.clipboard.readText().then(done, e => done('failed: ' + e));"
+    )
+    assert clipboard == code
