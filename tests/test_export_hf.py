@@ -193,11 +193,18 @@ assert importlib.util.find_spec("nanochat") is None
 directory, inputs_path, outputs_path = sys.argv[1:]
 model, info = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, output_loading_info=True)
 assert not any(info.values()), info  # every weight from our file, none left over
-inputs = torch.load(inputs_path)
+inputs, seen = torch.load(inputs_path), []  # seen: the lengths GPT.forward is given, to show the cache at work
+gpt_forward = model.gpt.forward
+model.gpt.forward = lambda ids, **kwargs: seen.append(ids.size(1)) or gpt_forward(ids, **kwargs)
 with torch.no_grad():
     outputs = {"class": type(model).__name__, "logits": [model(ids).logits for ids in inputs["batches"]],
-               "loss": model(inputs["batches"][-1], labels=inputs["batches"][-1]).loss,
-               "greedy": model.generate(inputs["prompt"], max_new_tokens=12, do_sample=False)[0].tolist()}
+               "loss": model(inputs["batches"][-1], labels=inputs["batches"][-1]).loss}
+    first = model(inputs["batches"][-1][:, :40], use_cache=True)  # a prefill in two chunks through the cache
+    rest = model(inputs["batches"][-1][:, 40:], past_key_values=first.past_key_values).logits
+    outputs["chunked"] = torch.cat([first.logits, rest], dim=1)
+    seen.clear()
+    outputs["greedy"] = model.generate(inputs["prompt"], max_new_tokens=12, do_sample=False)[0].tolist()
+    outputs["seen"] = list(seen)
     try:
         model(inputs["prompt"], attention_mask=torch.ones_like(inputs["prompt"]).index_fill(1, torch.tensor([0]), 0))
     except ValueError as e:
@@ -209,7 +216,7 @@ torch.save(outputs, outputs_path)
 @pytest.mark.slow  # ~10 s: a subprocess that imports torch and transformers
 def test_new_architecture_exports_as_remote_code(tmp_path, tokenizer):
     """Issue 14: a model with every part NanoChat lacks loads with trust_remote_code=True, running our gpt.py,
-    and gives our logits, loss and greedy tokens (transformers' generate, no KV cache, against GPT.generate)."""
+    and gives our logits, loss and greedy tokens (transformers' generate through its KV cache vs GPT.generate)."""
     model, out_dir = randomized_model(n_kv_head=2, seed=4, **NEW_PARTS), tmp_path / "hf"
     export(model, tokenizer, str(out_dir), card=model_card(model, "sft", "d4", 7, str(tmp_path / "no-reports")))
     files = ["README.md", "config.json", "generation_config.json", "gpt.py", "model.safetensors",
@@ -241,11 +248,13 @@ def test_new_architecture_exports_as_remote_code(tmp_path, tokenizer):
             assert their_logits.shape == ours.shape and their_logits.dtype == torch.float32
             assert ours.abs().max() > 5  # the comparison means something: logits are far from 0
             assert (ours - their_logits).abs().max().item() <= 1e-4
+        assert (model(batches[-1]) - theirs["chunked"]).abs().max().item() <= 1e-4
         targets = torch.nn.functional.pad(batches[-1][:, 1:], (0, 1), value=-1)  # transformers shifts its labels
         assert abs(model(batches[-1], targets=targets).item() - theirs["loss"].item()) <= 1e-4
     ours = list(model.generate(prompt, max_tokens=12, temperature=0))
     generated = theirs["greedy"][len(prompt) :]
     assert len(generated) >= 1 and generated == ours[: len(generated)]  # transformers may stop early at an eos token
+    assert theirs["seen"] == [len(prompt)] + [1] * (len(generated) - 1)  # the prompt once, then one token a step
     assert "no padding mask" in theirs["padded"]
 
 
