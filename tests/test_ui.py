@@ -457,7 +457,9 @@ def test_screenshots_desktop_and_phone_width(driver, server, artifacts):
             {"type": "text", "text": "Let me use the calculator:\n\n"},
             {"type": "tool", "expression": "12*5", "output": "60"},
             {"type": "text", "text": "The answer is **60**. In Python:\n\n```python\nprint(12 * 5)  # a long line "
-             "that must scroll inside its block rather than widen the page on a phone\n```\n\n- *twelve*\n- five"},
+             "that must scroll inside its block rather than widen the page on a phone\n```\n\n- *twelve*\n- five\n\n"
+             "| factor | value | a wide column that must scroll inside its box on a phone |\n|---|--:|---|\n"
+             "| twelve | 12 | see https://en.wikipedia.org/wiki/Multiplication |\n| five | 5 | |"},
         ]},
     ])  # fmt: skip
     send(driver, "Thanks! Now say something long.")
