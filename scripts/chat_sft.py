@@ -100,7 +100,10 @@ def main(argv=None):
     num_iterations = args.num_iterations if args.num_iterations > 0 else len(train_mixture) // args.examples_per_step
     if num_iterations < 1:
         raise SystemExit(f"chat_sft: {len(train_mixture):,} conversations make no step of --examples-per-step "
-                         f"{args.examples_per_step}; lower it or add data")  # fmt: skip
+                         f"{args.examples_per_step}; lower it, add data or raise --data-epochs")  # fmt: skip
+    if args.num_iterations < 0 and num_iterations < 20:  # a few dozen conversations of your own make a step or two
+        print0(f"note: one pass over {len(train_mixture):,} conversations is {num_iterations} step(s) of "
+               f"{args.examples_per_step}; --data-epochs or --num-iterations trains longer")  # fmt: skip
     metric_tasks = [load_task(name, data_dir, "validation" if data_dir else "test") for name in METRIC_TASKS]
 
     # ---------------------------------------------------------------- optimizer and resume

@@ -140,8 +140,9 @@ def add_mixture_flags(parser: argparse.ArgumentParser, allowed: list[str], user_
             raise argparse.ArgumentTypeError(f"a mixture component is listed twice in {text!r}")
         return names
 
+    alone = ", or --data alone" if user_data else ""
     parser.add_argument("--mixture", type=names, default=None, help="components, comma-separated; 'default' = the "
-                        "stage's recipe (default: the recipe, or --data alone)")  # fmt: skip
+                        f"stage's recipe (default: the recipe{alone})")  # fmt: skip
     if user_data:
         parser.add_argument("--data", default=None, help="your conversations, JSONL (alone unless --mixture)")
         parser.add_argument("--val-data", default=None, help="your validation conversations, JSONL "
