@@ -7,6 +7,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -474,3 +475,17 @@ def test_chat_cli_and_chat_web_share_one_vocabulary_of_flags(capsys):
             parse(["--help"])
         text = capsys.readouterr().out
         assert "0 = off" in text and "Contract" not in text and len(text.splitlines()) < 50, text
+
+
+def test_one_shot_stopped_by_ctrl_c_keeps_what_was_said_and_exits_130(script_env, long_reply_dir):
+    env = {**script_env, "NANOCHAT_BASE_DIR": str(long_reply_dir)}
+    command = [sys.executable, "-m", "scripts.chat_cli", "--device-type", "cpu", "-m", "1000", "-p", "hello"]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        said = process.stdout.read(20)  # the reply is streaming
+        process.send_signal(signal.SIGINT)
+        rest, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and len(said) == 20 and rest.endswith(b"\n")
+    assert len(err.decode().splitlines()) == 1  # the banner; no notice of how the reply ended
