@@ -220,6 +220,9 @@ class Int4Linear(QuantizedLinear):
 
 
 # ---------------------------------------------------------------------------- applied from outside
+MIN_INPUTS = 32  # narrower Linear layers are not quantized
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -249,11 +252,14 @@ def quantize_model(
         raise ValueError("pass the module that holds the Linear layers (e.g. nn.ModuleList([layer])), not a Linear")
     lm_head = getattr(model, "lm_head", None)
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
+    # Tiny layers (the value-embedding gates: 12 inputs, one output per KV head) stay float: nothing to save, and
+    # torch's int8 CPU kernel crashed on a (1, 12) weight here (torch 2.15).
     targets = [(name, m) for name, m in linears if include_lm_head or m is not lm_head]
+    targets = [(name, m) for name, m in targets if m.in_features >= MIN_INPUTS]
     if bits == 4:
         for name, m in targets:  # all checks before the first replacement: an error leaves the model as it was
             try:
-                check_group_size(m.in_features, group_size)
+                check_group_size(m.in_features, group_size)  # a wider layer must split into whole groups
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
     for name, m in targets:

@@ -249,3 +249,18 @@ def test_quantized_model_runs_under_inference_mode_and_generates():
     with torch.no_grad():
         assert relative_error(quantized_inside(idx), model(idx)) < 0.02
     assert len(list(quantized.generate([1, 2, 3], 4, temperature=0))) == 4
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_new_parts_quantize_with_their_gates_left_float(bits):
+    """The 2026 parts: block matrices are quantized, the 12-input value-embedding gates stay float (torch's int8
+    kernel crashed on a (1, 12) weight), and the logits stay close to the float model's."""
+    config = small(n_kv_head=1, value_embeds=True, resid_scalars=True, backout=True, window_pattern="SL",
+                   short_window=4)  # fmt: skip
+    model = randomized(config, seed=2)
+    quantized = quantize_model(copy.deepcopy(model), bits=bits, group_size=32 if bits == 4 else None)
+    gates = [block.attn.ve_gate for block in quantized.blocks if block.attn.ve_gate is not None]
+    assert gates and all(type(gate) is Linear for gate in gates)
+    assert all(not isinstance(m, Linear) or m in gates for m in quantized.blocks.modules())
+    idx = torch.randint(0, 100, (4, 32))
+    assert relative_error(quantized(idx), model(idx)) < (0.02 if bits == 8 else 0.2)
