@@ -27,9 +27,8 @@ class NanoChatGPTConfig(PretrainedConfig):
                      "num_key_value_heads": "n_kv_head", "max_position_embeddings": "sequence_len"}  # fmt: skip
 
     def __init__(self, **kwargs):
-        defaults = GPTConfig()
         for field in fields(GPTConfig):
-            setattr(self, field.name, kwargs.pop(field.name, getattr(defaults, field.name)))
+            setattr(self, field.name, kwargs.pop(field.name, field.default))
         kwargs.setdefault("tie_word_embeddings", False)  # lm_head and wte are separate matrices
         super().__init__(**kwargs)
 
@@ -45,6 +44,8 @@ class CacheView:
 
     def prepare(self, T: int):
         start = self.cache.get_seq_length()
+        if start + T > self.max_len:
+            raise ValueError(f"{start + T} positions exceed the RoPE table of {self.max_len}")
         positions = torch.arange(start, start + T, device=self.device)[None]  # (1, T)
         # the new token at p sees keys 0..p; a single new token sees every key (None)
         keys = torch.arange(start + T, device=self.device)

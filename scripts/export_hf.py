@@ -3,8 +3,8 @@
 Loads a stage's checkpoint and the tokenizer from the base dir and writes the files of nanochat/hf_export.py (the
 mapping, what cannot be exported) to --out, with a model card of the report card's scores; they load with
 transformers >= 5.0 and give our logits. A classic model becomes transformers' own NanoChat (no custom code); one
-with value embeddings, windows, residual scalars, backout or a QK scale ships our gpt.py as remote code, loaded
-with trust_remote_code=True (one line says which). A user error (an --out that is not empty or not writable, a missing
+with a part NanoChat lacks (value embeddings, windows, ...) ships our gpt.py as remote code, loaded with
+trust_remote_code=True (one line says which). A user error (an --out that is not empty or not writable, a missing
 checkpoint, a model the format cannot express) ends in one line; runs on the CPU; does not upload to the Hub.
 
     python -m scripts.export_hf --source sft --out hf/d20                      # latest sft checkpoint, largest depth
