@@ -31,16 +31,28 @@ PARTS = {
     "backout": ["--backout"],
     "tuned_init_qk_rope": ["--init", "tuned", "--qk-scale", "1.2", "--rope-base", "100000"],
     "momentum": ["--momentum-schedule", "tuned"],
+    "normuon": ["--muon-extras", "normuon"],
+    "muoneq_plus": ["--muon-extras", "muoneq,muon_plus"],
 }
+
+
+def combined(parts: dict[str, list[str]]) -> list[str]:
+    """The parts' flags as one command line; --muon-extras lists merge into one flag."""
+    flags, extras = [], []
+    for part_flags in parts.values():
+        if part_flags[0] == "--muon-extras":
+            extras.append(part_flags[1])
+        else:
+            flags += part_flags
+    return flags + (["--muon-extras", ",".join(extras)] if extras else [])
 
 
 def arms(names: list[str]) -> dict[str, list[str]]:
     """classic, +part for each part, new (all parts), new-part for each part; or just the names asked for."""
-    everything = [flag for flags in PARTS.values() for flag in flags]
-    table = {"classic": [], "new": everything}
+    table = {"classic": [], "new": combined(PARTS)}
     for part, flags in PARTS.items():
         table[f"+{part}"] = flags
-        table[f"new-{part}"] = [f for other, fl in PARTS.items() if other != part for f in fl]
+        table[f"new-{part}"] = combined({other: fl for other, fl in PARTS.items() if other != part})
     if names:
         unknown = sorted(set(names) - set(table))
         if unknown:

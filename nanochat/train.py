@@ -86,11 +86,12 @@ def load_source(args, source_stage: str, stage: str, runtime) -> tuple:
     return model, StageRecord.from_meta(meta), source_dir, output_dir, seq_len
 
 
-def start_optimizer(model, lrs: StageRecord, lr_frac, weight_decay, runtime, resume, directory, must_match) -> tuple:
+def start_optimizer(model, lrs: StageRecord, lr_frac, weight_decay, runtime, resume, directory, must_match,
+                    muon_options=None) -> tuple:  # fmt: skip
     """The optimizer at lrs' LRs x lr_frac, the fp16 grad scaler and, when `resume`, resume_stage of `directory`:
     (optimizer, scaler, start step, loop state or None, loader states or None)."""
-    optimizer = build_optimizer(model, lrs.matrix_lr * lr_frac, lrs.embedding_lr * lr_frac,
-                                lrs.unembedding_lr * lr_frac, weight_decay)  # fmt: skip
+    optimizer = build_optimizer(model, lrs.matrix_lr, lrs.embedding_lr, lrs.unembedding_lr, weight_decay, lr_frac,
+                                muon_options)  # fmt: skip
     scaler = torch.amp.GradScaler(runtime.device.type) if needs_grad_scaler(runtime.dtype) else None
     if not resume:
         return optimizer, scaler, 0, None, None

@@ -31,6 +31,8 @@ from nanochat.tokenizer import get_tokenizer
 
 MOMENTUM_SCHEDULES = {"classic": train.MomentumSchedule(),
                       "tuned": train.MomentumSchedule(peak=0.97, ramp_steps=400, warmdown_to=0.90)}  # fmt: skip
+# Muon upgrades (nanochat/optim.py muon_update): NorMuon (arXiv 2510.05491) with the reference's beta2, MuonEq, Muon+
+MUON_EXTRAS = {"normuon": {"beta2": 0.95}, "muoneq": {"muoneq": True}, "muon_plus": {"muon_plus": True}}
 REFERENCE_BATCH = 2**19  # tokens per step at the reference depth (nanochat: 524,288 for d12 and the d20 speedrun)
 
 
@@ -63,6 +65,7 @@ def parse_args(argv=None):
     parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head at width 768")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay at the ref. depth")
     parser.add_argument("--warmup-steps", type=int, default=40, help="linear LR warmup steps (at most 1/10 of the run)")
+    parser.add_argument("--muon-extras", default="", help=f"comma list of Muon upgrades: {', '.join(MUON_EXTRAS)}")
     parser.add_argument("--momentum-schedule", choices=sorted(MOMENTUM_SCHEDULES), default="classic",
                         help="Muon momentum: classic 0.85->0.95; tuned 0.85->0.97, 0.90 by the end")  # fmt: skip
     parser.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of steps decaying the LR")
@@ -156,8 +159,12 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- optimizer and resume
     layout = {"total_batch_size": hp["total_batch_size"], "device_batch_size": args.device_batch_size}
+    extras = [name for name in args.muon_extras.split(",") if name]
+    if set(extras) - set(MUON_EXTRAS):
+        raise SystemExit(f"--muon-extras: unknown {sorted(set(extras) - set(MUON_EXTRAS))}; known: {list(MUON_EXTRAS)}")
+    muon_options = {key: value for name in extras for key, value in MUON_EXTRAS[name].items()}
     optimizer, scaler, start_step, loop, loader_states = train.start_optimizer(
-        model, record, 1.0, hp["weight_decay"], runtime, args.resume, checkpoint_dir, layout
+        model, record, 1.0, hp["weight_decay"], runtime, args.resume, checkpoint_dir, layout, muon_options
     )
     # One loader per (process, accumulation micro-step), all slices of one data-parallel width W x A: a global
     # batch holds the same rows whether it is spread over 8 GPUs or accumulated on 1, so runs are comparable.
