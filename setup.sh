@@ -10,7 +10,9 @@ if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
     . "$HOME/.cargo/env"
 fi
 if ! command -v cargo >/dev/null 2>&1; then
-    echo "setup: no Rust toolchain found; installing one with rustup (https://rustup.rs)"
+    # rustup downloads from sh.rustup.rs and static.rust-lang.org, not from PyPI or crates.io: where only the
+    # package registries are reachable, install Rust first (e.g. Debian's cargo) and this step is skipped.
+    echo "setup: no Rust toolchain found; installing one with rustup from sh.rustup.rs (README.md: setup)"
     curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
     . "$HOME/.cargo/env"
 fi
