@@ -16,6 +16,8 @@ import json
 import os
 import random
 
+from nanochat.dataset import MissingDataError
+
 DATA_DIR_ENV = "NANOCHAT_DATA_DIR"
 
 
@@ -151,5 +153,5 @@ def load_hub_rows(path: str, name: str | None, split: str, offline_hint: str = O
     try:
         return load_dataset(path, name, split=split)
     except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, HfHubHTTPError...)
-        raise RuntimeError(f"could not load {path} (config {name!r}, split {split!r}) from the Hugging Face hub: "
+        raise MissingDataError(f"could not load {path} (config {name!r}, split {split!r}) from the Hugging Face hub: "
                            f"{type(e).__name__}: {e}. {offline_hint}") from e  # fmt: skip

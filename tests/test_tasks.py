@@ -417,6 +417,7 @@ def test_hub_rows_give_the_same_conversations(data_dir, monkeypatch):
 
 
 HUB_SCRIPT = """
+from nanochat.dataset import MissingDataError
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
 from tasks.mmlu import MMLU
@@ -426,7 +427,7 @@ for make in (lambda: ARC("ARC-Easy", "train"), lambda: MMLU("auxiliary_train", "
     try:
         make()
         print("LOADED")
-    except RuntimeError as e:
+    except MissingDataError as e:  # a DatasetError: the stages print it as one line, no traceback
         print(str(e).replace(chr(10), " "))
 """
 
