@@ -1,6 +1,8 @@
 """Web server throughput under concurrent clients: aggregate tokens/s, time to first token, errors.
 
     NANOCHAT_BASE_DIR=/tmp/ncbench python -m dev.bench_server --source base --model-tag d4 --clients 1 4 16
+    git worktree add /tmp/old <commit>        # then old and new side by side, each level run on both in turn:
+    NANOCHAT_BASE_DIR=/tmp/ncbench python -m dev.bench_server --source sft --clients 1 16 32 64 --compare-with /tmp/old
 
 Starts `scripts.chat_web` as its own process (so the clients below do not share its interpreter), then for
 each concurrency level runs that many clients at once, each sending `--requests-per-client` streaming requests
@@ -9,6 +11,9 @@ completed requests, errors (non-200 answers, error events, broken streams), comp
 own usage count), aggregate tokens/s over the level's wall time, per-stream decode tokens/s, and time to first
 token (request sent -> first text event) p50 / p95. Every request uses its own seed, temperature 1.0 and top-k
 50, so replies differ as they would for real users. The last line is JSON.
+
+`--compare-with DIR` also starts the server of another checkout (its own code, this model) and runs every level
+on it right before this one's, so both see the same machine load; it prints the ratios new / old.
 
 Not a test: numbers depend on the machine and its load; dev/BENCHMARKS.md records them with the hardware.
 """
@@ -104,14 +109,15 @@ async def run_level(url: str, clients: int, requests_per_client: int, max_tokens
     }
 
 
-def start_server(args) -> subprocess.Popen:
-    command = [sys.executable, "-m", "scripts.chat_web", "--source", args.source, "--port", str(args.port)]
+def start_server(args, port: int, checkout: str | None = None) -> subprocess.Popen:
+    """scripts.chat_web from this checkout, or from `checkout` (another commit's worktree), ready to serve."""
+    command = [sys.executable, "-m", "scripts.chat_web", "--source", args.source, "--port", str(port)]
     command += ["--max-batch", str(args.max_batch), "--device-type", args.device_type]
     command += ["--max-tokens-limit", str(max(args.max_tokens, 64))]
     if args.model_tag:
         command += ["--model-tag", args.model_tag]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{args.port}"
+    server = subprocess.Popen(command, cwd=checkout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -137,37 +143,46 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
     parser.add_argument("--port", type=int, default=8731)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--compare-with", default=None, help="another checkout whose server runs each level first")
     args = parser.parse_args()
 
     print(describe_environment(Runtime(torch.device(args.device_type), torch.float32)))
     print(f"NANOCHAT_BASE_DIR={os.environ.get('NANOCHAT_BASE_DIR', '(default)')} source={args.source}")
-    server = start_server(args)
-    url = f"http://127.0.0.1:{args.port}"
+    servers = {"new": start_server(args, args.port)}
+    if args.compare_with:
+        servers = {"old": start_server(args, args.port + 1, args.compare_with), **servers}
+    urls = {name: f"http://127.0.0.1:{args.port + (name == 'old')}" for name in servers}
+    levels = {name: [] for name in servers}
     try:
-        model = httpx.get(url + "/health").json()["model"]
-        print(f"model {model}, {args.requests_per_client} requests per client, up to {args.max_tokens} tokens each")
-        asyncio.run(run_level(url, 1, 1, 8, seed_base=10**6))  # warm-up, not reported
-        levels = []
+        for name, url in urls.items():
+            model = httpx.get(url + "/health").json()["model"]
+            print(f"{name}: {model}, {args.requests_per_client} requests per client, up to {args.max_tokens} tokens")
+            asyncio.run(run_level(url, 1, 1, 8, seed_base=10**6))  # warm-up, not reported
         for seed_base, clients in enumerate(args.clients):
-            levels.append(
-                asyncio.run(run_level(url, clients, args.requests_per_client, args.max_tokens, seed_base * 1000))
-            )
-            level = levels[-1]
-            print(
-                f"clients {clients:>3}: {level['completed']:>3}/{level['requests']} ok, {level['errors']} errors, "
-                f"{level['tokens']:>5} tokens in {level['wall_s']:6.1f} s = "
-                f"{level['aggregate_tokens_per_s']:7.1f} tok/s aggregate, "
-                f"{level['per_stream_tokens_per_s']:6.1f} tok/s per stream, TTFT p50 "
-                f"{level['ttft_p50_ms']:.0f} ms p95 {level['ttft_p95_ms']:.0f} ms"
-            )
-        base = levels[0]["aggregate_tokens_per_s"]
-        for level in levels:
-            level["speedup_vs_first"] = level["aggregate_tokens_per_s"] / base if base else None
-        stats = httpx.get(url + "/stats").json()
+            for name, url in urls.items():  # the same seeds on both
+                run = run_level(url, clients, args.requests_per_client, args.max_tokens, seed_base * 1000)
+                level = asyncio.run(run)
+                levels[name].append(level)
+                print(
+                    f"{name:>3} clients {clients:>3}: {level['completed']:>3}/{level['requests']} ok, "
+                    f"{level['errors']} errors, {level['tokens']:>5} tokens in {level['wall_s']:6.1f} s = "
+                    f"{level['aggregate_tokens_per_s']:7.1f} tok/s aggregate, "
+                    f"{level['per_stream_tokens_per_s']:6.1f} tok/s per stream, TTFT p50 "
+                    f"{level['ttft_p50_ms']:.0f} ms p95 {level['ttft_p95_ms']:.0f} ms"
+                )
+            if "old" in levels:
+                old, new = levels["old"][-1], levels["new"][-1]
+                ratios = {key: new[key] / old[key] for key in ("aggregate_tokens_per_s", "ttft_p50_ms", "ttft_p95_ms")}
+                print("    new / old: " + ", ".join(f"{key} {ratio:.2f}x" for key, ratio in ratios.items()))
+        for runs in levels.values():
+            for level in runs:
+                level["speedup_vs_first"] = level["aggregate_tokens_per_s"] / runs[0]["aggregate_tokens_per_s"]
+        stats = {name: httpx.get(url + "/stats").json() for name, url in urls.items()}
     finally:
-        server.terminate()
-        server.wait(30)
-    report = {"model": model, "levels": levels, "server_stats": stats}
+        for server in servers.values():
+            server.terminate()
+            server.wait(30)
+    report = {"levels": levels, "server_stats": stats}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
