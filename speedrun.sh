@@ -106,7 +106,7 @@ else
     DOWNLOAD_PID=$!
 fi
 
-# Tokenizer: BPE with a 65,536-token vocabulary on 2B characters (~1 min), then its compression on prose,
+# Tokenizer: BPE with a 32,768-token vocabulary on 2B characters (~1 min), then its compression on prose,
 # code, math, other languages and held-out text (seconds).
 stage tok_train $PY -m scripts.tok_train "${TOK_TRAIN[@]}"
 stage tok_eval $PY -m scripts.tok_eval "${TOK_EVAL[@]}"

@@ -7,8 +7,8 @@ here rather than hours into training) and retried with exponential backoff; shar
 skipped when their footer reads, fetched again when not; a line a shard shows the ETA. A `SOURCE` file in the
 directory names the set that filled it, and sets are never mixed.
 
-    python -m nanochat.download -n 8                      # FineWeb-Edu: 8 train shards + the val shard
-    python -m nanochat.download -n 170 --source climbmix  # ClimbMix (the reference's data since 2026)
+    python -m nanochat.download -n 8                          # ClimbMix: 8 train shards + the val shard
+    python -m nanochat.download -n 8 --source fineweb-edu     # FineWeb-Edu (the reference's data until 2026)
     NANOCHAT_DATA_URL=http://mirror.local/fineweb python -m nanochat.download -n 8  # a local mirror
 
 Not here: checksums (the shard sets publish none we rely on), and resuming a half-downloaded file (a failed
@@ -38,6 +38,9 @@ SOURCES = {
     # Nemotron-ClimbMix decoded back to text and shuffled: the reference's data at HEAD.
     "climbmix": ("karpathy/climbmix-400b-shuffle", 6543),
 }
+# ClimbMix took the reference's time to GPT-2 capability from 2h46m to 2h01m at equal code (karpathy/nanochat
+# dev/LEADERBOARD.md, 2026-03-04); FineWeb, DCLM and Olmo-3 mixes all lost to it there.
+DEFAULT_SOURCE = "climbmix"
 OFFLINE_HINT = (
     "Offline? Serve the shards from a local mirror and pass --base-url URL (or set NANOCHAT_DATA_URL); "
     "or build shards from your own text with `python -m nanochat.dataset build --input FILES --out DIR`; "
@@ -178,7 +181,7 @@ class DownloadSummary:
     bytes_fetched: int = 0
 
 
-def download_shards(num_train: int, source: str = "fineweb-edu", out_dir: str | None = None, workers: int = 4,
+def download_shards(num_train: int, source: str = DEFAULT_SOURCE, out_dir: str | None = None, workers: int = 4,
                    base_url: str | None = None, *, attempts: int = 5, backoff_s: float = 1.0, timeout_s: float = 30.0,
                    out: TextIO | None = None) -> DownloadSummary:  # fmt: skip
     """The first `num_train` training shards of `source` (-1 = all) plus its validation shard, into `out_dir`,
@@ -236,7 +239,7 @@ def download_shards(num_train: int, source: str = "fineweb-edu", out_dir: str | 
     return summary
 
 
-def check_source(base_url: str | None = None, source: str = "fineweb-edu", timeout_s: float = 5.0) -> str:
+def check_source(base_url: str | None = None, source: str = DEFAULT_SOURCE, timeout_s: float = 5.0) -> str:
     """Where pretraining text will come from: $NANOCHAT_DATA_DIR/pretrain, else the shard server if it answers
     at all (any HTTP status). A DatasetError saying what to do when neither is usable."""
     data_dir = os.environ.get("NANOCHAT_DATA_DIR")
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nanochat.download", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("-n", "--num-files", type=int, default=-1, help="training shards to fetch (-1 = all)")
-    parser.add_argument("--source", choices=list(SOURCES), default="fineweb-edu", help="which shard set")
+    parser.add_argument("--source", choices=list(SOURCES), default=DEFAULT_SOURCE, help="which shard set")
     parser.add_argument("--out", default=None, help="directory (default: <base dir>/base_data)")
     parser.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--base-url", default=None, help="URL of a folder serving shard_NNNNN.parquet, e.g. a "

@@ -48,8 +48,9 @@ def main(argv=None):
                         help="characters to train on at most (2B as the reference speedrun)")  # fmt: skip
     parser.add_argument("--doc-cap", type=int, default=10_000, help="characters kept from the start of each document")
     # Tokenizer
-    parser.add_argument("--vocab-size", type=int, default=65_536,
-                        help="256 bytes + merges + 9 special tokens (2^16 as the reference d20)")  # fmt: skip
+    # 32,768, not 65,536: 0.965 vs 0.969 validation bpb at d12 with half the embedding (karpathy/nanochat ccf4b7f)
+    parser.add_argument("--vocab-size", type=int, default=32_768,
+                        help="256 bytes + merges + 9 special tokens")  # fmt: skip
     parser.add_argument("--out", default=None, help="output directory (default: <base dir>/tokenizer)")
     parser.add_argument("--force", action="store_true", help="replace a tokenizer checkpoints were trained with")
     args = parser.parse_args(argv)

@@ -25,6 +25,7 @@ from nanochat.download import download_shards, main
 
 VAL = "shard_01822.parquet"  # FineWeb-Edu's last shard, saved locally as val_01822.parquet
 FAST = dict(backoff_s=0.001, timeout_s=10)
+FINEWEB = dict(source="fineweb-edu", **FAST)  # the served layout is FineWeb-Edu's (validation shard 1822)
 
 
 class ShardServer:
@@ -116,7 +117,7 @@ def test_retries_and_checks_end_with_every_shard_valid(tmp_path, server):
     server.script["shard_00003.parquet"] = ["cut-honest-length", "corrupt-page"]
     server.script[VAL] = ["cut-no-length"]
     out_dir = tmp_path / "base_data"
-    summary = download_shards(4, out_dir=str(out_dir), base_url=server.url, workers=3, **FAST)
+    summary = download_shards(4, out_dir=str(out_dir), base_url=server.url, workers=3, **FINEWEB)
     assert sorted(summary.fetched) == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet",
                                        "shard_00003.parquet", "val_01822.parquet"]  # fmt: skip
     assert server.requests == {"shard_00000.parquet": 3, "shard_00001.parquet": 2, "shard_00002.parquet": 3,
@@ -130,12 +131,12 @@ def test_retries_and_checks_end_with_every_shard_valid(tmp_path, server):
 
 def test_rerun_skips_valid_shards_and_refetches_a_corrupt_one(tmp_path, server, capsys):
     out_dir = tmp_path / "base_data"
-    download_shards(3, out_dir=str(out_dir), base_url=server.url, **FAST)
+    download_shards(3, out_dir=str(out_dir), base_url=server.url, **FINEWEB)
     assert sum(server.requests.values()) == 4
     capsys.readouterr()  # only the second run's output matters
     good = (out_dir / "shard_00001.parquet").read_bytes()
     (out_dir / "shard_00001.parquet").write_bytes(good[: len(good) // 3])  # a truncated file on disk
-    summary = download_shards(4, out_dir=str(out_dir), base_url=server.url, **FAST)
+    summary = download_shards(4, out_dir=str(out_dir), base_url=server.url, **FINEWEB)
     assert sorted(summary.fetched) == ["shard_00001.parquet", "shard_00003.parquet"]
     assert sorted(summary.skipped) == ["shard_00000.parquet", "shard_00002.parquet", "val_01822.parquet"]
     assert server.requests["shard_00001.parquet"] == 2 and server.requests["shard_00000.parquet"] == 1
@@ -145,14 +146,14 @@ def test_rerun_skips_valid_shards_and_refetches_a_corrupt_one(tmp_path, server, 
 
 def test_missing_shard_is_a_clear_404(tmp_path, server):
     with pytest.raises(DatasetError, match=r"shard_00004.parquet: not found \(HTTP 404\) at .*shard_00004.parquet"):
-        download_shards(5, out_dir=str(tmp_path / "d"), base_url=server.url, **FAST)
+        download_shards(5, out_dir=str(tmp_path / "d"), base_url=server.url, **FINEWEB)
     assert server.requests["shard_00004.parquet"] == 1  # a 404 is not retried
 
 
 def test_persistent_server_errors_give_up_after_the_attempts(tmp_path, server):
     server.script["shard_00000.parquet"] = ["500"] * 3
     with pytest.raises(DatasetError, match=r"shard_00000.parquet: giving up after 3 attempts \(HTTP 500"):
-        download_shards(1, out_dir=str(tmp_path / "d"), base_url=server.url, attempts=3, **FAST)
+        download_shards(1, out_dir=str(tmp_path / "d"), base_url=server.url, attempts=3, **FINEWEB)
 
 
 def closed_port_url() -> str:
@@ -163,7 +164,7 @@ def closed_port_url() -> str:
 
 def test_connection_refused_says_network_unreachable_and_how_to_work_offline(tmp_path):
     with pytest.raises(DatasetError) as error:
-        download_shards(2, out_dir=str(tmp_path / "d"), base_url=closed_port_url(), attempts=2, **FAST)
+        download_shards(2, out_dir=str(tmp_path / "d"), base_url=closed_port_url(), attempts=2, **FINEWEB)
     message = str(error.value)
     for hint in (
         "network unreachable",
@@ -177,7 +178,7 @@ def test_connection_refused_says_network_unreachable_and_how_to_work_offline(tmp
 
 def test_sources_are_never_mixed_in_one_directory(tmp_path, server):
     out_dir = tmp_path / "base_data"
-    download_shards(1, out_dir=str(out_dir), base_url=server.url, **FAST)
+    download_shards(1, out_dir=str(out_dir), base_url=server.url, **FINEWEB)
     assert (out_dir / "SOURCE").read_text() == "fineweb-edu\n"
     with pytest.raises(DatasetError, match="made by 'fineweb-edu'.*cannot be mixed"):
         download_shards(1, "climbmix", out_dir=str(out_dir), base_url=server.url, **FAST)
@@ -185,19 +186,19 @@ def test_sources_are_never_mixed_in_one_directory(tmp_path, server):
     foreign.mkdir()
     (foreign / "shard_00000.parquet").write_bytes(b"x")
     with pytest.raises(DatasetError, match="unknown origin"):
-        download_shards(1, out_dir=str(foreign), base_url=server.url, **FAST)
+        download_shards(1, out_dir=str(foreign), base_url=server.url, **FINEWEB)
 
 
 def test_cli_downloads_from_the_mirror_in_nanochat_data_url(tmp_path, server, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     monkeypatch.setenv("NANOCHAT_DATA_URL", server.url)
-    assert main(["-n", "2", "-w", "2"]) == 0
+    assert main(["-n", "2", "-w", "2", "--source", "fineweb-edu"]) == 0
     printed = capsys.readouterr().out
     assert "done: 3 shards fetched" in printed
     # A progress line a shard, with the ETA.
     assert len(re.findall(r"^download: [\d.]+% \(\d/3 shards, .* MB/s, .*\), .* ETA [\d.]+ min$", printed, re.M)) == 3
     assert_local_copy(tmp_path / "base_data", server, ["shard_00000.parquet", "shard_00001.parquet", VAL])
-    assert main(["-n", "2", "--base-url", closed_port_url()]) == 0  # all present: no network needed
+    assert main(["-n", "2", "--source", "fineweb-edu", "--base-url", closed_port_url()]) == 0  # all there: no network
     assert "0 shards fetched" in capsys.readouterr().out
 
 
