@@ -13,7 +13,7 @@ token (request sent -> first text event) p50 / p95. Every request uses its own s
 50, so replies differ as they would for real users. The last line is JSON.
 
 `--compare-with DIR` also starts the server of another checkout (its own code, this model) and runs every level
-on it right before this one's, so both see the same machine load; it prints the ratios new / old.
+on it right beside this one's (alternately first), so both see the same machine load; it prints new / old.
 
 Not a test: numbers depend on the machine and its load; dev/BENCHMARKS.md records them with the hardware.
 """
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
     parser.add_argument("--port", type=int, default=8731)
     parser.add_argument("--json", default=None, help="also write the results here")
-    parser.add_argument("--compare-with", default=None, help="another checkout whose server runs each level first")
+    parser.add_argument("--compare-with", default=None, help="another checkout whose server runs each level too")
     args = parser.parse_args()
 
     print(describe_environment(Runtime(torch.device(args.device_type), torch.float32)))
@@ -159,7 +159,7 @@ def main() -> None:
             print(f"{name}: {model}, {args.requests_per_client} requests per client, up to {args.max_tokens} tokens")
             asyncio.run(run_level(url, 1, 1, 8, seed_base=10**6))  # warm-up, not reported
         for seed_base, clients in enumerate(args.clients):
-            for name, url in urls.items():  # the same seeds on both
+            for name, url in sorted(urls.items(), reverse=seed_base % 2 == 1):  # same seeds; who goes first alternates
                 run = run_level(url, clients, args.requests_per_client, args.max_tokens, seed_base * 1000)
                 level = asyncio.run(run)
                 levels[name].append(level)

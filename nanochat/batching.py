@@ -98,8 +98,8 @@ class BatchingWorker:
         self.wave: _Wave | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0, "tokens": 0, "steps": 0}
-        self.stats["prefill_forwards"] = 0
+        counters = ("requests", "completed", "cancelled", "errors", "tokens", "steps", "prefill_forwards")
+        self.stats = dict.fromkeys(counters, 0)
 
     # ------------------------------------------------------------------ public, any thread
     def start(self) -> "BatchingWorker":
@@ -135,7 +135,8 @@ class BatchingWorker:
                 for slot in self.slots:
                     self._finish_request(slot.request, "error", slot.generated, message)
                 for request in self.wave.requests if self.wave else []:
-                    self._finish_request(request, "error", 0, message)
+                    if all(slot.request is not request for slot in self.slots):  # else it is answered above
+                        self._finish_request(request, "error", 0, message)
                 self.slots.clear()
                 self.wave = None
                 self.cache.lengths[:] = 0
@@ -194,7 +195,7 @@ class BatchingWorker:
         wave.fed = end
         if end < longest:
             return  # a long prompt: its next chunk after the next decode step
-        self.wave, joined, last = None, [], []
+        joined, last = [], []
         for row, request in enumerate(wave.requests):
             if request.cancelled.is_set():
                 self._finish_request(request, "cancelled", 0)
@@ -206,6 +207,7 @@ class BatchingWorker:
             self.slots.append(_Slot(request, budget, key, ToolState(self.engine.tokenizer)))
             joined.append(self.slots[-1])
             last.append(logits[row, keep - 1 - (end - len(request.prompt))])
+        self.wave = None
         if joined:
             self._emit_next_tokens(joined, torch.stack(last))
             self._drop_finished()

@@ -3,13 +3,22 @@
 Contract:
 - `create_app(settings)` builds the app from two routers sharing a typed `ServerState` on `app.state.server`
   (nanochat/server_state.py); the lifespan hook loads the models (a BatchingWorker per device).
-- `GET /` the page (nanochat/ui.html); `GET /health`; `GET /stats`; `POST /chat/completions` streams the page's
-  Server-Sent Events (`{"type": "text" | "tool" | "error" | "done", ...}`).
-- `GET /v1/models`, `POST /v1/chat/completions`: OpenAI's chat completions API, streamed (chunks, then
-  `data: [DONE]`) or not, with temperature, top_p, top_k, max_tokens / max_completion_tokens, stop, seed, n,
-  stream_options.include_usage. Calculator calls read as `<<expression=result>>` (GSM8K's notation).
-- Bodies are pydantic models bounded by `Settings`; every error is in OpenAI's shape, naming the field (`param`).
-  Model work runs on the workers' threads, never the event loop; a client that disconnects frees its row.
+- `GET /` the page (nanochat/ui.html); `GET /stats`; `POST /chat/completions` streams the page's Server-Sent
+  Events (`{"type": "text" | "tool" | "error" | "done", ...}`). `GET /health` (open, like the page): status,
+  ready, model, device, workers, queue_depth, active, and what the page sets its inputs from:
+  `"limits": {"max_temperature", "max_top_k", "max_tokens", "max_message_chars", "max_messages",
+  "max_total_chars"}` (the most a request may ask) and `"defaults": {"temperature", "top_k", "max_tokens"}`.
+- `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions`: OpenAI's chat completions API, streamed
+  (chunks, then `data: [DONE]`) or not, with temperature, top_p, top_k, max_tokens / max_completion_tokens, stop,
+  seed, n, stream_options.include_usage, logprobs / top_logprobs (0-20). Calculator calls read as
+  `<<expression=result>>` (GSM8K's notation). The model id is `nanochat-<tag>-<source>-step<N>` (e.g.
+  nanochat-d4-sft-step30); `model` may be left out, but another id is a 404 `model_not_found`.
+- top_k 0 or null = off (the CLI's vocabulary); left out, the server's default applies.
+- Bodies are pydantic models bounded by `Settings`; every error is in OpenAI's shape, `{"error": {"message",
+  "type", "param", "code"}}`, the message one sentence naming the field and the limit. Codes: invalid_value,
+  context_length_exceeded, unsupported_parameter (tools, response_format other than text, logit_bias, ...: we
+  refuse what we cannot honour), model_not_found, unknown_url (404), method_not_allowed (405).
+- Model work runs on the workers' threads, never the event loop; a client that disconnects frees its row.
 - Off by default: a bearer key (`api_key`, on all but the page and /health) and a cap on requests in flight
   (`max_concurrent`); both, and the body cap (`max_body_bytes`), answer before the body is read.
 
