@@ -12,7 +12,7 @@ Contract:
   (chunks, then `data: [DONE]`) or not, with temperature, top_p, top_k, max_tokens / max_completion_tokens, stop,
   seed, n, stream_options.include_usage, logprobs / top_logprobs (0-20). Calculator calls read as
   `<<expression=result>>` (GSM8K's notation). The model id is `nanochat-<tag>-<source>-step<N>` (e.g.
-  nanochat-d4-sft-step30); `model` may be left out, but another id is a 404 `model_not_found`.
+  nanochat-d4-sft-step30); `model` may be that, "nanochat" or left out; another is a 404 `model_not_found`.
 - top_k 0 or null = off (the CLI's vocabulary); left out, the server's default applies.
 - Bodies are pydantic models bounded by `Settings`; every error is in OpenAI's shape, `{"error": {"message",
   "type", "param", "code"}}`, the message one sentence naming the field and the limit. Codes: invalid_value,
@@ -154,7 +154,7 @@ async def models(request: Request):
 @openai_router.get("/models/{model_id:path}")
 async def model_by_id(request: Request, model_id: str):
     name = request.app.state.server.model_name
-    if model_id != name:
+    if model_id not in ("nanochat", name):
         message = f"the model {model_id!r} does not exist here; this server serves {name!r}"
         raise APIError(404, message, "model", code="model_not_found")
     return model_card(name)
@@ -396,7 +396,7 @@ class Gate:
         token = authorization[7:] if authorization.lower().startswith("bearer ") else ""
         if api_key and scope["path"] not in OPEN_PATHS and not secrets.compare_digest(token.encode(), api_key.encode()):
             message = "a valid 'Authorization: Bearer <key>' header is required"
-            response = error_response(401, message, None, "authentication_error")
+            response = error_response(401, message, None, "authentication_error", "invalid_api_key")
             response.headers["WWW-Authenticate"] = "Bearer"
             return await response(scope, receive, send)
         if int(headers.get("content-length") or 0) > limit:

@@ -225,7 +225,7 @@ UNSUPPORTED = {
 
 def check_openai_request(state: "ServerState", body) -> None:
     """What the request models cannot say alone: the model asked for, fields we lack, logprobs' pairing."""
-    if body.model is not None and body.model != state.model_name:
+    if body.model not in (None, "nanochat", state.model_name):  # "nanochat": whichever this server serves
         message = f"the model {body.model!r} does not exist here; this server serves {state.model_name!r}"
         raise APIError(404, message, "model", code="model_not_found")
     for name, value in (body.model_extra or {}).items():
