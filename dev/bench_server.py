@@ -9,8 +9,10 @@ each concurrency level runs that many clients at once, each sending `--requests-
 one after another to the page's endpoint `/chat/completions` and reading every event. Reported per level:
 completed requests, errors (non-200 answers, error events, broken streams), completion tokens (the server's
 own usage count), aggregate tokens/s over the level's wall time, per-stream decode tokens/s, and time to first
-token (request sent -> first text event) p50 / p95. Every request uses its own seed, temperature 1.0 and top-k
-50, so replies differ as they would for real users. The last line is JSON.
+token (request sent -> first text event) p50 / p95, and stall p95: each stream's longest wait for its next
+event after the first, 95th percentile over streams (what arrivals cost the streams running). Every request
+uses its own seed, temperature 1.0 and top-k 50, so replies differ as they would for real users. The last line
+is JSON.
 
 `--compare-with DIR` also starts the server of another checkout (its own code, this model) and runs every level
 on it right beside this one's (alternately first), so both see the same machine load; it prints new / old.
@@ -45,16 +47,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def one_request(client: httpx.AsyncClient, url: str, seed: int, max_tokens: int) -> dict:
+async def one_request(client: httpx.AsyncClient, url: str, seed: int, max_tokens: int, repeat: int = 1) -> dict:
     body = {
-        "messages": [{"role": "user", "content": PROMPTS[seed % len(PROMPTS)]}],
+        "messages": [{"role": "user", "content": " ".join([PROMPTS[seed % len(PROMPTS)]] * repeat)}],
         "temperature": 1.0,
         "top_k": 50,
         "max_tokens": max_tokens,
         "seed": seed,
     }
     start = time.perf_counter()
-    first, tokens, error = None, 0, None
+    first, tokens, error, last, stall = None, 0, None, None, 0.0
     try:
         async with client.stream("POST", url + "/chat/completions", json=body, timeout=600) as response:
             if response.status_code != 200:
@@ -62,9 +64,10 @@ async def one_request(client: httpx.AsyncClient, url: str, seed: int, max_tokens
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
                     continue
-                event = json.loads(line[6:])
-                if event["type"] in ("text", "tool") and first is None:
-                    first = time.perf_counter() - start
+                event, now = json.loads(line[6:]), time.perf_counter() - start
+                stall = max(stall, now - last) if last is not None else stall  # the longest wait for more text
+                if event["type"] in ("text", "tool"):
+                    first, last = first if first is not None else now, now
                 elif event["type"] == "error":
                     error = event["message"]
                 elif event["type"] == "done":
@@ -72,14 +75,15 @@ async def one_request(client: httpx.AsyncClient, url: str, seed: int, max_tokens
     except httpx.HTTPError as e:
         return {"error": f"{type(e).__name__}: {e}"}
     elapsed = time.perf_counter() - start
-    return {"error": error, "ttft": first, "tokens": tokens, "seconds": elapsed}
+    return {"error": error, "ttft": first, "stall": stall, "tokens": tokens, "seconds": elapsed}
 
 
-async def run_level(url: str, clients: int, requests_per_client: int, max_tokens: int, seed_base: int) -> dict:
+async def run_level(url: str, clients: int, requests_per_client: int, max_tokens: int, seed_base: int, repeat=1):
     async def client_loop(index: int, client: httpx.AsyncClient) -> list[dict]:
         results = []
         for r in range(requests_per_client):
-            results.append(await one_request(client, url, seed_base + index * requests_per_client + r, max_tokens))
+            seed = seed_base + index * requests_per_client + r
+            results.append(await one_request(client, url, seed, max_tokens, repeat))
         return results
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
@@ -106,6 +110,7 @@ async def run_level(url: str, clients: int, requests_per_client: int, max_tokens
         "per_stream_tokens_per_s": statistics.median(decode_rates) if decode_rates else 0.0,
         "ttft_p50_ms": 1000 * percentile(ttfts, 0.5) if ttfts else None,
         "ttft_p95_ms": 1000 * percentile(ttfts, 0.95) if ttfts else None,
+        "stall_p95_ms": 1000 * percentile([r["stall"] for r in ok], 0.95) if ok else None,
     }
 
 
@@ -141,6 +146,7 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply (a reply may stop sooner)")
     parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
+    parser.add_argument("--repeat", type=int, default=1, help="each prompt said this many times (more prefill)")
     parser.add_argument("--port", type=int, default=8731)
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--compare-with", default=None, help="another checkout whose server runs each level too")
@@ -160,7 +166,7 @@ def main() -> None:
             asyncio.run(run_level(url, 1, 1, 8, seed_base=10**6))  # warm-up, not reported
         for seed_base, clients in enumerate(args.clients):
             for name, url in sorted(urls.items(), reverse=seed_base % 2 == 1):  # same seeds; who goes first alternates
-                run = run_level(url, clients, args.requests_per_client, args.max_tokens, seed_base * 1000)
+                run = run_level(url, clients, args.requests_per_client, args.max_tokens, seed_base * 1000, args.repeat)
                 level = asyncio.run(run)
                 levels[name].append(level)
                 print(
@@ -168,11 +174,13 @@ def main() -> None:
                     f"{level['errors']} errors, {level['tokens']:>5} tokens in {level['wall_s']:6.1f} s = "
                     f"{level['aggregate_tokens_per_s']:7.1f} tok/s aggregate, "
                     f"{level['per_stream_tokens_per_s']:6.1f} tok/s per stream, TTFT p50 "
-                    f"{level['ttft_p50_ms']:.0f} ms p95 {level['ttft_p95_ms']:.0f} ms"
+                    f"{level['ttft_p50_ms']:.0f} ms p95 {level['ttft_p95_ms']:.0f} ms, stall p95 "
+                    f"{level['stall_p95_ms']:.0f} ms"
                 )
             if "old" in levels:
                 old, new = levels["old"][-1], levels["new"][-1]
-                ratios = {key: new[key] / old[key] for key in ("aggregate_tokens_per_s", "ttft_p50_ms", "ttft_p95_ms")}
+                keys = ("aggregate_tokens_per_s", "ttft_p50_ms", "ttft_p95_ms", "stall_p95_ms")
+                ratios = {key: new[key] / old[key] for key in keys}
                 print("    new / old: " + ", ".join(f"{key} {ratio:.2f}x" for key, ratio in ratios.items()))
         for runs in levels.values():
             for level in runs:

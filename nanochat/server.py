@@ -43,9 +43,9 @@ from nanochat.engine import ReplyRenderer
 from nanochat.server_state import (
     ERROR_HANDLERS,
     SSE_HEADERS,
-    APIError,
     ServerState,
     Settings,
+    check_model,
     check_openai_request,
     error_response,
     finish_generation,
@@ -153,11 +153,8 @@ async def models(request: Request):
 
 @openai_router.get("/models/{model_id:path}")
 async def model_by_id(request: Request, model_id: str):
-    name = request.app.state.server.model_name
-    if model_id not in ("nanochat", name):
-        message = f"the model {model_id!r} does not exist here; this server serves {name!r}"
-        raise APIError(404, message, "model", code="model_not_found")
-    return model_card(name)
+    check_model(request.app.state.server, model_id)
+    return model_card(request.app.state.server.model_name)
 
 
 async def openai_completion(request: Request, body):
@@ -167,7 +164,6 @@ async def openai_completion(request: Request, body):
     tokens, queues, requests = start_generation(state, body, body.n, max_tokens)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
     merged = merge_choices(queues, requests, state.tokenizer, body.stop)
-    logprobs = (lambda entries: {"content": entries}) if body.logprobs else (lambda entries: None)
     if not body.stream:
         texts, reasons, counts = [""] * body.n, [None] * body.n, [0] * body.n
         entries = [[] for _ in range(body.n)]
@@ -185,8 +181,8 @@ async def openai_completion(request: Request, body):
         finally:
             finish_generation(state, requests)  # cancels every row still decoding
         choices = [
-            {"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": logprobs(entries[i]),
-             "finish_reason": reasons[i]}
+            {"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": reasons[i],
+             "logprobs": {"content": entries[i]} if body.logprobs else None}
             for i in range(body.n)
         ]  # fmt: skip
         return {**head, "object": "chat.completion", "choices": choices, "usage": usage_of(tokens, counts)}
@@ -202,7 +198,7 @@ async def openai_completion(request: Request, body):
                 if text or logprob_entries:
                     choice = {"index": index, "delta": {"content": text}, "finish_reason": None}
                     if body.logprobs:
-                        choice["logprobs"] = logprobs(logprob_entries)
+                        choice["logprobs"] = {"content": logprob_entries}
                     yield sse({**chunk, "choices": [choice]})
                 if reason is not None:
                     counts[index] = count

@@ -223,11 +223,16 @@ UNSUPPORTED = {
 }  # fmt: skip
 
 
+def check_model(state: "ServerState", model: str | None) -> None:
+    """The served id, "nanochat" (whichever is served) or None pass; any other is a 404 model_not_found."""
+    if model not in (None, "nanochat", state.model_name):
+        message = f"the model {model!r} does not exist here; this server serves {state.model_name!r}"
+        raise APIError(404, message, "model", code="model_not_found")
+
+
 def check_openai_request(state: "ServerState", body) -> None:
     """What the request models cannot say alone: the model asked for, fields we lack, logprobs' pairing."""
-    if body.model not in (None, "nanochat", state.model_name):  # "nanochat": whichever this server serves
-        message = f"the model {body.model!r} does not exist here; this server serves {state.model_name!r}"
-        raise APIError(404, message, "model", code="model_not_found")
+    check_model(state, body.model)
     for name, value in (body.model_extra or {}).items():
         if name in UNSUPPORTED and value is not None and value != UNSUPPORTED[name]:
             message = f"{name} is not supported by this server (nanochat answers in plain text); leave it out"

@@ -321,6 +321,32 @@ def test_a_burst_of_arrivals_does_not_stall_a_running_stream(model_and_tokenizer
     assert worker["prefill_forwards"] - forwards < 16  # arrivals shared forwards
 
 
+def test_prompts_prefilled_together_or_in_chunks_answer_as_the_engine_does_alone(model_and_tokenizer):
+    """A BatchingWorker with a 16-token prefill budget: two short prompts share a forward, a 40-token prompt goes
+    alone in chunks of 16, 16 and 8 between decode steps; each reply is the engine's for its prompt alone."""
+    from nanochat.batching import BatchingWorker, DoneEvent, Request
+
+    model, tokenizer = model_and_tokenizer
+    bos = tokenizer.get_bos_token_id()
+    prompts = [[bos, 10, 11, 12], [bos, 20, 21, 22], [bos, 30, 31, 32, 33, 34], [bos, *range(40, 79)]]
+    worker = BatchingWorker(model, tokenizer, max_batch=8, prefill_budget=16)
+    replies = [[] for _ in prompts]
+    done = threading.Semaphore(0)
+    for i, prompt in enumerate(prompts):  # all queued before the worker starts: the waves are known
+        emit = lambda event, i=i: done.release() if isinstance(event, DoneEvent) else replies[i].append(event.token)  # noqa: E731
+        worker.submit(Request(prompt, emit, max_tokens=10, temperature=1.0, seed=i))
+    worker.start()
+    try:
+        for _ in prompts:
+            assert done.acquire(timeout=60)
+    finally:
+        worker.stop()
+    engine = Engine(model, tokenizer)
+    for i, prompt in enumerate(prompts):
+        assert replies[i] == engine.generate_batch(prompt, max_tokens=10, temperature=1.0, seed=i)[0].tokens, i
+    assert worker.stats["prefill_forwards"] == 1 + 1 + 3  # {4, 4}, {6}, then 40 in three chunks
+
+
 def slow_copy(model) -> "SlowModel":
     slow = SlowModel(model.config)
     slow.load_state_dict(model.state_dict())
