@@ -144,6 +144,8 @@ def explain(errors: list[dict]) -> tuple[str | None, str]:
     name, field = param or "the request", next((p for p in reversed(path) if isinstance(p, str)), "")
     if kind == "json_invalid":
         return None, f"the body is not valid JSON ({ctx.get('error', 'parse error')})"
+    if kind == "missing" and not path:
+        return None, "the request needs a JSON body"
     if kind == "value_error":
         return param, str(ctx["error"])
     if kind.endswith(("_type", "_parsing")) or kind == "int_from_float":

@@ -221,7 +221,7 @@ def test_models_by_id_and_an_unknown_model(server):
     assert post(server, {"model": "nanochat"}).status_code == 200  # the family name: whichever is served
 
 
-def test_unknown_routes_and_methods_in_openais_shape(server):
+def test_unknown_routes_methods_and_bodies_in_openais_shape(server):
     nowhere = httpx.get(server.url + "/v1/nowhere", headers=KEY)
     assert nowhere.status_code == 404 and nowhere.json()["error"] == {
         "message": "Unknown request URL: GET /v1/nowhere (GET /docs lists them)",
@@ -229,6 +229,8 @@ def test_unknown_routes_and_methods_in_openais_shape(server):
         "param": None,
         "code": "unknown_url",
     }
+    empty = httpx.post(server.url + "/v1/chat/completions", headers=KEY)
+    assert empty.status_code == 400 and empty.json()["error"]["message"] == "the request needs a JSON body"
     wrong = httpx.delete(server.url + "/v1/chat/completions", headers=KEY)
     assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
     error = wrong.json()["error"]
