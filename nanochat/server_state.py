@@ -1,6 +1,8 @@
 """What the chat server's routes share: settings, the request models they bound, the typed state on
-`app.state.server`, OpenAI-shaped errors, and turning a validated request into generation rows
-(`start_generation`: n rows submitted to the workers, their events delivered to asyncio queues on the loop).
+`app.state.server`, OpenAI-shaped errors (a failed bound as one sentence: `explain`), the checks a model cannot
+declare (`check_openai_request`: the model asked for, OpenAI fields we cannot honour), and turning a validated
+request into generation rows (`start_generation`: n rows submitted to the workers, their events delivered to
+asyncio queues on the loop).
 
 Not here: the routes (nanochat/server.py), the batching worker (nanochat/batching.py).
 """
@@ -219,9 +221,9 @@ ERROR_HANDLERS = dict.fromkeys((RequestValidationError, APIError, HTTPException,
 # OpenAI fields this server cannot honour, each with the value that asks for nothing (None: none does). A request
 # that asks for one gets a 400 naming it: ignoring it would hand back something else than what was asked for.
 UNSUPPORTED = {
-    "tools": [], "tool_choice": "none", "functions": [], "function_call": "none", "parallel_tool_calls": None,
-    "response_format": {"type": "text"}, "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0,
-    "audio": None, "modalities": ["text"], "prediction": None, "web_search_options": None,
+    "tools": [], "tool_choice": "none", "functions": [], "function_call": "none", "response_format": {"type": "text"},
+    "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0, "audio": None, "modalities": ["text"],
+    "prediction": None, "web_search_options": None,
 }  # fmt: skip
 
 
@@ -247,7 +249,7 @@ def prompt_tokens(state: ServerState, body) -> list[int]:
     """The chat prompt for `body.messages`; a conversation the model cannot take is a 400."""
     if body.messages[-1].role != "user":
         last = f"messages.{len(body.messages) - 1}.role"
-        raise APIError(400, f"{last}: the last message must be from the user", last)
+        raise APIError(400, f"{last} must be 'user': the model answers the user's last message", last)
     messages = []
     for message in body.messages:
         content = message.content
