@@ -233,20 +233,25 @@ def test_muon_plus_sets_the_frobenius_norm_of_a_semi_orthogonal_matrix():
 
 
 def test_schedules_and_old_checkpoints_keep_every_group_key():
-    p = torch.randn(8, 8, requires_grad=True)
-    optimizer = MuonAdamW([{"kind": "muon", "params": [p], "lr": 0.02, "weight_decay": 0.2, "beta2": 0.9}])
+    p, bias = torch.randn(8, 8, requires_grad=True), torch.randn(8, requires_grad=True)
+    groups = [{"kind": "muon", "params": [p], "lr": 0.02, "weight_decay": 0.2, "beta2": 0.9},
+              {"kind": "adamw", "params": [bias], "lr": 0.01}]  # fmt: skip
+    optimizer = MuonAdamW(groups)
     group = optimizer.param_groups[0]
     assert group["initial_weight_decay"] == 0.2 and group["initial_lr"] == 0.02
-    saved = optimizer.state_dict()
-    for key in ("initial_weight_decay", "beta2", "cautious_wd", "muoneq", "muon_plus"):  # a checkpoint from before
+    p.grad, bias.grad = torch.ones(8, 8), torch.ones(8)
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())  # made to look like a checkpoint from before these keys:
+    for key in ("initial_weight_decay", "beta2", "cautious_wd", "muoneq", "muon_plus"):
         del saved["param_groups"][0][key]
-    resumed = MuonAdamW([{"kind": "muon", "params": [p], "lr": 0.5}])
+    saved["state"][1]["step"] = 1  # AdamW's step was an int
+    resumed = MuonAdamW([{"kind": "muon", "params": [p], "lr": 0.5}, {"kind": "adamw", "params": [bias], "lr": 1}])
     resumed.load_state_dict(saved)
     group = resumed.param_groups[0]
     assert group["lr"] == 0.02 and group["initial_weight_decay"] == group["weight_decay"] == 0.2
     assert group["beta2"] is None and group["muoneq"] is False
-    p.grad = torch.ones(8, 8)
     resumed.step()
+    assert resumed.state[bias]["step"].item() == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
