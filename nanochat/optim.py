@@ -107,7 +107,10 @@ def adamw_update(params: list[torch.Tensor], grads: list[torch.Tensor], states: 
 
 def _stacked_state(states: list[dict], key: str, like: torch.Tensor) -> torch.Tensor:
     """(k, ...) stack of one per-matrix state tensor (zeros shaped like `like` where missing)."""
-    return torch.stack([state.setdefault(key, torch.zeros_like(like)) for state in states])
+    for state in states:
+        if key not in state:
+            state[key] = torch.zeros_like(like)
+    return torch.stack([state[key] for state in states])
 
 
 def muon_update(params: list[torch.Tensor], grads: torch.Tensor, states: list[dict], group: dict) -> None:
