@@ -196,11 +196,12 @@ def main(argv=None):
         eager = by_key.get((r["optimizer"], r["depth"], r["seq_len"], False))
         baseline = by_key.get((args.baseline, r["depth"], r["seq_len"], r["compiled"]))
         phases = " / ".join(f"{r['cpu_s_per_phase'][phase]:.3f}" for phase in PHASES)
+        vs_baseline = f"{r['tokens_per_cpu_s'] / baseline:.2f}x" if baseline else "-"
         line = (
             f"| {r['optimizer']} | {r['depth']} | {r['seq_len']} | {r['params'] / 1e6:.1f}M | "
             f"{'yes' if r['compiled'] else 'no'} | {r['step_s_median']:.3f} | {r['tokens_per_s']:,.0f} | "
             f"{r['tokens_per_cpu_s']:,.0f} | {r['tokens_per_cpu_s'] / eager:.2f}x | "
-            f"{r['tokens_per_cpu_s'] / baseline:.2f}x | {phases} |"
+            f"{vs_baseline} | {phases} |"
         )
         print(line + (f" {r['mfu']:.1%} |" if "mfu" in r else ""))
     if args.json:

@@ -296,7 +296,7 @@ def part_server(check: Check, part: dict, until: float) -> None:
              "--max-tokens", str(size["server_tokens"]), "--max-batch", str(max(size["clients"])),
              "--port", str(free_port()), "--json", path]  # fmt: skip
     check.run(part, "bench_server", check.python(*bench), until)
-    for level in read_json(path)["levels"]:
+    for level in read_json(path)["levels"]["new"]:
         part["rows"].append({
             "depth": size["server_depth"], "clients": level["clients"], "requests": level["requests"],
             "errors": level["errors"], "tokens": level["tokens"],
