@@ -269,10 +269,10 @@ class MuonAdamW(torch.optim.Optimizer):
         return loss
 
     def _adamw_job(self, group: dict, rank: int, world_size: int):
-        # Shard along dim 0 when it divides evenly (NCCL needs equal pieces); else every rank all-reduces and
-        # updates the whole tensor: correct, only not memory-sharded (nanochat's shapes are multiples of 64).
+        # Shard along dim 0 when it divides evenly (NCCL needs equal pieces); else (scalars included) every rank
+        # all-reduces and updates the whole tensor: correct, only not memory-sharded.
         params = [p for p in group["params"] if p.grad is not None]
-        sharded = [world_size > 1 and p.size(0) % world_size == 0 for p in params]
+        sharded = [world_size > 1 and p.dim() > 0 and p.size(0) % world_size == 0 for p in params]
         reduce = {True: _reduce_scatter_mean, False: _all_reduce_mean}
         pending = [reduce[s](p.grad, world_size) for p, s in zip(params, sharded)]
         yield  # phase 1 done: gradient reductions launched
