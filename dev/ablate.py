@@ -23,36 +23,41 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-# Each part as base_train flags that turn it on; the classic recipe is base_train with every part off.
+# Each part as the base_train flags that turn it (on, off): the new recipe is every part on, the classic one every
+# part off, whatever base_train's defaults are.
 PARTS = {
-    "value_embeds": ["--value-embeds"],
-    "resid_scalars": ["--resid-scalars"],
-    "window": ["--window-pattern", "SSSL"],
-    "backout": ["--backout"],
-    "tuned_init_qk_rope": ["--init", "tuned", "--qk-scale", "1.2", "--rope-base", "100000"],
-    "momentum": ["--momentum-schedule", "tuned"],
-    "normuon": ["--muon-extras", "normuon"],
-    "muoneq_plus": ["--muon-extras", "muoneq,muon_plus"],
+    "value_embeds": (["--value-embeds"], ["--no-value-embeds"]),
+    "resid_scalars": (["--resid-scalars"], ["--no-resid-scalars"]),
+    "window": (["--window-pattern", "SSSL"], ["--window-pattern", "L"]),
+    "backout": (["--backout"], ["--no-backout"]),
+    "tuned_init_qk_rope": (
+        ["--init", "tuned", "--qk-scale", "1.2", "--rope-base", "100000"],
+        ["--init", "classic", "--qk-scale", "1.0", "--rope-base", "10000"],
+    ),
+    "momentum": (["--momentum-schedule", "tuned"], ["--momentum-schedule", "classic"]),
+    "normuon": (["--muon-extras", "normuon"], []),
+    "muoneq_plus": (["--muon-extras", "muoneq,muon_plus"], []),
 }
 
 
-def combined(parts: dict[str, list[str]]) -> list[str]:
-    """The parts' flags as one command line; --muon-extras lists merge into one flag."""
+def command_line(on: set[str]) -> list[str]:
+    """base_train flags with the parts in `on` turned on and every other part off; Muon extras merge into one flag."""
     flags, extras = [], []
-    for part_flags in parts.values():
-        if part_flags[0] == "--muon-extras":
-            extras.append(part_flags[1])
+    for part, (on_flags, off_flags) in PARTS.items():
+        chosen = on_flags if part in on else off_flags
+        if chosen[:1] == ["--muon-extras"]:
+            extras.append(chosen[1])
         else:
-            flags += part_flags
-    return flags + (["--muon-extras", ",".join(extras)] if extras else [])
+            flags += chosen
+    return flags + ["--muon-extras", ",".join(extras)]
 
 
 def arms(names: list[str]) -> dict[str, list[str]]:
     """classic, +part for each part, new (all parts), new-part for each part; or just the names asked for."""
-    table = {"classic": [], "new": combined(PARTS)}
-    for part, flags in PARTS.items():
-        table[f"+{part}"] = flags
-        table[f"new-{part}"] = combined({other: fl for other, fl in PARTS.items() if other != part})
+    table = {"classic": command_line(set()), "new": command_line(set(PARTS))}
+    for part in PARTS:
+        table[f"+{part}"] = command_line({part})
+        table[f"new-{part}"] = command_line(set(PARTS) - {part})
     if names:
         unknown = sorted(set(names) - set(table))
         if unknown:

@@ -40,7 +40,8 @@ def small_tokenizer(wiki_docs):
 
 def make_base_dir(root, tokenizer, tag="d1"):
     """A base dir holding the tokenizer and a random depth-1, 128-token base checkpoint with base_train's meta
-    (the starting point of the post-training stages' tests)."""
+    (the starting point of the post-training stages' tests), with the 2026 parts base_train now defaults to that
+    a single layer has (value embeddings, residual scalars, QK scale, RoPE base, tuned init)."""
     import torch
 
     from nanochat.checkpoint import save_checkpoint
@@ -48,7 +49,8 @@ def make_base_dir(root, tokenizer, tag="d1"):
 
     tokenizer.save(str(root / "tokenizer"))
     torch.manual_seed(0)
-    model = GPT.build(GPTConfig.from_depth(1, tokenizer.get_vocab_size(), 128))
+    parts = {"value_embeds": True, "resid_scalars": True, "qk_scale": 1.2, "rope_base": 100000.0, "init": "tuned"}
+    model = GPT.build(GPTConfig.from_depth(1, tokenizer.get_vocab_size(), 128, **parts))
     meta = {"user_config": {"device_batch_size": 4}, "total_batch_size": 512,
             "matrix_lr": 0.02, "embedding_lr": 0.2, "unembedding_lr": 0.004}  # fmt: skip
     save_checkpoint(str(root / "base_checkpoints" / tag), 0, model, None, meta)
