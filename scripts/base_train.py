@@ -93,6 +93,16 @@ def scaling_params(config: GPTConfig) -> int:
     return sum(p.numel() for p in model.parameter_roles()["matrix"]) + model.lm_head.weight.numel()
 
 
+def model_config(args, vocab_size: int) -> GPTConfig:
+    short_window = args.short_window if args.short_window > 0 else max(128, -(-args.max_seq_len // 4 // 128) * 128)
+    return GPTConfig.from_depth(
+        depth=args.depth, vocab_size=vocab_size, sequence_len=args.max_seq_len,
+        n_kv_head=args.n_kv_head, value_embeds=args.value_embeds, resid_scalars=args.resid_scalars,
+        window_pattern=args.window_pattern, short_window=short_window if "S" in args.window_pattern else 0,
+        backout=args.backout, qk_scale=args.qk_scale, rope_base=args.rope_base, init=args.init,
+    )  # fmt: skip
+
+
 def derive_hyperparameters(args, config: GPTConfig, flops_per_token: float, world_size: int) -> dict:
     """Every value the depth decides, in one place. Source: karpathy/nanochat dev/LOG.md (auto hyperparameters
     from depth, 2026)."""
@@ -144,13 +154,7 @@ def main(argv=None):
     data = args.data or default_pretrain_paths()
 
     # ---------------------------------------------------------------- model
-    short_window = args.short_window if args.short_window > 0 else max(128, -(-args.max_seq_len // 4 // 128) * 128)
-    config = GPTConfig.from_depth(
-        depth=args.depth, vocab_size=tokenizer.get_vocab_size(), sequence_len=args.max_seq_len,
-        n_kv_head=args.n_kv_head, value_embeds=args.value_embeds, resid_scalars=args.resid_scalars,
-        window_pattern=args.window_pattern, short_window=short_window if "S" in args.window_pattern else 0,
-        backout=args.backout, qk_scale=args.qk_scale, rope_base=args.rope_base, init=args.init,
-    )  # fmt: skip
+    config = model_config(args, tokenizer.get_vocab_size())
     model = GPT.build(config, device)
     model.compute_dtype = runtime.dtype
     hp = derive_hyperparameters(args, config, model.estimate_flops(), runtime.world_size)
