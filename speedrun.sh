@@ -4,7 +4,7 @@
 # reference's d20 run on one 8xH100 node (karpathy/nanochat's speedrun: 3h51m in all, ~$100 at $24/h).
 #
 #   bash speedrun.sh                                   # profile from the hardware: GPUs -> gpu, none -> cpu
-#   NANOCHAT_PROFILE=1000 bash speedrun.sh             # the "$1000" tier: depth 32, 800 shards (~33 h train)
+#   NANOCHAT_PROFILE=1000 bash speedrun.sh             # the "$1000" tier: depth 32, 800 shards (~15 h train on paper)
 #   NANOCHAT_PROFILE=cpu bash speedrun.sh              # tiny: every stage on 2 CPU cores in ~5 minutes
 #   NANOCHAT_RL=1 bash speedrun.sh                     # also run RL on GSM8K (off by default, as in the reference)
 #   NANOCHAT_DEPTH=12 bash speedrun.sh                 # another depth on the GPU profiles (d12: ~1/6 of d20's cost)
@@ -112,7 +112,7 @@ stage tok_train $PY -m scripts.tok_train "${TOK_TRAIN[@]}"
 stage tok_eval $PY -m scripts.tok_eval "${TOK_EVAL[@]}"
 [ -z "$DOWNLOAD_PID" ] || wait "$DOWNLOAD_PID"
 
-# Base model: d20, 561M parameters, 5,460 steps x 1,048,576 tokens = 5.7B (~1.4 h at 50% MFU on paper, the bulk
+# Base model: d20, 897M parameters, 4,980 steps x 1,048,576 tokens = 5.2B (~1.1 h at 50% MFU on paper, the bulk
 # of the run); then bits per byte on train/val (~1 min) and CORE, 22 in-context tasks (several minutes).
 stage base_train "${LAUNCH[@]}" scripts.base_train --depth "$DEPTH" --model-tag "$TAG" "${BASE_TRAIN[@]}"
 stage base_loss "${LAUNCH[@]}" scripts.base_loss --model-tag "$TAG" "${BASE_LOSS[@]}"
