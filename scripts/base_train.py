@@ -31,8 +31,10 @@ from nanochat.tokenizer import get_tokenizer
 
 MOMENTUM_SCHEDULES = {"classic": train.MomentumSchedule(),
                       "tuned": train.MomentumSchedule(peak=0.97, ramp_steps=400, warmdown_to=0.90)}  # fmt: skip
-# Muon upgrades (nanochat/optim.py muon_update): NorMuon (arXiv 2510.05491) with the reference's beta2, MuonEq, Muon+
-MUON_EXTRAS = {"normuon": {"beta2": 0.95}, "muoneq": {"muoneq": True}, "muon_plus": {"muon_plus": True}}
+# Muon upgrades (nanochat/optim.py muon_update): NorMuon (arXiv 2510.05491) with the reference's beta2, MuonEq, Muon+,
+# cautious weight decay (acts only with --weight-decay > 0)
+MUON_EXTRAS = {"normuon": {"beta2": 0.95}, "muoneq": {"muoneq": True}, "muon_plus": {"muon_plus": True},
+               "cautious_wd": {"cautious_wd": True}}  # fmt: skip
 REFERENCE_BATCH = 2**19  # tokens per step at the reference depth (nanochat: 524,288 for d12 and the d20 speedrun)
 
 

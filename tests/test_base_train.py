@@ -173,3 +173,13 @@ def test_base_loss_reports_the_checkpoints_validation_bpb(base_dir, monkeypatch)
     assert results["val_bpb"] == pytest.approx(summary["val_bpb"], rel=1e-6)
     assert results["train_bpb"] > 0 and len(results["samples"]) == len(train.SAMPLE_PROMPTS)
     assert (base_dir / "base_eval" / "loss_d2_000005.json").exists()
+
+
+def test_muon_extras_reach_the_muon_groups(base_dir, monkeypatch):
+    run(base_dir, monkeypatch, "--num-iterations", "2", "--eval-every", "-1", "--weight-decay", "0.1",
+        "--muon-extras", "cautious_wd,muoneq", tag="extras")  # fmt: skip
+    state = torch.load(os.path.join(base_dir, "base_checkpoints", "extras", "optim_000002_rank0.pt"))
+    muon = [g for g in state["param_groups"] if g["kind"] == "muon"]
+    assert muon and all(g["cautious_wd"] and g["muoneq"] and not g["muon_plus"] and g["beta2"] is None for g in muon)
+    with pytest.raises(SystemExit, match="--muon-extras: unknown"):
+        run(base_dir, monkeypatch, "--num-iterations", "2", "--muon-extras", "cautious", tag="bad")
